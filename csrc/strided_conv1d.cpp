@@ -1,0 +1,226 @@
+// Torch glue of orca_kernels._C: validates inputs, fills the GEMM plan of conv1d_plan.h, allocates
+// the accumulation buffers, runs the plan on the CPU or CUDA executor and registers the ops.
+// Autograd formulas and fake (meta) kernels are registered in Python (orca_kernels/conv_downsample.py)
+// so that they work with symbolic shapes under torch.compile.
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+
+#include "conv1d_cpu.h"
+#include "conv1d_plan.h"
+
+#ifdef ORCA_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "conv1d_cuda.h"
+#endif
+
+namespace orca {
+namespace {
+
+DType dtype_of(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kDouble: return DType::kFloat64;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: TORCH_CHECK(false, "strided_conv1d: unsupported dtype ", t, " (expected float32, float64, float16 or bfloat16)");
+  }
+}
+
+at::ScalarType accumulation_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_tensor(const at::Tensor& t, const char* name, int64_t dim, const at::Tensor& like) {
+  TORCH_CHECK(t.dim() == dim, "strided_conv1d: ", name, " must have ", dim, " dimensions, got shape ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "strided_conv1d: ", name, " has dtype ", t.scalar_type(),
+              " but expected ", like.scalar_type());
+  TORCH_CHECK(t.device() == like.device(), "strided_conv1d: ", name, " is on ", t.device(), " but expected ",
+              like.device());
+  dtype_of(t.scalar_type());
+}
+
+int64_t output_length(int64_t length_in, int64_t kernel_size, int64_t stride, int64_t padding) {
+  TORCH_CHECK(stride >= 1, "strided_conv1d: stride must be >= 1, got ", stride);
+  TORCH_CHECK(padding >= 0, "strided_conv1d: padding must be >= 0, got ", padding);
+  TORCH_CHECK(kernel_size >= 1, "strided_conv1d: weight kernel size must be >= 1, got ", kernel_size);
+  const int64_t length_out = (length_in + 2 * padding - kernel_size) / stride + 1;
+  TORCH_CHECK(length_in + 2 * padding >= kernel_size && length_out >= 1, "strided_conv1d: x has length ",
+              length_in, ", too short for one window of kernel size ", kernel_size, " with padding ", padding);
+  return length_out;
+}
+
+// Rows of a [B, T, C] tensor are read as a strided matrix: channel stride 1 and row stride >= C
+// (BLAS leading dimension). Anything else (expanded gradients, transposes) is packed first.
+at::Tensor as_row_matrix(const at::Tensor& t) {
+  const bool channels_unit = t.size(2) <= 1 || t.stride(2) == 1;
+  const bool rows_apart = t.size(1) <= 1 || t.stride(1) >= t.size(2);
+  return channels_unit && rows_apart ? t : t.contiguous();
+}
+
+RowStrides row_strides(const at::Tensor& t) {
+  const int64_t row = t.size(1) <= 1 ? t.size(2) : t.stride(1);
+  const int64_t batch = t.size(0) <= 1 ? t.size(1) * row : t.stride(0);
+  return {batch, row};
+}
+
+// nn.Conv1d's [C_out, C_in, k] as [C_out, k, C_in], so that a chunk of frames is contiguous.
+at::Tensor pack_weight(const at::Tensor& weight) { return weight.permute({0, 2, 1}).contiguous(); }
+
+// Output buffers start as NaN when ORCA_KERNELS_POISON_OUTPUTS=1 (the tests set it), so an element
+// no kernel writes fails loudly. Accumulation buffers are zero- or bias-initialised by design.
+at::Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& options) {
+  const char* poison = std::getenv("ORCA_KERNELS_POISON_OUTPUTS");
+  if (poison != nullptr && std::strcmp(poison, "1") == 0) return at::full(shape, NAN, options);
+  return at::empty(shape, options);
+}
+
+// The accumulation buffer is the result for fp32/fp64; fp16/bf16 results are rounded from it.
+at::Tensor cast_result(const at::Tensor& accumulated, at::ScalarType dtype) {
+  if (accumulated.scalar_type() == dtype) return accumulated;
+  return new_output(accumulated.sizes(), accumulated.options().dtype(dtype)).copy_(accumulated);
+}
+
+void run_pass(const GemmPass& pass, const at::Device& device) {
+  for (const GemmTask& t : pass.tasks) {
+    if (t.m <= 0 || t.n <= 0 || t.k <= 0 || t.batch <= 0) continue;
+    const char* error = check_blas_task(t);
+    TORCH_CHECK(error == nullptr, "strided_conv1d: internal plan error: ", error);
+  }
+  if (device.is_cuda()) {
+#ifdef ORCA_WITH_CUDA
+    c10::cuda::CUDAGuard guard(device);
+    const char* error =
+        cuda_run_pass(pass, at::cuda::getCurrentCUDABlasHandle(), at::cuda::getCurrentCUDAStream().stream());
+    TORCH_CHECK(error == nullptr, "strided_conv1d: cuBLAS failed: ", error);
+    return;
+#else
+    TORCH_CHECK(false, "strided_conv1d: orca_kernels._C was built without CUDA");
+#endif
+  }
+  for (const GemmTask& t : pass.tasks) {
+    const int64_t items = t.k > 0 ? cpu_task_items(t) : 0;
+    if (items == 0) continue;
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, t.n * t.k));
+    at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
+      cpu_run_task_items(t, pass.ab_dtype, pass.a, pass.b, pass.c, begin, end);
+    });
+  }
+}
+
+at::Tensor strided_conv1d(const at::Tensor& x_in, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                          int64_t stride, int64_t padding) {
+  check_tensor(x_in, "x", 3, x_in);
+  check_tensor(weight, "weight", 3, x_in);
+  TORCH_CHECK(weight.size(1) == x_in.size(2), "strided_conv1d: weight has ", weight.size(1),
+              " input channels but x has ", x_in.size(2));
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) {
+    check_tensor(*bias, "bias", 1, x_in);
+    TORCH_CHECK(bias->size(0) == weight.size(0), "strided_conv1d: bias has ", bias->size(0),
+                " elements but weight has ", weight.size(0), " output channels");
+  }
+  const Conv1dGeometry g{x_in.size(0), x_in.size(1), x_in.size(2),
+                         output_length(x_in.size(1), weight.size(2), stride, padding),
+                         weight.size(0), weight.size(2), stride, padding};
+  const auto options = x_in.options().dtype(accumulation_type(x_in.scalar_type()));
+  at::Tensor out = has_bias ? bias->to(options.dtype()).expand({g.batch, g.length_out, g.channels_out}).contiguous()
+                            : at::zeros({g.batch, g.length_out, g.channels_out}, options);
+  if (out.numel() > 0 && g.channels_in > 0) {
+    const at::Tensor x = as_row_matrix(x_in);
+    const at::Tensor w = pack_weight(weight);
+    run_pass({forward_tasks(g, row_strides(x)), dtype_of(x.scalar_type()), x.data_ptr(), w.data_ptr(), out.data_ptr()},
+             x.device());
+  }
+  return cast_result(out, x_in.scalar_type());
+}
+
+at::Tensor strided_conv1d_grad_input(const at::Tensor& grad_out_in, const at::Tensor& weight, int64_t input_length,
+                                     int64_t stride, int64_t padding) {
+  check_tensor(grad_out_in, "grad_out", 3, grad_out_in);
+  check_tensor(weight, "weight", 3, grad_out_in);
+  const int64_t length_out = output_length(input_length, weight.size(2), stride, padding);
+  TORCH_CHECK(grad_out_in.size(1) == length_out && grad_out_in.size(2) == weight.size(0),
+              "strided_conv1d: grad_out has shape ", grad_out_in.sizes(), " but the convolution gives [B, ",
+              length_out, ", ", weight.size(0), "]");
+  const Conv1dGeometry g{grad_out_in.size(0), input_length, weight.size(1), length_out,
+                         weight.size(0), weight.size(2), stride, padding};
+  at::Tensor grad_x = at::zeros({g.batch, g.length_in, g.channels_in},
+                                grad_out_in.options().dtype(accumulation_type(grad_out_in.scalar_type())));
+  if (grad_x.numel() > 0 && g.channels_out > 0) {
+    const at::Tensor grad_out = as_row_matrix(grad_out_in);
+    const at::Tensor w = pack_weight(weight);
+    run_pass({grad_input_tasks(g, row_strides(grad_out)), dtype_of(grad_out.scalar_type()), grad_out.data_ptr(),
+              w.data_ptr(), grad_x.data_ptr()},
+             grad_out.device());
+  }
+  return cast_result(grad_x, grad_out_in.scalar_type());
+}
+
+at::Tensor strided_conv1d_grad_weight(const at::Tensor& grad_out_in, const at::Tensor& x_in, int64_t kernel_size,
+                                      int64_t stride, int64_t padding) {
+  check_tensor(grad_out_in, "grad_out", 3, grad_out_in);
+  check_tensor(x_in, "x", 3, grad_out_in);
+  const int64_t length_out = output_length(x_in.size(1), kernel_size, stride, padding);
+  TORCH_CHECK(grad_out_in.size(0) == x_in.size(0) && grad_out_in.size(1) == length_out,
+              "strided_conv1d: grad_out has shape ", grad_out_in.sizes(), " but the convolution gives [",
+              x_in.size(0), ", ", length_out, ", C_out]");
+  const Conv1dGeometry g{x_in.size(0), x_in.size(1), x_in.size(2), length_out,
+                         grad_out_in.size(2), kernel_size, stride, padding};
+  at::Tensor packed = at::zeros({g.channels_out, g.kernel_size, g.channels_in},
+                                x_in.options().dtype(accumulation_type(x_in.scalar_type())));
+  if (packed.numel() > 0 && g.batch > 0) {
+    const at::Tensor grad_out = as_row_matrix(grad_out_in);
+    const at::Tensor x = as_row_matrix(x_in);
+    run_pass({grad_weight_tasks(g, row_strides(grad_out), row_strides(x)), dtype_of(x.scalar_type()),
+              grad_out.data_ptr(), x.data_ptr(), packed.data_ptr()},
+             x.device());
+  }
+  return new_output({g.channels_out, g.channels_in, g.kernel_size}, x_in.options()).copy_(packed.permute({0, 2, 1}));
+}
+
+}  // namespace
+}  // namespace orca
+
+TORCH_LIBRARY(orca_kernels, m) {
+  m.def("strided_conv1d(Tensor x, Tensor weight, Tensor? bias, int stride, int padding) -> Tensor");
+  m.def("strided_conv1d_grad_input(Tensor grad_out, Tensor weight, int input_length, int stride, int padding) -> Tensor");
+  m.def("strided_conv1d_grad_weight(Tensor grad_out, Tensor x, int kernel_size, int stride, int padding) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(orca_kernels, CPU, m) {
+  m.impl("strided_conv1d", &orca::strided_conv1d);
+  m.impl("strided_conv1d_grad_input", &orca::strided_conv1d_grad_input);
+  m.impl("strided_conv1d_grad_weight", &orca::strided_conv1d_grad_weight);
+}
+
+#ifdef ORCA_WITH_CUDA
+TORCH_LIBRARY_IMPL(orca_kernels, CUDA, m) {
+  m.impl("strided_conv1d", &orca::strided_conv1d);
+  m.impl("strided_conv1d_grad_input", &orca::strided_conv1d_grad_input);
+  m.impl("strided_conv1d_grad_weight", &orca::strided_conv1d_grad_weight);
+}
+#define ORCA_CUDA_FLAG 1
+#else
+#define ORCA_CUDA_FLAG 0
+#endif
+
+// Importing orca_kernels._C loads this library, whose static initialisers register the ops above.
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "orca_kernels compiled ops (torch.ops.orca_kernels)",
+                                   -1, nullptr};
+  PyObject* module = PyModule_Create(&module_def);
+  if (module != nullptr && PyModule_AddIntConstant(module, "WITH_CUDA", ORCA_CUDA_FLAG) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}

@@ -1,0 +1,61 @@
+"""Small helpers shared by the ops: backend names, input checks, output allocation."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# Tests set this so that every output buffer an op allocates starts as NaN: an element a kernel
+# forgets to write then fails the comparison. The C++ glue reads the same variable.
+POISON_ENV = "ORCA_KERNELS_POISON_OUTPUTS"
+
+
+def triton_interpret() -> bool:
+    """Whether Triton kernels run on the CPU through the interpreter (how CPU CI tests them)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def new_output(shape, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised output buffer (NaN-filled when ORCA_KERNELS_POISON_OUTPUTS=1)."""
+    if os.environ.get(POISON_ENV, "0") == "1":
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def check_backend(op: str, backend: str, allowed: tuple[str, ...]) -> None:
+    if backend not in allowed:
+        raise ValueError(f"{op}: backend must be one of {', '.join(map(repr, allowed))}, got {backend!r}")
+
+
+def check_tensor(op: str, name: str, value, ndim: int, *, like: torch.Tensor | None = None) -> None:
+    """A floating tensor of rank `ndim`, with the dtype and device of `like` when given."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dim() != ndim:
+        raise ValueError(f"{op}: {name} must have {ndim} dimensions, got shape {tuple(value.shape)}")
+    if value.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{op}: {name} has dtype {value.dtype}; supported: float16, bfloat16, float32, float64")
+    if like is not None and value.dtype != like.dtype:
+        raise ValueError(f"{op}: {name} has dtype {value.dtype} but expected {like.dtype}")
+    if like is not None and value.device != like.device:
+        raise ValueError(f"{op}: {name} is on {value.device} but expected {like.device}")
+
+
+def check_int(op: str, name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{op}: {name} must be >= {minimum}, got {value}")
+
+
+_warned: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)

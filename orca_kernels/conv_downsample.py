@@ -1,0 +1,115 @@
+"""Strided Conv1d on channels-last activations (the local branch's downsampling).
+
+`strided_conv1d(x[B, T, C_in], weight[C_out, C_in, k], bias[C_out] | None, stride, padding)`
+returns `[B, T_out, C_out]`, T_out = (T + 2*padding - k) // stride + 1, with the numbers of
+`F.conv1d` on `x.transpose(1, 2)`. The weight keeps nn.Conv1d's layout, so checkpoints load
+unchanged. The compiled kernels (csrc/) read `x` in place: no im2col copy, no transposes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from orca_kernels import _extension, reference
+from orca_kernels._utils import check_backend, check_int, check_tensor, warn_once
+
+OP = "strided_conv1d"
+BACKENDS = ("auto", "extension", "cuda", "torch")
+
+
+def _check_inputs(x, weight, bias, stride, padding) -> None:
+    check_tensor(OP, "x", x, 3)
+    check_tensor(OP, "weight", weight, 3, like=x)
+    if weight.shape[1] != x.shape[2]:
+        raise ValueError(f"{OP}: weight has {weight.shape[1]} input channels but x has {x.shape[2]} (x is [B, T, C_in])")
+    if bias is not None:
+        check_tensor(OP, "bias", bias, 1, like=x)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"{OP}: bias has {bias.shape[0]} elements but weight has {weight.shape[0]} output channels")
+    check_int(OP, "stride", stride, 1)
+    check_int(OP, "padding", padding, 0)
+    if x.shape[1] + 2 * padding < weight.shape[2]:
+        raise ValueError(
+            f"{OP}: x has length {x.shape[1]}, too short for one window of kernel size {weight.shape[2]} "
+            f"with padding {padding}"
+        )
+
+
+def _use_extension(x: torch.Tensor, backend: str) -> bool:
+    if backend == "torch":
+        return False
+    if backend == "cuda" and x.device.type != "cuda":
+        raise ValueError(f"{OP}: backend='cuda' needs CUDA tensors, got x on {x.device}")
+    if backend in ("extension", "cuda"):
+        _extension.require(x.device, OP)
+        return True
+    if _extension.supports(x.device):
+        return True
+    if _extension.LOADED:  # _C loaded but lacks this device: the import said nothing about it.
+        warn_once(f"{OP}-{x.device.type}", f"{OP}: orca_kernels._C has no {x.device.type} kernels; using the PyTorch reference")
+    return False
+
+
+def strided_conv1d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: int = 1,
+    padding: int = 0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Conv1d over channels-last `x[B, T, C_in]` -> `[B, T_out, C_out]`, differentiable.
+
+    backend: "auto" (the compiled kernel where `_C` supports the device, else the reference),
+    "extension" (the compiled kernel on x's device), "cuda" (the compiled CUDA kernel) or
+    "torch" (the reference: F.conv1d on transposed views). fp16/bf16 accumulate in fp32.
+    """
+    check_backend(OP, backend, BACKENDS)
+    _check_inputs(x, weight, bias, stride, padding)
+    if _use_extension(x, backend):
+        return torch.ops.orca_kernels.strided_conv1d(x, weight, bias, stride, padding)
+    return reference.strided_conv1d(x, weight, bias, stride, padding)
+
+
+def _output_length(length_in, kernel_size: int, stride: int, padding: int):
+    return (length_in + 2 * padding - kernel_size) // stride + 1
+
+
+def _register_fake_and_autograd() -> None:
+    ops = torch.ops.orca_kernels
+
+    @torch.library.register_fake("orca_kernels::strided_conv1d")
+    def _(x, weight, bias, stride, padding):
+        length_out = _output_length(x.shape[1], weight.shape[2], stride, padding)
+        return x.new_empty((x.shape[0], length_out, weight.shape[0]))
+
+    @torch.library.register_fake("orca_kernels::strided_conv1d_grad_input")
+    def _(grad_out, weight, input_length, stride, padding):
+        return grad_out.new_empty((grad_out.shape[0], input_length, weight.shape[1]))
+
+    @torch.library.register_fake("orca_kernels::strided_conv1d_grad_weight")
+    def _(grad_out, x, kernel_size, stride, padding):
+        return x.new_empty((grad_out.shape[2], x.shape[2], kernel_size))
+
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, stride, padding = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        ctx.stride, ctx.padding = stride, padding
+
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = ops.strided_conv1d_grad_input(grad_out, weight, x.shape[1], ctx.stride, ctx.padding)
+        if ctx.needs_input_grad[1]:
+            grad_weight = ops.strided_conv1d_grad_weight(grad_out, x, weight.shape[2], ctx.stride, ctx.padding)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_out.sum(dim=(0, 1))
+        return grad_x, grad_weight, grad_bias, None, None
+
+    torch.library.register_autograd("orca_kernels::strided_conv1d", backward, setup_context=setup_context)
+
+
+if _extension.LOADED:
+    _register_fake_and_autograd()

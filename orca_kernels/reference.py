@@ -1,0 +1,207 @@
+"""Pure-PyTorch reference of every ORCA-DeSTA op: the oracle the kernels are tested against,
+and the CPU path where no compiled kernel exists.
+
+Each function reproduces the reference implementation (voidful/DeSTA2.5-Audio at bf7f21f,
+written out in shared/orca_spec.md) operation for operation, including its dtype behaviour, so
+that results match it bit for bit in every dtype. Where the reference has a known quirk it is
+kept and named in the docstring.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+LAYER_NORM_EPS = 1e-5
+
+
+# ----------------------------------------------------------------------------- orthogonality losses
+
+
+def local_sample_indices(num_local: int, max_local_samples: int | None, device: torch.device) -> torch.Tensor | None:
+    """Rows of the local tokens the cross loss reads: None (all rows) when `max_local_samples` is
+    None or num_local <= max_local_samples, else exactly
+    `torch.linspace(0, num_local - 1, max_local_samples, dtype=torch.long, device=device)`
+    (values truncated toward zero; the device's own formula, see orca_spec.md §4)."""
+    if max_local_samples is None or num_local <= max_local_samples:
+        return None
+    return torch.linspace(0, num_local - 1, max_local_samples, dtype=torch.long, device=device)
+
+
+def ortho_diversity_loss(global_tokens: torch.Tensor) -> torch.Tensor:
+    """mean((ĝ ĝᵀ − I)²) over [B, K, K] for global_tokens [B, K, H], ĝ = F.normalize(·, dim=-1).
+
+    As in the reference, I is a float32 identity, so bf16/fp16 inputs give a float32 loss."""
+    g = F.normalize(global_tokens, dim=-1)
+    gram = torch.einsum("bkh,bqh->bkq", g, g)
+    identity = torch.eye(gram.size(-1), device=gram.device)
+    return ((gram - identity) ** 2).mean()
+
+
+def ortho_cross_loss(
+    global_tokens: torch.Tensor, local_tokens: torch.Tensor, max_local_samples: int | None = 100
+) -> torch.Tensor:
+    """mean((ĝ l̂[:, idx]ᵀ)²) over [B, K_g, n] for global_tokens [B, K_g, H] and local_tokens
+    [B, T_l, H], idx from `local_sample_indices` (n = min(T_l, max_local_samples))."""
+    g = F.normalize(global_tokens, dim=-1)
+    local = F.normalize(local_tokens, dim=-1)
+    indices = local_sample_indices(local.size(1), max_local_samples, local.device)
+    if indices is not None:
+        local = local[:, indices, :]
+    cross = torch.einsum("bgh,blh->bgl", g, local)
+    return (cross**2).mean()
+
+
+# ----------------------------------------------------------------------------- audio RoPE
+
+
+def rope_cos_sin(
+    length: int, dim: int, position_scale: float, rope_theta: float, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 cos and sin tables [1, length, dim] at fractional positions t / position_scale:
+    angle[t, i] = (t / scale) · θ^(−i / (dim/2)) for i < dim/2, duplicated over both halves."""
+    half = dim // 2
+    inv_freq = 1.0 / (rope_theta ** (torch.arange(half, dtype=torch.float, device=device) / half))
+    positions = torch.arange(length, dtype=torch.float, device=device) / position_scale
+    angles = positions.unsqueeze(-1) * inv_freq.unsqueeze(0)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().unsqueeze(0), angles.sin().unsqueeze(0)
+
+
+def apply_full_width_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half over the whole last dimension (not per head): with x = [x1, x2] split at the
+    middle, [x1·c − x2·s, x1·s + x2·c]. cos/sin are cast to x.dtype first, and every product and
+    sum rounds in x.dtype, as in the reference."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    c, s = cos[..., : cos.shape[-1] // 2], sin[..., : sin.shape[-1] // 2]
+    return torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1)
+
+
+def audio_rope(audio: torch.Tensor, position_scale: float = 2.5, rope_theta: float = 10000.0) -> torch.Tensor:
+    """Full-width RoPE of audio [B, T, H] at positions t / position_scale -> [B, T, H]."""
+    cos, sin = rope_cos_sin(audio.shape[1], audio.shape[-1], position_scale, rope_theta, audio.device)
+    return apply_full_width_rope(audio, cos, sin)
+
+
+# ----------------------------------------------------------------------------- gated cross-attention
+
+
+def gated_cross_attention(
+    hidden: torch.Tensor,
+    audio: torch.Tensor,
+    in_proj_weight: torch.Tensor,
+    in_proj_bias: torch.Tensor,
+    out_proj_weight: torch.Tensor,
+    out_proj_bias: torch.Tensor,
+    gate_hidden_weight: torch.Tensor,
+    gate_hidden_bias: torch.Tensor,
+    gate_out_weight: torch.Tensor,
+    gate_out_bias: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    num_heads: int,
+    *,
+    key_padding_mask: torch.Tensor | None = None,
+    position_scale: float = 2.5,
+    rope_theta: float = 10000.0,
+) -> torch.Tensor:
+    """hidden [B, T_x, H] + σ(gate) ⊙ LN(MHA(hidden, rope(audio), rope(audio))) -> [B, T_x, H].
+
+    Parameters are those of the reference module: `cross_attn.{in_proj_weight [3H, H],
+    in_proj_bias [3H], out_proj.weight [H, H], out_proj.bias [H]}`, `gate_proj.0` (H -> H/4,
+    gate_hidden_*), `gate_proj.2` (H/4 -> 1, gate_out_*), `ln`. audio [B, T_a, H] is cast to
+    hidden's dtype and rotated over its full width; the rotated audio is both key and value; the
+    queries are not rotated. key_padding_mask [B, T_a] follows nn.MultiheadAttention (True =
+    ignore). Empty audio (T_a = 0) returns `hidden` itself.
+    """
+    if audio.shape[1] == 0:
+        return hidden
+    audio = audio.to(dtype=hidden.dtype, device=hidden.device)
+    memory = audio_rope(audio, position_scale, rope_theta)
+    return _inject(
+        hidden, memory, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, gate_hidden_weight,
+        gate_hidden_bias, gate_out_weight, gate_out_bias, ln_weight, ln_bias, num_heads, key_padding_mask,
+    )
+
+
+def _inject(
+    hidden, memory, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, gate_hidden_weight,
+    gate_hidden_bias, gate_out_weight, gate_out_bias, ln_weight, ln_bias, num_heads, key_padding_mask,
+):
+    """Attention of hidden over the rotated memory, LayerNorm, data-dependent gate, residual."""
+    embed_dim = hidden.shape[-1]
+    # nn.MultiheadAttention(batch_first=True) transposes to [T, B, H]; key is value, so the
+    # functional path projects K and V with one packed GEMM and runs SDPA without weights.
+    query = hidden.transpose(1, 0)
+    key = memory.transpose(1, 0)
+    attended, _ = F.multi_head_attention_forward(
+        query, key, key, embed_dim, num_heads, in_proj_weight, in_proj_bias, None, None, False, 0.0,
+        out_proj_weight, out_proj_bias, training=False, key_padding_mask=key_padding_mask, need_weights=False,
+    )
+    attended = F.layer_norm(attended.transpose(1, 0), (embed_dim,), ln_weight, ln_bias, LAYER_NORM_EPS)
+    gate = torch.sigmoid(F.linear(F.gelu(F.linear(hidden, gate_hidden_weight, gate_hidden_bias)), gate_out_weight, gate_out_bias))
+    return hidden + gate * attended
+
+
+def layer_align_loss(
+    hidden: torch.Tensor,
+    rotated_audio: torch.Tensor,
+    transcription_positions: Sequence[tuple[int, int, int]] | None = None,
+) -> torch.Tensor | None:
+    """The per-layer alignment loss of the reference module (set in training mode only).
+
+    hidden [B, T_x, H] is the pre-injection hidden state; rotated_audio [B_a, T_a, H] the rotated
+    memory, pooled and normalised without gradient. With non-empty transcription_positions
+    (b, s, e), spans with s < e <= T_x are mean-pooled and matched to the audio rows **by list
+    index** (first n = min(B_a, N)); no valid span gives None. Otherwise every text token (padding
+    included) is pooled. Loss = mean(1 − cos).
+    """
+    with torch.no_grad():
+        audio_pooled = F.normalize(rotated_audio.mean(dim=1), dim=-1)
+    if transcription_positions is not None and len(transcription_positions) > 0:
+        spans = [hidden[b, s:e, :].mean(dim=0) for b, s, e in transcription_positions if s < e and e <= hidden.size(1)]
+        if not spans:
+            return None
+        text_pooled = F.normalize(torch.stack(spans, dim=0), dim=-1)
+        n = min(audio_pooled.size(0), text_pooled.size(0))
+        return (1 - F.cosine_similarity(audio_pooled[:n], text_pooled[:n], dim=-1)).mean()
+    text_pooled = F.normalize(hidden.mean(dim=1), dim=-1)
+    return (1 - F.cosine_similarity(audio_pooled, text_pooled, dim=-1)).mean()
+
+
+# ----------------------------------------------------------------------------- local branch
+
+
+def strided_conv1d(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, padding: int
+) -> torch.Tensor:
+    """nn.Conv1d on channels-last x [B, T, C_in] -> [B, T_out, C_out] (a transposed view)."""
+    return F.conv1d(x.transpose(1, 2), weight, bias, stride=stride, padding=padding).transpose(1, 2)
+
+
+def local_branch(
+    target_layer_states: Sequence[torch.Tensor],
+    layer_weights: torch.Tensor,
+    proj_in_weight: torch.Tensor,
+    proj_in_bias: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_bias: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    stride: int = 4,
+) -> torch.Tensor:
+    """Local tokens [B, T_l, H] from the L target encoder states [B, T, D]: softmax layer mix
+    (weights cast to the module dtype after the softmax) -> Linear(D -> H) -> Conv1d(H, H, k,
+    stride, padding k//2) -> LayerNorm. The states are cast to the module dtype first, as the
+    reference casts them to its weight dtype."""
+    dtype = proj_in_weight.dtype
+    stacked = torch.stack([s.to(dtype) for s in target_layer_states], dim=0).permute(1, 2, 0, 3)  # [B, T, L, D]
+    mix = torch.softmax(layer_weights, dim=-1).unsqueeze(-1).to(dtype)  # [L, 1]
+    fused = (stacked * mix).sum(dim=2)
+    features = F.linear(fused, proj_in_weight, proj_in_bias)
+    features = strided_conv1d(features, conv_weight, conv_bias, stride, conv_weight.shape[-1] // 2)
+    return F.layer_norm(features, (features.shape[-1],), ln_weight, ln_bias, LAYER_NORM_EPS)
