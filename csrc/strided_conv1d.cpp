@@ -132,8 +132,13 @@ at::Tensor strided_conv1d(const at::Tensor& x_in, const at::Tensor& weight, cons
                          output_length(x_in.size(1), weight.size(2), stride, padding),
                          weight.size(0), weight.size(2), stride, padding};
   const auto options = x_in.options().dtype(accumulation_type(x_in.scalar_type()));
-  at::Tensor out = has_bias ? bias->to(options.dtype()).expand({g.batch, g.length_out, g.channels_out}).contiguous()
-                            : at::zeros({g.batch, g.length_out, g.channels_out}, options);
+  // A fresh buffer in both cases: expand(...).contiguous() of a [1, 1, C] shape would alias bias.
+  at::Tensor out = at::empty({g.batch, g.length_out, g.channels_out}, options);
+  if (has_bias) {
+    out.copy_(bias->expand({g.batch, g.length_out, g.channels_out}));
+  } else {
+    out.zero_();
+  }
   if (out.numel() > 0 && g.channels_in > 0) {
     const at::Tensor x = as_row_matrix(x_in);
     const at::Tensor w = pack_weight(weight);

@@ -1,0 +1,256 @@
+"""strided_conv1d (the compiled extension) against F.conv1d on the transposed input."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import orca_kernels
+from orca_kernels import _extension, conv_downsample, reference
+from tolerances import assert_matches_truth
+
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+WINDOWS = [(5, 4, 2), (5, 2, 2), (7, 4, 3), (3, 1, 1)]  # (kernel_size, stride, padding)
+LENGTHS = [1, 4, 37, 101, 1500]
+C_IN, C_OUT = 6, 5
+
+
+def make_input(batch, length, channels, dtype, device, contiguous=True):
+    """x [batch, length, channels]; non-contiguous = a column slice of a wider buffer."""
+    if contiguous:
+        return torch.randn(batch, length, channels, dtype=dtype, device=device)
+    wide = torch.randn(batch, length, channels + 3, dtype=dtype, device=device)
+    return wide[:, :, 2 : 2 + channels]
+
+
+def conv_and_grads(conv, x, weight, bias, stride, padding, grad_out=None):
+    """Output and the gradients of (x, weight, bias) for the upstream gradient grad_out."""
+    leaves = [t.detach().requires_grad_() for t in (x, weight)] + ([bias.detach().requires_grad_()] if bias is not None else [])
+    out = conv(leaves[0], leaves[1], leaves[2] if bias is not None else None, stride, padding)
+    grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
+    return [out.detach(), *grads]
+
+
+def extension_conv(x, weight, bias, stride, padding):
+    return orca_kernels.strided_conv1d(x, weight, bias, stride, padding, backend="extension")
+
+
+CASES = [
+    (window, length, batch, with_bias, contiguous)
+    for window, length in itertools.product(WINDOWS, LENGTHS)
+    if length + 2 * window[2] >= window[0]
+    for batch, with_bias, contiguous in [(1, True, True), (3, False, True), (3, True, False), (1, False, False)]
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("window,length,batch,with_bias,contiguous", CASES)
+def test_matches_f_conv1d(device, dtype, window, length, batch, with_bias, contiguous):
+    kernel_size, stride, padding = window
+    x = make_input(batch, length, C_IN, dtype, device, contiguous)
+    weight = torch.randn(C_OUT, C_IN, kernel_size, dtype=dtype, device=device)
+    bias = torch.randn(C_OUT, dtype=dtype, device=device) if with_bias else None
+    length_out = (length + 2 * padding - kernel_size) // stride + 1
+    # The upstream gradient in the tested dtype: the truth differentiates with the same values.
+    grad_out = torch.randn(batch, length_out, C_OUT, dtype=dtype, device=device).double()
+
+    actual = conv_and_grads(extension_conv, x, weight, bias, stride, padding, grad_out)
+    to64 = lambda t: t.double() if t is not None else None  # noqa: E731
+    truth = conv_and_grads(reference.strided_conv1d, to64(x), to64(weight), to64(bias), stride, padding, grad_out)
+    same_dtype = conv_and_grads(reference.strided_conv1d, x, weight, bias, stride, padding, grad_out)
+    for name, a, t, r in zip(["output", "grad_x", "grad_weight", "grad_bias"], actual, truth, same_dtype):
+        assert a.dtype == dtype
+        assert_matches_truth(a, t, same_dtype_reference=r, name=name)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    kernel_size=st.integers(1, 9),
+    stride=st.integers(1, 6),
+    padding=st.integers(0, 5),
+    length=st.integers(1, 40),
+    batch=st.integers(1, 3),
+    contiguous=st.booleans(),
+)
+def test_random_geometry_fp64(kernel_size, stride, padding, length, batch, contiguous):
+    """Every (kernel, stride, padding, length) plan covers each valid (row, frame) pair once."""
+    if length + 2 * padding < kernel_size:
+        return
+    x = make_input(batch, length, 3, torch.float64, "cpu", contiguous)
+    weight = torch.randn(4, 3, kernel_size, dtype=torch.float64)
+    bias = torch.randn(4, dtype=torch.float64)
+    length_out = (length + 2 * padding - kernel_size) // stride + 1
+    grad_out = torch.randn(batch, length_out, 4, dtype=torch.float64)
+    actual = conv_and_grads(extension_conv, x, weight, bias, stride, padding, grad_out)
+    truth = conv_and_grads(reference.strided_conv1d, x, weight, bias, stride, padding, grad_out)
+    for name, a, t in zip(["output", "grad_x", "grad_weight", "grad_bias"], actual, truth):
+        assert_matches_truth(a, t, name=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_conversions_are_exact(device, dtype):
+    """An identity kernel copies x: every finite fp16/bf16 value (subnormals and the largest
+    included) survives the widening to fp32 exactly. (inf would meet 0·inf = NaN in the sum.)"""
+    info = torch.finfo(dtype)
+    special = [0.0, info.tiny, info.tiny / 8, -info.tiny / 4, info.smallest_normal * 1.5, info.max, -info.max, 1.0, -2.5]
+    x = torch.cat([torch.tensor(special), torch.randn(23)]).to(dtype).reshape(1, 8, 4).to(device)
+    weight = torch.eye(4, dtype=dtype, device=device).unsqueeze(-1)
+    out = orca_kernels.strided_conv1d(x, weight, None, 1, 0, backend="extension")
+    assert torch.equal(out, x)
+
+
+def test_gradcheck_fp64():
+    x = make_input(2, 11, 3, torch.float64, "cpu", contiguous=False).requires_grad_()
+    weight = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, w, b: extension_conv(a, w, b, 4, 2), (x, weight, bias))
+    assert torch.autograd.gradcheck(lambda a, w: extension_conv(a, w, None, 2, 3), (x, weight))
+
+
+def test_expanded_and_transposed_gradients(device):
+    """Gradients that arrive expanded (from .sum()) or with a transposed layout are handled."""
+    x = torch.randn(2, 21, 3, dtype=torch.float64, device=device, requires_grad=True)
+    weight = torch.randn(4, 3, 5, dtype=torch.float64, device=device, requires_grad=True)
+    extension_conv(x, weight, None, 4, 2).sum().backward()
+    x_ref, w_ref = x.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    reference.strided_conv1d(x_ref, w_ref, None, 4, 2).sum().backward()
+    assert_matches_truth(x.grad, x_ref.grad, name="grad_x")
+    assert_matches_truth(weight.grad, w_ref.grad, name="grad_weight")
+
+    grad_t = torch.randn(2, 4, 6, dtype=torch.float64, device=device).transpose(1, 2)  # [2, 6, 4], strided
+    got = torch.autograd.grad(extension_conv(x, weight, None, 4, 2), (x, weight), grad_t)
+    want = torch.autograd.grad(reference.strided_conv1d(x_ref, w_ref, None, 4, 2), (x_ref, w_ref), grad_t)
+    for a, t in zip(got, want):
+        assert_matches_truth(a, t)
+
+
+def test_zero_batch(device):
+    x = torch.randn(0, 37, 6, device=device, requires_grad=True)
+    weight = torch.randn(5, 6, 5, device=device, requires_grad=True)
+    bias = torch.randn(5, device=device, requires_grad=True)
+    out = extension_conv(x, weight, bias, 4, 2)
+    assert out.shape == (0, 10, 5)
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+    assert torch.equal(weight.grad, torch.zeros_like(weight))
+    assert torch.equal(bias.grad, torch.zeros_like(bias))
+
+
+def test_expanded_input_batch(device):
+    """x broadcast over the batch (batch stride 0) is read in place and gives the same result."""
+    base = torch.randn(1, 30, 6, dtype=torch.float64, device=device)
+    weight = torch.randn(5, 6, 5, dtype=torch.float64, device=device)
+    grad_out = torch.randn(4, 8, 5, dtype=torch.float64, device=device)
+    got = conv_and_grads(extension_conv, base.expand(4, 30, 6), weight, None, 4, 2, grad_out)
+    want = conv_and_grads(reference.strided_conv1d, base.expand(4, 30, 6).contiguous(), weight, None, 4, 2, grad_out)
+    for a, t in zip(got, want):
+        assert_matches_truth(a, t)
+
+
+def test_opcheck(device):
+    x = make_input(2, 19, 6, torch.float32, device, contiguous=False).requires_grad_()
+    weight = torch.randn(5, 6, 5, device=device, requires_grad=True)
+    bias = torch.randn(5, device=device, requires_grad=True)
+    ops = torch.ops.orca_kernels
+    torch.library.opcheck(ops.strided_conv1d.default, (x, weight, bias, 4, 2))
+    torch.library.opcheck(ops.strided_conv1d.default, (x, weight, None, 2, 1))
+    grad_out = torch.randn(2, 5, 5, device=device)
+    torch.library.opcheck(ops.strided_conv1d_grad_input.default, (grad_out, weight.detach(), 19, 4, 2))
+    torch.library.opcheck(ops.strided_conv1d_grad_weight.default, (grad_out, x.detach(), 5, 4, 2))
+
+
+def test_torch_compile_fullgraph(device):
+    x = torch.randn(2, 37, 6, device=device, requires_grad=True)
+    weight = torch.randn(5, 6, 5, device=device, requires_grad=True)
+    compiled = torch.compile(extension_conv, backend="aot_eager", fullgraph=True)
+    out = compiled(x, weight, None, 4, 2)
+    out.square().sum().backward()
+    x_ref, w_ref = x.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    reference.strided_conv1d(x_ref, w_ref, None, 4, 2).square().sum().backward()
+    assert_matches_truth(out.detach(), reference.strided_conv1d(x_ref, w_ref, None, 4, 2).detach())
+    assert_matches_truth(x.grad, x_ref.grad, name="grad_x")
+    assert_matches_truth(weight.grad, w_ref.grad, name="grad_weight")
+
+
+def test_backends(device):
+    x = torch.randn(2, 37, 6, device=device)
+    weight = torch.randn(5, 6, 5, device=device)
+    torch_out = orca_kernels.strided_conv1d(x, weight, None, 4, 2, backend="torch")
+    assert torch.equal(torch_out, reference.strided_conv1d(x, weight, None, 4, 2))
+    assert_matches_truth(orca_kernels.strided_conv1d(x, weight, None, 4, 2), torch_out)
+    with pytest.raises(ValueError, match="backend"):
+        orca_kernels.strided_conv1d(x, weight, None, 4, 2, backend="triton")
+    if device.type == "cpu":
+        with pytest.raises(ValueError, match="backend='cuda' needs CUDA tensors"):
+            orca_kernels.strided_conv1d(x, weight, None, 4, 2, backend="cuda")
+
+
+def test_bad_input_python_errors():
+    x, weight, bias = torch.randn(2, 37, 6), torch.randn(5, 6, 5), torch.randn(5)
+    conv = orca_kernels.strided_conv1d
+    cases = [
+        (lambda: conv(x[0], weight, bias, 4, 2), ValueError, "x must have 3 dimensions"),
+        (lambda: conv(x, weight[0], bias, 4, 2), ValueError, "weight must have 3 dimensions"),
+        (lambda: conv(x, torch.randn(5, 7, 5), bias, 4, 2), ValueError, "weight has 7 input channels"),
+        (lambda: conv(x, weight, torch.randn(4), 4, 2), ValueError, "bias has 4 elements"),
+        (lambda: conv(x, weight, bias, 0, 2), ValueError, "stride must be >= 1"),
+        (lambda: conv(x, weight, bias, 4, -1), ValueError, "padding must be >= 0"),
+        (lambda: conv(x, weight.double(), bias, 4, 2), ValueError, "weight has dtype"),
+        (lambda: conv(x, weight, bias.half(), 4, 2), ValueError, "bias has dtype"),
+        (lambda: conv(x.int(), weight, bias, 4, 2), ValueError, "x has dtype"),
+        (lambda: conv(x, weight, bias, 4.0, 2), TypeError, "stride must be an int"),
+        (lambda: conv(x[:, :2], weight, bias, 4, 1), ValueError, "too short for one window"),
+        (lambda: conv(x, weight, bias, 4, 2, backend="fast"), ValueError, "backend must be one of"),
+        (lambda: conv(x, weight.to("meta"), bias, 4, 2), ValueError, "weight is on meta"),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error, match=message):
+            call()
+
+
+def test_bad_input_op_errors():
+    """The registered ops check their inputs too (they can be called without the wrapper)."""
+    ops = torch.ops.orca_kernels
+    x, weight, bias = torch.randn(2, 37, 6), torch.randn(5, 6, 5), torch.randn(5)
+    cases = [
+        (lambda: ops.strided_conv1d(x[0], weight, bias, 4, 2), "x must have 3 dimensions"),
+        (lambda: ops.strided_conv1d(x, torch.randn(5, 7, 5), bias, 4, 2), "weight has 7 input channels"),
+        (lambda: ops.strided_conv1d(x, weight, bias.double(), 4, 2), "bias has dtype"),
+        (lambda: ops.strided_conv1d(x, weight, bias, 0, 2), "stride must be >= 1"),
+        (lambda: ops.strided_conv1d(x, weight, bias, 4, -2), "padding must be >= 0"),
+        (lambda: ops.strided_conv1d(x[:, :2], weight, bias, 4, 1), "too short for one window"),
+        (lambda: ops.strided_conv1d(x.int(), weight.int(), None, 4, 2), "unsupported dtype"),
+        (lambda: ops.strided_conv1d_grad_input(torch.randn(2, 9, 5), weight, 37, 4, 2), "grad_out has shape"),
+        (lambda: ops.strided_conv1d_grad_weight(torch.randn(3, 10, 5), x, 5, 4, 2), "grad_out has shape"),
+    ]
+    for call, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            call()
+
+
+def test_extension_is_built_and_auto_uses_it(device):
+    """The install builds _C (with CUDA where nvcc and a CUDA torch exist); auto then picks it."""
+    assert _extension.LOADED, _extension.LOAD_ERROR
+    assert conv_downsample._use_extension(torch.empty(1, device=device), "auto")
+    assert not conv_downsample._use_extension(torch.empty(1, device=device), "torch")
+
+
+def test_output_poisoning_is_active():
+    """The NaN poisoning the parity tests rely on is switched on for this run."""
+    from orca_kernels._utils import new_output
+
+    assert torch.isnan(new_output((3,), dtype=torch.float32, device=torch.device("cpu"))).all()
+
+
+def test_matches_nn_conv1d_module_checkpoint_layout():
+    """The weight is nn.Conv1d's: a module's parameters plug in unchanged."""
+    conv = torch.nn.Conv1d(6, 5, 5, stride=4, padding=2).double()
+    x = torch.randn(2, 40, 6, dtype=torch.float64)
+    out = extension_conv(x, conv.weight, conv.bias, 4, 2)
+    assert_matches_truth(out, conv(x.transpose(1, 2)).transpose(1, 2))
+    assert_matches_truth(out, F.conv1d(x.transpose(1, 2), conv.weight, conv.bias, 4, 2).transpose(1, 2))
