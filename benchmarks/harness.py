@@ -1,0 +1,149 @@
+"""The one benchmark harness: timing, peak memory and accuracy of each provider of an op.
+
+A *case* is one op at one shape and dtype; its *providers* (the eager reference,
+`torch.compile(reference)`, the fused orca_kernels path, ...) are timed on the same inputs in the
+same run. Timing: warm-up, then the median and 20th/80th percentiles of repeats, with CUDA events
+on a GPU and perf_counter on the CPU. Memory: on a GPU the peak allocated during forward+backward
+above what was allocated before; on the CPU the bytes of the tensors autograd saves for backward
+plus the output (the activation memory a training step keeps). Accuracy: max |provider − fp64
+reference| over the forward output.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+Inputs = Sequence[torch.Tensor | None]
+
+
+@dataclass
+class Provider:
+    name: str
+    fn: Callable[..., torch.Tensor]
+
+
+@dataclass
+class Case:
+    op: str
+    shape: str
+    dtype: torch.dtype
+    make_inputs: Callable[[], Inputs]  # fresh inputs; floating tensors that need grads require them
+    providers: list[Provider]
+    reference_fp64: Callable[..., torch.Tensor]  # the reference, run on the inputs cast to fp64
+
+
+@dataclass
+class Result:
+    op: str
+    shape: str
+    dtype: str
+    provider: str
+    ms_fwd: float
+    ms_fwd_p20: float
+    ms_fwd_p80: float
+    ms_fwd_bwd: float
+    ms_fwd_bwd_p20: float
+    ms_fwd_bwd_p80: float
+    peak_mb: float
+    max_error: float
+    speedup_vs_eager: float | None = None
+    speedup_vs_compiled: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    def row(self) -> dict:
+        return asdict(self)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> tuple[float, float, float]:
+    """Median, 20th and 80th percentile of `repeats` calls of fn, in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    _synchronize(device)
+    samples = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end))
+        else:
+            begin = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - begin) * 1e3)
+    quantiles = statistics.quantiles(samples, n=5) if len(samples) > 1 else [samples[0]] * 4
+    return statistics.median(samples), quantiles[0], quantiles[3]
+
+
+def _grad_leaves(inputs: Inputs) -> list[torch.Tensor]:
+    return [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+
+
+def _forward_backward(fn, inputs: Inputs, grad_out: torch.Tensor) -> None:
+    out = fn(*inputs)
+    torch.autograd.backward(out, grad_out)
+    for leaf in _grad_leaves(inputs):
+        leaf.grad = None
+
+
+def peak_memory_mb(fn, inputs: Inputs, grad_out: torch.Tensor, device: torch.device) -> float:
+    if device.type == "cuda":
+        _synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        baseline = torch.cuda.memory_allocated(device)
+        _forward_backward(fn, inputs, grad_out)
+        _synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - baseline) / 2**20
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    leaf_storages = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = fn(*inputs)
+    saved = sum(size for ptr, size in storages.items() if ptr not in leaf_storages)
+    return (saved + out.untyped_storage().nbytes()) / 2**20
+
+
+def run_case(case: Case, device: torch.device, warmup: int, repeats: int) -> list[Result]:
+    inputs = case.make_inputs()
+    with torch.no_grad():
+        as_fp64 = [t.detach().double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs]
+        truth = case.reference_fp64(*as_fp64)
+    grad_out = torch.randn_like(truth, dtype=case.dtype)
+    results = []
+    for provider in case.providers:
+        with torch.no_grad():
+            out = provider.fn(*inputs)
+        max_error = (out.double() - truth).abs().max().item() if truth.numel() else 0.0
+
+        def forward(fn=provider.fn):
+            with torch.no_grad():
+                fn(*inputs)
+
+        fwd = time_ms(forward, device, warmup, repeats)
+        fwd_bwd = time_ms(lambda fn=provider.fn: _forward_backward(fn, inputs, grad_out), device, warmup, repeats)
+        peak = peak_memory_mb(provider.fn, inputs, grad_out, device)
+        results.append(
+            Result(case.op, case.shape, str(case.dtype).removeprefix("torch."), provider.name, *fwd, *fwd_bwd, peak, max_error)
+        )
+    eager = next((r for r in results if r.provider == "eager"), None)
+    compiled = next((r for r in results if r.provider == "compiled"), None)
+    for r in results:
+        r.speedup_vs_eager = eager.ms_fwd_bwd / r.ms_fwd_bwd if eager else None
+        r.speedup_vs_compiled = compiled.ms_fwd_bwd / r.ms_fwd_bwd if compiled else None
+    return results

@@ -1,0 +1,154 @@
+"""The benchmark suite: `python -m benchmarks.run` (the README's main job).
+
+Runs every op's cases for the current device (the quick workload on the CPU, the model shapes on
+a GPU), prints a table and writes `<out>/<device>-<date>.json` and `.csv` (tagged with the device,
+library versions and git sha) plus `-speedup.png` and `-memory.png` plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+
+import torch
+
+from benchmarks import bench_conv_downsample
+from benchmarks.harness import Result, run_case
+
+SUITES = {"strided_conv1d": bench_conv_downsample}
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu {platform.machine()} x{os.cpu_count()}"
+
+
+def git_sha() -> str:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def metadata(device: torch.device, quick: bool) -> dict:
+    def version(module: str) -> str:
+        try:
+            return __import__(module).__version__
+        except ImportError:
+            return "not installed"
+
+    return {
+        "device": device_name(device),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "workload": "quick" if quick else "full",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": version("triton"),
+        "transformers": version("transformers"),
+        "python": platform.python_version(),
+        "git_sha": git_sha(),
+    }
+
+
+def format_table(results: list[Result]) -> str:
+    header = ["op", "shape", "dtype", "provider", "ms fwd", "ms fwd+bwd", "peak MB", "x eager", "x compiled", "max err"]
+    fmt = lambda v: "-" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
+    rows = [
+        [r.op, r.shape, r.dtype, r.provider, fmt(r.ms_fwd), fmt(r.ms_fwd_bwd), fmt(r.peak_mb),
+         fmt(r.speedup_vs_eager), fmt(r.speedup_vs_compiled), f"{r.max_error:.2e}"]
+        for r in results
+    ]
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def plot(results: list[Result], meta: dict, stem: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(dict.fromkeys((r.op, r.shape) for r in results))
+    providers = list(dict.fromkeys(r.provider for r in results))
+    by_key = {(r.op, r.shape, r.provider): r for r in results}
+    paths = []
+    for metric, title, filename in [
+        ("speedup_vs_eager", "forward+backward speedup vs eager (higher is better)", "speedup"),
+        ("peak_mb", "peak memory, MB (lower is better)", "memory"),
+    ]:
+        fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(cases)), 4))
+        width = 0.8 / len(providers)
+        for i, provider in enumerate(providers):
+            values = [getattr(by_key.get((op, shape, provider)), metric, None) or 0.0 for op, shape in cases]
+            ax.bar([c + i * width for c in range(len(cases))], values, width, label=provider)
+        ax.set_xticks([c + 0.4 - width / 2 for c in range(len(cases))])
+        ax.set_xticklabels([f"{op}\n{shape}" for op, shape in cases], fontsize=7)
+        if metric == "speedup_vs_eager":
+            ax.axhline(1.0, color="gray", linewidth=0.8)
+        ax.set_title(f"{title}\n{meta['device']}, {meta['date']}, {meta['git_sha'][:12]}", fontsize=9)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = f"{stem}-{filename}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    workload = parser.add_mutually_exclusive_group()
+    workload.add_argument("--quick", action="store_true", help="small shapes (the default on the CPU)")
+    workload.add_argument("--full", action="store_true", help="the model shapes of DESIGN.md (the default on a GPU)")
+    parser.add_argument("--ops", nargs="*", choices=sorted(SUITES), help="only these ops")
+    parser.add_argument("--out", default=os.environ.get("OUT_DIR", RESULTS_DIR), help="folder for JSON/CSV/PNG")
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=None)
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    quick = args.quick or (not args.full and device.type == "cpu")
+    warmup = args.warmup if args.warmup is not None else (2 if device.type == "cpu" else 10)
+    repeats = args.repeats if args.repeats is not None else (5 if device.type == "cpu" else 30)
+    meta = metadata(device, quick)
+    print(f"orca-kernels benchmarks on {meta['device']} ({meta['workload']} workload), torch {meta['torch']}, "
+          f"triton {meta['triton']}, git {meta['git_sha']}", flush=True)
+
+    cases = [case for name, suite in SUITES.items() if not args.ops or name in args.ops for case in suite.cases(device, quick)]
+    results: list[Result] = []
+    for i, case in enumerate(cases, 1):
+        print(f"[{i}/{len(cases)}] {case.op} {case.shape} {str(case.dtype).removeprefix('torch.')}", flush=True)
+        results += run_case(case, device, warmup, repeats)
+    print(format_table(results))
+
+    os.makedirs(args.out, exist_ok=True)
+    slug = re.sub(r"[^a-z0-9]+", "-", meta["device"].lower()).strip("-")
+    stem = os.path.join(args.out, f"{slug}-{datetime.date.today().isoformat()}")
+    with open(f"{stem}.json", "w") as f:
+        json.dump({"metadata": meta, "results": [r.row() for r in results]}, f, indent=2)
+    with open(f"{stem}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*meta, *results[0].row()] if results else list(meta))
+        writer.writeheader()
+        for r in results:
+            writer.writerow({**meta, **r.row()})
+    written = [f"{stem}.json", f"{stem}.csv"] + (plot(results, meta, stem) if results else [])
+    print("wrote " + ", ".join(written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
