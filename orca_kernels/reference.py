@@ -122,17 +122,30 @@ def gated_cross_attention(
         return hidden
     audio = audio.to(dtype=hidden.dtype, device=hidden.device)
     memory = audio_rope(audio, position_scale, rope_theta)
-    return _inject(
+    return attend_rotated(
         hidden, memory, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, gate_hidden_weight,
         gate_hidden_bias, gate_out_weight, gate_out_bias, ln_weight, ln_bias, num_heads, key_padding_mask,
     )
 
 
-def _inject(
-    hidden, memory, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, gate_hidden_weight,
-    gate_hidden_bias, gate_out_weight, gate_out_bias, ln_weight, ln_bias, num_heads, key_padding_mask,
-):
-    """Attention of hidden over the rotated memory, LayerNorm, data-dependent gate, residual."""
+def attend_rotated(
+    hidden: torch.Tensor,
+    memory: torch.Tensor,
+    in_proj_weight: torch.Tensor,
+    in_proj_bias: torch.Tensor,
+    out_proj_weight: torch.Tensor,
+    out_proj_bias: torch.Tensor,
+    gate_hidden_weight: torch.Tensor,
+    gate_hidden_bias: torch.Tensor,
+    gate_out_weight: torch.Tensor,
+    gate_out_bias: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    num_heads: int,
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`gated_cross_attention` after the RoPE: hidden [B, T_x, H] attends over the already rotated
+    memory [B, T_a, H] (same dtype), then LayerNorm, data-dependent gate, residual."""
     embed_dim = hidden.shape[-1]
     # nn.MultiheadAttention(batch_first=True) transposes to [T, B, H]; key is value, so the
     # functional path projects K and V with one packed GEMM and runs SDPA without weights.

@@ -1,5 +1,6 @@
 """orca_model: the DeSTA2.5 / ORCA model around orca_kernels, with the drop-in
-`use_fused_orca` flag (config, connector, gated cross-attention, injection, losses, generation).
+`use_fused_orca` flag (config, connector, gated cross-attention, injection, losses, generation)."""
 
-The package is filled in by the orca_model issue; it imports today so that the layout is fixed.
-"""
+from orca_model.cross_attention import OrcaGatedCrossAttention
+
+__all__ = ["OrcaGatedCrossAttention"]

@@ -1,0 +1,85 @@
+"""The gated residual cross-attention injected after every LLM decoder layer."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from orca_kernels import reference
+
+
+class OrcaGatedCrossAttention(nn.Module):
+    """h + σ(gate(h)) ⊙ LN(MHA(h, rope(a), rope(a))), the reference's ORCAGatedCrossAttention.
+
+    Parameters and state-dict keys are the reference's (`cross_attn.in_proj_weight`,
+    `cross_attn.in_proj_bias`, `cross_attn.out_proj.{weight,bias}`, `gate_proj.{0,2}.{weight,bias}`,
+    `ln.{weight,bias}`), so checkpoints move both ways. In training mode `forward` sets
+    `self.layer_align_loss` exactly as the reference does (None in eval mode).
+
+    Args:
+        hidden_size: H, the LLM width (also the RoPE width: the rotation spans all of H).
+        num_heads: attention heads; head dim H / num_heads (not the LLM's own head dim).
+        gate_init: bias of the gate's last Linear (its weight starts at zero).
+        rope_theta: θ of the audio RoPE.
+        audio_position_scale: audio token t sits at position t / scale.
+        use_fused: False runs the reference path (orca_kernels.reference).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        gate_init: float = 0.1,
+        rope_theta: float = 10000.0,
+        audio_position_scale: float = 2.5,
+        use_fused: bool = False,
+    ):
+        super().__init__()
+        if use_fused:
+            raise NotImplementedError("OrcaGatedCrossAttention(use_fused=True): the fused kernels are not built yet")
+        self.cross_attn = nn.MultiheadAttention(embed_dim=hidden_size, num_heads=num_heads, batch_first=True)
+        self.gate_proj = nn.Sequential(nn.Linear(hidden_size, hidden_size // 4), nn.GELU(), nn.Linear(hidden_size // 4, 1))
+        nn.init.zeros_(self.gate_proj[-1].weight)
+        nn.init.constant_(self.gate_proj[-1].bias, gate_init)
+        self.ln = nn.LayerNorm(hidden_size)
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.rope_theta = rope_theta
+        self.audio_position_scale = audio_position_scale
+        self.use_fused = use_fused
+        self.layer_align_loss: torch.Tensor | None = None
+
+    def parameters_in_order(self) -> tuple[torch.Tensor, ...]:
+        """The ten parameters in the order of `orca_kernels.reference.gated_cross_attention`."""
+        return (
+            self.cross_attn.in_proj_weight, self.cross_attn.in_proj_bias,
+            self.cross_attn.out_proj.weight, self.cross_attn.out_proj.bias,
+            self.gate_proj[0].weight, self.gate_proj[0].bias, self.gate_proj[2].weight, self.gate_proj[2].bias,
+            self.ln.weight, self.ln.bias,
+        )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        audio_local: torch.Tensor | None,
+        audio_local_mask: torch.Tensor | None = None,
+        transcription_positions: Sequence[tuple[int, int, int]] | None = None,
+    ) -> torch.Tensor:
+        """hidden_states [B, T_x, H], audio_local [B, T_a, H] (None or T_a = 0: returned unchanged),
+        audio_local_mask [B, T_a] (True = keep, the reference's convention), transcription_positions
+        a list of (batch, start, end) spans for the alignment loss. Returns [B, T_x, H]."""
+        if audio_local is None or audio_local.shape[1] == 0:
+            self.layer_align_loss = None
+            return hidden_states
+        audio = audio_local.to(dtype=hidden_states.dtype, device=hidden_states.device)
+        rotated = reference.audio_rope(audio, self.audio_position_scale, self.rope_theta)
+        key_padding_mask = ~audio_local_mask.bool() if audio_local_mask is not None else None
+        out = reference.attend_rotated(
+            hidden_states, rotated, *self.parameters_in_order(), self.num_heads, key_padding_mask
+        )
+        self.layer_align_loss = (
+            reference.layer_align_loss(hidden_states, rotated, transcription_positions) if self.training else None
+        )
+        return out
