@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 
@@ -17,6 +18,26 @@ POISON_ENV = "ORCA_KERNELS_POISON_OUTPUTS"
 def triton_interpret() -> bool:
     """Whether Triton kernels run on the CPU through the interpreter (how CPU CI tests them)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(op: str, tensor: torch.Tensor, backend: str) -> bool:
+    """Resolve `backend` ("auto" | "triton" | "torch") for a Triton op: auto runs Triton on CUDA
+    tensors, and on CPU tensors only under TRITON_INTERPRET=1 (else the reference); an explicit
+    "triton" that cannot run raises instead of falling back."""
+    if backend == "torch":
+        return False
+    runnable = tensor.device.type == "cuda" or (tensor.device.type == "cpu" and triton_interpret())
+    if backend == "triton" and not runnable:
+        raise RuntimeError(
+            f"{op}: backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors "
+            f"(got {tensor.device} without the interpreter)"
+        )
+    return runnable
+
+
+def device_context(tensor: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensor's."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
 def new_output(shape, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -1,0 +1,94 @@
+"""audio_rope (Triton) against the reference: bit-identical values and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from orca_kernels import _utils, reference, rope
+from tolerances import assert_matches_truth
+
+# bf16 runs on CUDA only: triton 3.8's interpreter truncates fp32 -> bf16 casts instead of rounding.
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+
+
+def dtypes_for(device):
+    return [d for d in DTYPES if d != torch.bfloat16 or device.type == "cuda"]
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 2), (2, 13, 20), (3, 65, 80), (1, 439, 128)])
+def test_bitwise_equal_to_reference(device, shape):
+    for dtype in dtypes_for(device):
+        audio = torch.randn(*shape, dtype=dtype, device=device, requires_grad=True)
+        grad = torch.randn(shape, dtype=dtype, device=device)
+        out = rope.audio_rope(audio, 2.5, 1e6, backend="triton")
+        expected = reference.audio_rope(audio, 2.5, 1e6)
+        assert torch.equal(out, expected), dtype
+        (got,) = torch.autograd.grad(out, audio, grad)
+        (want,) = torch.autograd.grad(expected, audio, grad)
+        assert torch.equal(got, want), dtype
+
+
+def test_non_contiguous_and_expanded(device):
+    wide = torch.randn(2, 9, 40, dtype=torch.float64, device=device)
+    audio = wide[:, :, 5:25].requires_grad_()  # a column slice: strided rows
+    out = rope.audio_rope(audio, 5.0, 5e5, backend="triton")
+    assert torch.equal(out, reference.audio_rope(audio, 5.0, 5e5))
+    out.sum().backward()  # an expanded upstream gradient
+    audio_ref = audio.detach().clone().requires_grad_()
+    reference.audio_rope(audio_ref, 5.0, 5e5).sum().backward()
+    assert torch.equal(audio.grad, audio_ref.grad)
+
+
+def test_gradcheck_fp64():
+    audio = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a: rope.audio_rope(a, 2.5, 10000.0, backend="triton"), (audio,))
+    assert torch.autograd.gradgradcheck(lambda a: rope.audio_rope(a, 2.5, 10000.0, backend="triton"), (audio,))
+
+
+def test_opcheck(device):
+    audio = torch.randn(2, 7, 12, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.orca_kernels.audio_rope.default, (audio, 2.5, 1e6, False))
+
+
+def test_torch_compile_fullgraph(device):
+    audio = torch.randn(2, 7, 12, device=device, requires_grad=True)
+    compiled = torch.compile(lambda a: rope.audio_rope(a, 2.5, 1e6, backend="triton"), backend="aot_eager", fullgraph=True)
+    out = compiled(audio)
+    assert_matches_truth(out, reference.audio_rope(audio, 2.5, 1e6))
+    out.square().sum().backward()
+    assert audio.grad is not None and torch.isfinite(audio.grad).all()
+
+
+def test_empty_and_table_cache(device):
+    assert rope.audio_rope(torch.randn(0, 5, 8, device=device), backend="triton").shape == (0, 5, 8)
+    assert rope.audio_rope(torch.randn(2, 0, 8, device=device), backend="triton").shape == (2, 0, 8)
+    first = rope.rope_half_tables(33, 16, 2.5, 1e6, device)
+    assert rope.rope_half_tables(33, 16, 2.5, 1e6, device)[0] is first[0]  # built once, shared
+
+
+def test_bad_inputs():
+    audio = torch.randn(2, 5, 8)
+    with pytest.raises(ValueError, match="audio must have 3 dimensions"):
+        rope.audio_rope(audio[0])
+    with pytest.raises(ValueError, match="width must be even"):
+        rope.audio_rope(torch.randn(2, 5, 7))
+    with pytest.raises(ValueError, match="position_scale must be > 0"):
+        rope.audio_rope(audio, 0.0)
+    with pytest.raises(ValueError, match="rope_theta must be > 0"):
+        rope.audio_rope(audio, 2.5, -1.0)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        rope.audio_rope(audio, backend="cuda")
+    with pytest.raises(ValueError, match="audio has dtype"):
+        rope.audio_rope(audio.long())
+
+
+def test_backend_resolution(monkeypatch):
+    cpu = torch.empty(1)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not _utils.use_triton("audio_rope", cpu, "auto")  # auto on the CPU: the reference
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        _utils.use_triton("audio_rope", cpu, "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _utils.use_triton("audio_rope", cpu, "auto")
+    assert not _utils.use_triton("audio_rope", cpu, "torch")
