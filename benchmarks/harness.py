@@ -35,6 +35,8 @@ class Case:
     make_inputs: Callable[[], Inputs]  # fresh inputs; floating tensors that need grads require them
     providers: list[Provider]
     reference_fp64: Callable[..., torch.Tensor]  # the reference, run on the inputs cast to fp64
+    parameters: Sequence[torch.Tensor] = ()  # module parameters whose .grad is cleared between runs
+    backward: bool = True  # False: forward-only cases (decode steps)
 
 
 @dataclass
@@ -46,9 +48,9 @@ class Result:
     ms_fwd: float
     ms_fwd_p20: float
     ms_fwd_p80: float
-    ms_fwd_bwd: float
-    ms_fwd_bwd_p20: float
-    ms_fwd_bwd_p80: float
+    ms_fwd_bwd: float | None
+    ms_fwd_bwd_p20: float | None
+    ms_fwd_bwd_p80: float | None
     peak_mb: float
     max_error: float
     speedup_vs_eager: float | None = None
@@ -90,19 +92,24 @@ def _grad_leaves(inputs: Inputs) -> list[torch.Tensor]:
     return [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
 
 
-def _forward_backward(fn, inputs: Inputs, grad_out: torch.Tensor) -> None:
+def _forward_backward(fn, inputs: Inputs, grad_out: torch.Tensor | None, parameters: Sequence[torch.Tensor] = ()) -> None:
+    """One forward (+ backward with grad_out unless it is None), gradients cleared afterwards."""
+    if grad_out is None:
+        with torch.no_grad():
+            fn(*inputs)
+        return
     out = fn(*inputs)
     torch.autograd.backward(out, grad_out)
-    for leaf in _grad_leaves(inputs):
+    for leaf in [*_grad_leaves(inputs), *parameters]:
         leaf.grad = None
 
 
-def peak_memory_mb(fn, inputs: Inputs, grad_out: torch.Tensor, device: torch.device) -> float:
+def peak_memory_mb(fn, inputs: Inputs, grad_out: torch.Tensor | None, device: torch.device, parameters=()) -> float:
     if device.type == "cuda":
         _synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         baseline = torch.cuda.memory_allocated(device)
-        _forward_backward(fn, inputs, grad_out)
+        _forward_backward(fn, inputs, grad_out, parameters)
         _synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - baseline) / 2**20
     storages: dict[int, int] = {}
@@ -113,13 +120,14 @@ def peak_memory_mb(fn, inputs: Inputs, grad_out: torch.Tensor, device: torch.dev
         return tensor
 
     leaf_storages = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), torch.set_grad_enabled(grad_out is not None):
         out = fn(*inputs)
     saved = sum(size for ptr, size in storages.items() if ptr not in leaf_storages)
     return (saved + out.untyped_storage().nbytes()) / 2**20
 
 
 def run_case(case: Case, device: torch.device, warmup: int, repeats: int) -> list[Result]:
+    """Every provider of `case` on the same inputs: timings, peak memory, max error vs fp64."""
     inputs = case.make_inputs()
     with torch.no_grad():
         as_fp64 = [t.detach().double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs]
@@ -136,14 +144,20 @@ def run_case(case: Case, device: torch.device, warmup: int, repeats: int) -> lis
                 fn(*inputs)
 
         fwd = time_ms(forward, device, warmup, repeats)
-        fwd_bwd = time_ms(lambda fn=provider.fn: _forward_backward(fn, inputs, grad_out), device, warmup, repeats)
-        peak = peak_memory_mb(provider.fn, inputs, grad_out, device)
+        if case.backward:
+            step = lambda fn=provider.fn: _forward_backward(fn, inputs, grad_out, case.parameters)  # noqa: E731
+            fwd_bwd = time_ms(step, device, warmup, repeats)
+        else:
+            fwd_bwd = (None, None, None)
+        peak = peak_memory_mb(provider.fn, inputs, grad_out if case.backward else None, device, case.parameters)
         results.append(
             Result(case.op, case.shape, str(case.dtype).removeprefix("torch."), provider.name, *fwd, *fwd_bwd, peak, max_error)
         )
     eager = next((r for r in results if r.provider == "eager"), None)
     compiled = next((r for r in results if r.provider == "compiled"), None)
+    # Speedups compare forward+backward time, or forward time for forward-only cases.
+    key = "ms_fwd_bwd" if case.backward else "ms_fwd"
     for r in results:
-        r.speedup_vs_eager = eager.ms_fwd_bwd / r.ms_fwd_bwd if eager else None
-        r.speedup_vs_compiled = compiled.ms_fwd_bwd / r.ms_fwd_bwd if compiled else None
+        r.speedup_vs_eager = getattr(eager, key) / getattr(r, key) if eager else None
+        r.speedup_vs_compiled = getattr(compiled, key) / getattr(r, key) if compiled else None
     return results

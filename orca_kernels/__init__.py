@@ -6,6 +6,15 @@ Functional ops (differentiable, each with a `backend=` argument) and the pure-Py
 
 from orca_kernels import reference
 from orca_kernels.conv_downsample import strided_conv1d
+from orca_kernels.cross_attention import gated_cross_attention
+from orca_kernels.flash_cross_attention import flash_cross_attention
+from orca_kernels.rope import audio_rope
 
-__all__ = ["reference", "strided_conv1d"]
+__all__ = [
+    "reference",
+    "strided_conv1d",
+    "audio_rope",
+    "flash_cross_attention",
+    "gated_cross_attention",
+]
 __version__ = "0.1.0"

@@ -20,17 +20,27 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# triton.jit chooses the interpreter or the GPU compiler when a kernel module is imported, which
+# happens with `import orca_kernels`, right after this module.
+KERNELS_INTERPRETED = triton_interpret()
+
+
 def use_triton(op: str, tensor: torch.Tensor, backend: str) -> bool:
     """Resolve `backend` ("auto" | "triton" | "torch") for a Triton op: auto runs Triton on CUDA
-    tensors, and on CPU tensors only under TRITON_INTERPRET=1 (else the reference); an explicit
-    "triton" that cannot run raises instead of falling back."""
+    tensors, and on CPU tensors when the kernels were imported under TRITON_INTERPRET=1 (else the
+    reference); an explicit "triton" that cannot run raises instead of falling back."""
     if backend == "torch":
         return False
-    runnable = tensor.device.type == "cuda" or (tensor.device.type == "cpu" and triton_interpret())
+    if tensor.device.type == "cpu" and triton_interpret() and not KERNELS_INTERPRETED:
+        raise RuntimeError(
+            f"{op}: TRITON_INTERPRET=1 was set after orca_kernels was imported, so its Triton kernels were "
+            "compiled for the GPU; set it before the import to run them on CPU tensors"
+        )
+    runnable = tensor.device.type == "cuda" or (tensor.device.type == "cpu" and KERNELS_INTERPRETED)
     if backend == "triton" and not runnable:
         raise RuntimeError(
-            f"{op}: backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors "
-            f"(got {tensor.device} without the interpreter)"
+            f"{op}: backend='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before "
+            f"importing orca_kernels (got {tensor.device})"
         )
     return runnable
 

@@ -160,21 +160,26 @@ def attend_rotated(
     return hidden + gate * attended
 
 
+def pool_rotated_audio(rotated_audio: torch.Tensor) -> torch.Tensor:
+    """normalize(mean over T_a) of the rotated memory [B_a, T_a, H] -> [B_a, H], without gradient
+    (the reference computes it under no_grad; it is the same for every layer)."""
+    with torch.no_grad():
+        return F.normalize(rotated_audio.mean(dim=1), dim=-1)
+
+
 def layer_align_loss(
     hidden: torch.Tensor,
-    rotated_audio: torch.Tensor,
+    audio_pooled: torch.Tensor,
     transcription_positions: Sequence[tuple[int, int, int]] | None = None,
 ) -> torch.Tensor | None:
     """The per-layer alignment loss of the reference module (set in training mode only).
 
-    hidden [B, T_x, H] is the pre-injection hidden state; rotated_audio [B_a, T_a, H] the rotated
-    memory, pooled and normalised without gradient. With non-empty transcription_positions
-    (b, s, e), spans with s < e <= T_x are mean-pooled and matched to the audio rows **by list
-    index** (first n = min(B_a, N)); no valid span gives None. Otherwise every text token (padding
-    included) is pooled. Loss = mean(1 − cos).
+    hidden [B, T_x, H] is the pre-injection hidden state; audio_pooled [B_a, H] is
+    `pool_rotated_audio` of the rotated memory. With non-empty transcription_positions (b, s, e),
+    spans with s < e <= T_x are mean-pooled and matched to the audio rows **by list index** (first
+    n = min(B_a, N)); no valid span gives None. Otherwise every text token (padding included) is
+    pooled. Loss = mean(1 − cos).
     """
-    with torch.no_grad():
-        audio_pooled = F.normalize(rotated_audio.mean(dim=1), dim=-1)
     if transcription_positions is not None and len(transcription_positions) > 0:
         spans = [hidden[b, s:e, :].mean(dim=0) for b, s, e in transcription_positions if s < e and e <= hidden.size(1)]
         if not spans:

@@ -7,7 +7,27 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from orca_kernels import cross_attention as fused
 from orca_kernels import reference
+from orca_kernels._utils import use_triton
+from orca_kernels.rope import audio_rope
+
+
+class AudioMemoryCache:
+    """What every injection layer would otherwise recompute from the same audio memory: the
+    rotated memory and its pooled, normalised mean (shared by all layers; kept per dtype, since
+    under autocast the residual stream turns fp32 after the first layer, orca_spec.md Q5), and
+    each fused layer's packed K/V projection (per layer). During generation one cache serves every decode step of a
+    request, so RoPE and the K/V GEMM run once per request instead of once per step and layer.
+
+    Make a new cache for each audio memory (each forward in training, each request in generation):
+    it is keyed by nothing but the layers that fill it.
+    """
+
+    def __init__(self) -> None:
+        self.rotated: dict[torch.dtype, torch.Tensor] = {}
+        self.pooled: dict[torch.dtype, torch.Tensor] = {}
+        self.kv: dict[int, torch.Tensor] = {}
 
 
 class OrcaGatedCrossAttention(nn.Module):
@@ -24,7 +44,9 @@ class OrcaGatedCrossAttention(nn.Module):
         gate_init: bias of the gate's last Linear (its weight starts at zero).
         rope_theta: θ of the audio RoPE.
         audio_position_scale: audio token t sits at position t / scale.
-        use_fused: False runs the reference path (orca_kernels.reference).
+        use_fused: run the fused kernels (orca_kernels.cross_attention) where they can run: on
+            CUDA, and on the CPU under TRITON_INTERPRET=1; elsewhere the reference path. False
+            always runs the reference path (the reference's own operations).
     """
 
     def __init__(
@@ -37,8 +59,6 @@ class OrcaGatedCrossAttention(nn.Module):
         use_fused: bool = False,
     ):
         super().__init__()
-        if use_fused:
-            raise NotImplementedError("OrcaGatedCrossAttention(use_fused=True): the fused kernels are not built yet")
         self.cross_attn = nn.MultiheadAttention(embed_dim=hidden_size, num_heads=num_heads, batch_first=True)
         self.gate_proj = nn.Sequential(nn.Linear(hidden_size, hidden_size // 4), nn.GELU(), nn.Linear(hidden_size // 4, 1))
         nn.init.zeros_(self.gate_proj[-1].weight)
@@ -52,7 +72,7 @@ class OrcaGatedCrossAttention(nn.Module):
         self.layer_align_loss: torch.Tensor | None = None
 
     def parameters_in_order(self) -> tuple[torch.Tensor, ...]:
-        """The ten parameters in the order of `orca_kernels.reference.gated_cross_attention`."""
+        """The ten parameters in the order of `orca_kernels.gated_cross_attention`."""
         return (
             self.cross_attn.in_proj_weight, self.cross_attn.in_proj_bias,
             self.cross_attn.out_proj.weight, self.cross_attn.out_proj.bias,
@@ -66,20 +86,38 @@ class OrcaGatedCrossAttention(nn.Module):
         audio_local: torch.Tensor | None,
         audio_local_mask: torch.Tensor | None = None,
         transcription_positions: Sequence[tuple[int, int, int]] | None = None,
+        audio_cache: AudioMemoryCache | None = None,
     ) -> torch.Tensor:
         """hidden_states [B, T_x, H], audio_local [B, T_a, H] (None or T_a = 0: returned unchanged),
         audio_local_mask [B, T_a] (True = keep, the reference's convention), transcription_positions
-        a list of (batch, start, end) spans for the alignment loss. Returns [B, T_x, H]."""
+        a list of (batch, start, end) spans for the alignment loss, audio_cache an
+        `AudioMemoryCache` shared by the layers (optional). Returns [B, T_x, H]."""
         if audio_local is None or audio_local.shape[1] == 0:
             self.layer_align_loss = None
             return hidden_states
-        audio = audio_local.to(dtype=hidden_states.dtype, device=hidden_states.device)
-        rotated = reference.audio_rope(audio, self.audio_position_scale, self.rope_theta)
+        fused_path = self.use_fused and use_triton(type(self).__name__, hidden_states, "auto")
+        cache = audio_cache if audio_cache is not None else AudioMemoryCache()
+        dtype = hidden_states.dtype
+        if dtype not in cache.rotated:
+            audio = audio_local.to(dtype=dtype, device=hidden_states.device)
+            cache.rotated[dtype] = (
+                audio_rope(audio, self.audio_position_scale, self.rope_theta, backend="triton")
+                if fused_path
+                else reference.audio_rope(audio, self.audio_position_scale, self.rope_theta)
+            )
+        rotated = cache.rotated[dtype]
         key_padding_mask = ~audio_local_mask.bool() if audio_local_mask is not None else None
-        out = reference.attend_rotated(
-            hidden_states, rotated, *self.parameters_in_order(), self.num_heads, key_padding_mask
-        )
-        self.layer_align_loss = (
-            reference.layer_align_loss(hidden_states, rotated, transcription_positions) if self.training else None
-        )
+        parameters = self.parameters_in_order()
+        if fused_path:
+            if id(self) not in cache.kv:
+                cache.kv[id(self)] = fused.project_audio_kv(rotated, parameters[0], parameters[1])
+            out = fused.attend_audio_kv(hidden_states, cache.kv[id(self)], *parameters, self.num_heads, key_padding_mask)
+        else:
+            out = reference.attend_rotated(hidden_states, rotated, *parameters, self.num_heads, key_padding_mask)
+        if self.training:
+            if dtype not in cache.pooled:
+                cache.pooled[dtype] = reference.pool_rotated_audio(rotated)
+            self.layer_align_loss = reference.layer_align_loss(hidden_states, cache.pooled[dtype], transcription_positions)
+        else:
+            self.layer_align_loss = None
         return out

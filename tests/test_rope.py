@@ -17,10 +17,10 @@ def dtypes_for(device):
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 2), (2, 13, 20), (3, 65, 80), (1, 439, 128)])
-def test_bitwise_equal_to_reference(device, shape):
-    for dtype in dtypes_for(device):
-        audio = torch.randn(*shape, dtype=dtype, device=device, requires_grad=True)
-        grad = torch.randn(shape, dtype=dtype, device=device)
+def test_bitwise_equal_to_reference(triton_device, shape):
+    for dtype in dtypes_for(triton_device):
+        audio = torch.randn(*shape, dtype=dtype, device=triton_device, requires_grad=True)
+        grad = torch.randn(shape, dtype=dtype, device=triton_device)
         out = rope.audio_rope(audio, 2.5, 1e6, backend="triton")
         expected = reference.audio_rope(audio, 2.5, 1e6)
         assert torch.equal(out, expected), dtype
@@ -29,8 +29,8 @@ def test_bitwise_equal_to_reference(device, shape):
         assert torch.equal(got, want), dtype
 
 
-def test_non_contiguous_and_expanded(device):
-    wide = torch.randn(2, 9, 40, dtype=torch.float64, device=device)
+def test_non_contiguous_and_expanded(triton_device):
+    wide = torch.randn(2, 9, 40, dtype=torch.float64, device=triton_device)
     audio = wide[:, :, 5:25].requires_grad_()  # a column slice: strided rows
     out = rope.audio_rope(audio, 5.0, 5e5, backend="triton")
     assert torch.equal(out, reference.audio_rope(audio, 5.0, 5e5))
@@ -40,19 +40,19 @@ def test_non_contiguous_and_expanded(device):
     assert torch.equal(audio.grad, audio_ref.grad)
 
 
-def test_gradcheck_fp64():
-    audio = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+def test_gradcheck_fp64(triton_device):
+    audio = torch.randn(2, 3, 4, dtype=torch.float64, device=triton_device, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a: rope.audio_rope(a, 2.5, 10000.0, backend="triton"), (audio,))
     assert torch.autograd.gradgradcheck(lambda a: rope.audio_rope(a, 2.5, 10000.0, backend="triton"), (audio,))
 
 
-def test_opcheck(device):
-    audio = torch.randn(2, 7, 12, device=device, requires_grad=True)
+def test_opcheck(triton_device):
+    audio = torch.randn(2, 7, 12, device=triton_device, requires_grad=True)
     torch.library.opcheck(torch.ops.orca_kernels.audio_rope.default, (audio, 2.5, 1e6, False))
 
 
-def test_torch_compile_fullgraph(device):
-    audio = torch.randn(2, 7, 12, device=device, requires_grad=True)
+def test_torch_compile_fullgraph(triton_device):
+    audio = torch.randn(2, 7, 12, device=triton_device, requires_grad=True)
     compiled = torch.compile(lambda a: rope.audio_rope(a, 2.5, 1e6, backend="triton"), backend="aot_eager", fullgraph=True)
     out = compiled(audio)
     assert_matches_truth(out, reference.audio_rope(audio, 2.5, 1e6))
@@ -60,11 +60,11 @@ def test_torch_compile_fullgraph(device):
     assert audio.grad is not None and torch.isfinite(audio.grad).all()
 
 
-def test_empty_and_table_cache(device):
-    assert rope.audio_rope(torch.randn(0, 5, 8, device=device), backend="triton").shape == (0, 5, 8)
-    assert rope.audio_rope(torch.randn(2, 0, 8, device=device), backend="triton").shape == (2, 0, 8)
-    first = rope.rope_half_tables(33, 16, 2.5, 1e6, device)
-    assert rope.rope_half_tables(33, 16, 2.5, 1e6, device)[0] is first[0]  # built once, shared
+def test_empty_and_table_cache(triton_device):
+    assert rope.audio_rope(torch.randn(0, 5, 8, device=triton_device), backend="triton").shape == (0, 5, 8)
+    assert rope.audio_rope(torch.randn(2, 0, 8, device=triton_device), backend="triton").shape == (2, 0, 8)
+    first = rope.rope_half_tables(33, 16, 2.5, 1e6, triton_device)
+    assert rope.rope_half_tables(33, 16, 2.5, 1e6, triton_device)[0] is first[0]  # built once, shared
 
 
 def test_bad_inputs():
@@ -86,9 +86,13 @@ def test_bad_inputs():
 def test_backend_resolution(monkeypatch):
     cpu = torch.empty(1)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(_utils, "KERNELS_INTERPRETED", False)
     assert not _utils.use_triton("audio_rope", cpu, "auto")  # auto on the CPU: the reference
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         _utils.use_triton("audio_rope", cpu, "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(RuntimeError, match="set it before the import"):
+        _utils.use_triton("audio_rope", cpu, "auto")
+    monkeypatch.setattr(_utils, "KERNELS_INTERPRETED", True)
     assert _utils.use_triton("audio_rope", cpu, "auto")
     assert not _utils.use_triton("audio_rope", cpu, "torch")

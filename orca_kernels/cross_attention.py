@@ -1,0 +1,163 @@
+"""The gated residual cross-attention of the audio memory (orca_spec.md §2), fused.
+
+    rotated = audio_rope(audio)                              one Triton pass, table cached
+    kv      = rotated · W_kvᵀ + b_kv        [B, T_a, 2H]     cuBLAS; the per-layer K/V cache
+    q       = hidden · W_qᵀ + b_q                            cuBLAS
+    attn    = flash_cross_attention(q, k, v, mask)           Triton, no [T_x, T_a] matrix
+    o       = attn · W_oᵀ + b_o                              cuBLAS
+    u       = hidden · W₁ᵀ + b₁             [B, T_x, H/4]    cuBLAS
+    out     = hidden + σ(GELU(u)·w₂ + b₂) ⊙ LN(o)            one Triton pass (gated_residual)
+
+The GEMMs (~93% of the FLOPs) stay in cuBLAS; everything between them is fused. K and V are
+column views of one packed projection, read in place by the attention kernel. During generation
+`project_audio_kv` runs once per request and layer and `attend_audio_kv` at every step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from orca_kernels import reference
+from orca_kernels._utils import check_backend, check_int, check_tensor, use_triton
+from orca_kernels.flash_cross_attention import flash_cross_attention
+from orca_kernels.gated_residual import gated_residual
+from orca_kernels.rope import audio_rope
+
+OP = "gated_cross_attention"
+BACKENDS = ("auto", "triton", "torch")
+PARAMETER_NAMES = (
+    "in_proj_weight", "in_proj_bias", "out_proj_weight", "out_proj_bias", "gate_hidden_weight",
+    "gate_hidden_bias", "gate_out_weight", "gate_out_bias", "ln_weight", "ln_bias",
+)
+
+
+def check_parameters(hidden_size: int, parameters: tuple[torch.Tensor, ...], like: torch.Tensor) -> None:
+    """The ten module parameters have the reference module's shapes (G = H // 4)."""
+    gate = hidden_size // 4
+    shapes = [
+        (3 * hidden_size, hidden_size), (3 * hidden_size,), (hidden_size, hidden_size), (hidden_size,),
+        (gate, hidden_size), (gate,), (1, gate), (1,), (hidden_size,), (hidden_size,),
+    ]
+    for name, value, shape in zip(PARAMETER_NAMES, parameters, shapes):
+        check_tensor(OP, name, value, len(shape))
+        if tuple(value.shape) != shape:
+            raise ValueError(f"{OP}: {name} has shape {tuple(value.shape)} but expected {shape} for H = {hidden_size}")
+        if value.device != like.device:
+            raise ValueError(f"{OP}: {name} is on {value.device} but expected {like.device}")
+
+
+def check_key_padding_mask(mask: torch.Tensor | None, batch: int, length: int, like: torch.Tensor) -> None:
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise ValueError(f"{OP}: key_padding_mask must be a bool tensor (True = ignore), got {getattr(mask, 'dtype', type(mask))}")
+    if tuple(mask.shape) != (batch, length):
+        raise ValueError(f"{OP}: key_padding_mask has shape {tuple(mask.shape)} but expected [B, T_a] = {(batch, length)}")
+    if mask.device != like.device:
+        raise ValueError(f"{OP}: key_padding_mask is on {mask.device} but expected {like.device}")
+
+
+def project_audio_kv(rotated: torch.Tensor, in_proj_weight: torch.Tensor, in_proj_bias: torch.Tensor) -> torch.Tensor:
+    """Packed [K | V] = rotated · W_kvᵀ + b_kv -> [B, T_a, 2H], one GEMM as in
+    nn.MultiheadAttention when key is value (rows H..3H of the packed in-projection)."""
+    size = in_proj_weight.shape[1]
+    return F.linear(rotated, in_proj_weight[size:], in_proj_bias[size:])
+
+
+def residual_dtype(hidden: torch.Tensor, attended: torch.Tensor, gate_hidden: torch.Tensor) -> torch.dtype:
+    """The dtype the reference's `hidden + gate * ln(attended)` has: under autocast LayerNorm
+    runs in fp32, which promotes the sum (orca_spec.md Q5)."""
+    norm = torch.float32 if torch.is_autocast_enabled(hidden.device.type) else attended.dtype
+    return torch.promote_types(torch.promote_types(hidden.dtype, norm), gate_hidden.dtype)
+
+
+def attend_audio_kv(
+    hidden: torch.Tensor,
+    audio_kv: torch.Tensor,
+    in_proj_weight: torch.Tensor,
+    in_proj_bias: torch.Tensor,
+    out_proj_weight: torch.Tensor,
+    out_proj_bias: torch.Tensor,
+    gate_hidden_weight: torch.Tensor,
+    gate_hidden_bias: torch.Tensor,
+    gate_out_weight: torch.Tensor,
+    gate_out_bias: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    num_heads: int,
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """hidden [B, T_x, H] attends over a projected audio memory audio_kv [B, T_a, 2H] (from
+    `project_audio_kv`, possibly cached), then LayerNorm, gate and residual -> [B, T_x, H].
+    Runs the Triton kernels; callers resolve the backend and validate (`gated_cross_attention`)."""
+    size = hidden.shape[-1]
+    head_dim = size // num_heads
+    q = F.linear(hidden, in_proj_weight[:size], in_proj_bias[:size]).unflatten(-1, (num_heads, head_dim))
+    k = audio_kv[..., :size].unflatten(-1, (num_heads, head_dim))
+    v = audio_kv[..., size:].unflatten(-1, (num_heads, head_dim))
+    attn = flash_cross_attention(q, k, v, key_padding_mask, backend="triton")
+    attended = F.linear(attn.flatten(-2), out_proj_weight, out_proj_bias)
+    gate_hidden = F.linear(hidden, gate_hidden_weight, gate_hidden_bias)
+    return gated_residual(
+        hidden, attended, gate_hidden, gate_out_weight, gate_out_bias, ln_weight, ln_bias,
+        out_dtype=residual_dtype(hidden, attended, gate_hidden),
+    )
+
+
+def gated_cross_attention(
+    hidden: torch.Tensor,
+    audio: torch.Tensor,
+    in_proj_weight: torch.Tensor,
+    in_proj_bias: torch.Tensor,
+    out_proj_weight: torch.Tensor,
+    out_proj_bias: torch.Tensor,
+    gate_hidden_weight: torch.Tensor,
+    gate_hidden_bias: torch.Tensor,
+    gate_out_weight: torch.Tensor,
+    gate_out_bias: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    num_heads: int,
+    *,
+    key_padding_mask: torch.Tensor | None = None,
+    position_scale: float = 2.5,
+    rope_theta: float = 10000.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """hidden [B, T_x, H] + σ(gate(hidden)) ⊙ LN(MHA(hidden, rope(audio), rope(audio))) -> [B, T_x, H].
+
+    The parameters are the reference module's (see `orca_kernels.reference.gated_cross_attention`
+    for their shapes and meaning); audio [B, T_a, H] is cast to hidden's dtype; key_padding_mask
+    [B, T_a] bool, True = ignore (a query whose keys are all ignored attends to nothing: its
+    attention output is 0, as in the reference). Empty audio returns `hidden`.
+    backend: "auto" (Triton on CUDA, and on the CPU under TRITON_INTERPRET=1; else the
+    reference), "triton", or "torch" (the reference).
+    """
+    check_backend(OP, backend, BACKENDS)
+    check_tensor(OP, "hidden", hidden, 3)
+    check_tensor(OP, "audio", audio, 3)
+    batch, _, size = hidden.shape
+    if audio.shape[0] != batch or audio.shape[2] != size:
+        raise ValueError(f"{OP}: audio has shape {tuple(audio.shape)} but hidden is {tuple(hidden.shape)}: expected [{batch}, T_a, {size}]")
+    if audio.device != hidden.device:
+        raise ValueError(f"{OP}: audio is on {audio.device} but hidden is on {hidden.device}")
+    check_int(OP, "num_heads", num_heads, 1)
+    if size % num_heads:
+        raise ValueError(f"{OP}: num_heads={num_heads} does not divide the hidden size {size}")
+    parameters = (
+        in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, gate_hidden_weight, gate_hidden_bias,
+        gate_out_weight, gate_out_bias, ln_weight, ln_bias,
+    )
+    check_parameters(size, parameters, hidden)
+    check_key_padding_mask(key_padding_mask, batch, audio.shape[1], hidden)
+    if not use_triton(OP, hidden, backend):
+        return reference.gated_cross_attention(
+            hidden, audio, *parameters, num_heads, key_padding_mask=key_padding_mask,
+            position_scale=position_scale, rope_theta=rope_theta,
+        )
+    if audio.shape[1] == 0:
+        return hidden
+    rotated = audio_rope(audio.to(hidden.dtype), position_scale, rope_theta, backend="triton")
+    audio_kv = project_audio_kv(rotated, in_proj_weight, in_proj_bias)
+    return attend_audio_kv(hidden, audio_kv, *parameters, num_heads, key_padding_mask)

@@ -1,0 +1,525 @@
+"""Flash cross-attention (the attention core of the gated cross-attention, orca_spec.md §2 Step 3).
+
+`flash_cross_attention(q[B, Tx, nh, hd], k[B, Ta, nh, hd], v[B, Ta, nh, hd], key_padding_mask[B, Ta] | None,
+*, scale=None) -> out[B, Tx, nh, hd]` computes, per batch element and head, softmax(q kᵀ · scale) v over the
+keys that are not masked (non-causal; scale defaults to 1/sqrt(hd)); `out` is contiguous, so
+`out.view(B, Tx, nh * hd)` feeds the output projection directly. Forward and backward are Triton
+kernels in the FlashAttention-2 form: online softmax, no [Tx, Ta] matrix in memory.
+
+Inputs are read in place through their strides (only a last dimension with stride != 1 is copied):
+in the module q is a view of the Q projection and k, v are column halves of one packed [B, Ta, 2H]
+K/V projection. key_padding_mask follows nn.MultiheadAttention: True = ignore that key.
+
+Fully masked query rows (every key of a batch element masked, or Ta = 0) give an output of exactly
+0 and zero gradients. That is what the reference gives: `F.multi_head_attention_forward(...,
+key_padding_mask=mask, need_weights=False)` on the CPU (torch 2.14) turns the mask into an additive
+-inf mask and calls SDPA, whose softmax is a "safe softmax" that returns 0 for an all -inf row
+(not NaN); the attention output is then 0 before out_proj, and no gradient flows through such a
+row (checked in fp16/bf16/fp32/fp64, train and eval, and against the module's path in the tests).
+The kernels take the mask the same way, as an additive [B, Ta] bias of 0 / -inf, keep a row max
+of -inf for such rows, write 0, and store a logsumexp of +inf, which makes every recomputed
+probability in the backward exactly 0.
+
+Numerics: fp16/bf16 inputs use fp16/bf16 tensor-core dots (P is rounded to the input dtype
+before P·V, as in FlashAttention-2) with fp32 accumulation and softmax statistics; fp32 inputs use
+IEEE fp32 dots (no TF32); fp64 runs entirely in fp64 (for gradcheck). The softmax runs in base 2
+(scores pre-multiplied by scale·log2(e)). Under triton 3.8's interpreter tl.dot on bf16 operands is
+wrong (DESIGN.md), so bf16 dot operands are upcast to fp32 there and fp32 -> bf16 stores are
+rounded to nearest even by hand (the interpreter truncates); a GPU runs native bf16.
+
+Backward (deterministic: no atomics): a preprocess kernel computes delta = rowsum(dO ∘ O); one
+kernel per key block accumulates dK and dV over all query blocks; one kernel per query block
+accumulates dQ over all key blocks. Both recompute P = exp2(q kᵀ · scale·log2e − lse) from the
+saved row logsumexp. Grids are (row blocks, nh, B), so programs of one (b, h) run together and
+share its K/V in L2, and neither grid axis over heads or batch exceeds CUDA's 65535 limit.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from orca_kernels._utils import KERNELS_INTERPRETED, check_backend, check_tensor, device_context, new_output, use_triton
+
+OP = "flash_cross_attention"
+BACKENDS = ("auto", "triton", "torch")
+MAX_HEAD_DIM = 256  # the kernels keep [BLOCK, head_dim] tiles in registers
+LOG2E = math.log2(math.e)
+
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _to_store(x, ptr, ROUND_BF16: tl.constexpr):
+    """`x` in `ptr`'s element type. ROUND_BF16: fp32 -> bf16 rounded to nearest even on the bits,
+    because the interpreter truncates that cast (the GPU rounds)."""
+    if ROUND_BF16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(ptr.dtype.element_ty)
+
+
+@triton.jit
+def _scalar(hi, lo, ACC_DTYPE: tl.constexpr):
+    # Float kernel arguments are fp32 on the GPU: fp64 constants arrive as hi + lo, exact to ~2^-48.
+    return tl.zeros((), ACC_DTYPE) + hi + lo
+
+
+@triton.jit
+def _key_bias(bias_ptr, b, cols, Ta, sbb, sbt, HAS_MASK: tl.constexpr):
+    """[BLOCK_N] additive score bias of keys `cols`: 0, or -inf where masked or past Ta."""
+    if HAS_MASK:
+        return tl.load(bias_ptr + b * sbb + cols.to(tl.int64) * sbt, mask=cols < Ta, other=float("-inf"))
+    else:
+        return tl.where(cols < Ta, 0.0, float("-inf"))
+
+
+@triton.jit
+def _load_tile(ptr, rows, d, num_rows, head_dim, row_stride):
+    """[len(rows), BLOCK_D] tile of a [num_rows, head_dim] slab with unit last-dim stride; 0 outside."""
+    offsets = rows.to(tl.int64)[:, None] * row_stride + d[None, :]
+    return tl.load(ptr + offsets, mask=(rows < num_rows)[:, None] & (d < head_dim)[None, :], other=0.0)
+
+
+@triton.jit
+def _flash_cross_attention_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, lse_ptr,
+    Tx, Ta, num_heads, head_dim, qk_scale_hi, qk_scale_lo,
+    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sbb, sbt, sob, sot, soh,
+    HAS_MASK: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """out[b, rows, h] and lse[b, h, rows] (base 2, of the scores · scale·log2e) for BLOCK_M query rows."""
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    qk_scale = _scalar(qk_scale_hi, qk_scale_lo, ACC_DTYPE)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    q = _load_tile(q_ptr + b * sqb + h * sqh, rows, d, Tx, head_dim, sqt).to(DOT_DTYPE)
+    k_base = k_ptr + b * skb + h * skh
+    v_base = v_ptr + b * svb + h * svh
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), ACC_DTYPE)
+    l_i = tl.zeros((BLOCK_M,), ACC_DTYPE)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), ACC_DTYPE)
+    for n0 in range(0, Ta, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        bias = _key_bias(bias_ptr, b, cols, Ta, sbb, sbt, HAS_MASK)
+        k = _load_tile(k_base, cols, d, Ta, head_dim, skt).to(DOT_DTYPE)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee").to(ACC_DTYPE) * qk_scale + bias[None, :]
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with no valid key so far has max -inf: subtract 0 instead, so p = 0, not NaN.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_tile(v_base, cols, d, Ta, head_dim, svt).to(DOT_DTYPE)
+        acc = tl.dot(p.to(DOT_DTYPE), v, acc * alpha[:, None], input_precision="ieee")
+        m_i = m_new
+
+    # Fully masked rows: l = 0 and acc = 0 -> out 0 (the reference's safe softmax), lse +inf.
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("inf"), m_i + tl.log2(l_safe))
+    o_offsets = b * sob + h * soh + rows.to(tl.int64)[:, None] * sot + d[None, :]
+    tl.store(out_ptr + o_offsets, _to_store(out, out_ptr, ROUND_BF16), mask=(rows < Tx)[:, None] & (d < head_dim)[None, :])
+    tl.store(lse_ptr + (b * num_heads + h) * Tx + rows, lse, mask=rows < Tx)
+
+
+@triton.jit
+def _flash_cross_attention_bwd_preprocess_kernel(
+    out_ptr, do_ptr, delta_ptr, Tx, num_heads, head_dim,
+    sob, sot, soh, sdob, sdot, sdoh,
+    ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """delta[b, h, rows] = Σ_d dO ∘ O (= Σ_keys P ∘ dP)."""
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    o = _load_tile(out_ptr + b * sob + h * soh, rows, d, Tx, head_dim, sot).to(ACC_DTYPE)
+    do = _load_tile(do_ptr + b * sdob + h * sdoh, rows, d, Tx, head_dim, sdot).to(ACC_DTYPE)
+    tl.store(delta_ptr + (b * num_heads + h) * Tx + rows, tl.sum(o * do, 1), mask=rows < Tx)
+
+
+@triton.jit
+def _flash_cross_attention_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, bias_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    Tx, Ta, num_heads, head_dim, qk_scale_hi, qk_scale_lo, scale_hi, scale_lo,
+    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sbb, sbt, sdob, sdot, sdoh, sgb, sgt, sgh,
+    HAS_MASK: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dK, dV [B, Ta, nh, hd] (strides sg*) of BLOCK_N keys, accumulated over every query block:
+    dV = Pᵀ dO, dK = scale · dSᵀ Q with dS = P ∘ (dO Vᵀ − delta). Works on transposed tiles."""
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    qk_scale = _scalar(qk_scale_hi, qk_scale_lo, ACC_DTYPE)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, BLOCK_D)
+    bias = _key_bias(bias_ptr, b, cols, Ta, sbb, sbt, HAS_MASK)
+    k = _load_tile(k_ptr + b * skb + h * skh, cols, d, Ta, head_dim, skt).to(DOT_DTYPE)
+    v = _load_tile(v_ptr + b * svb + h * svh, cols, d, Ta, head_dim, svt).to(DOT_DTYPE)
+    q_base = q_ptr + b * sqb + h * sqh
+    do_base = do_ptr + b * sdob + h * sdoh
+    stats_base = (b * num_heads + h) * Tx
+
+    dk = tl.zeros((BLOCK_N, BLOCK_D), ACC_DTYPE)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), ACC_DTYPE)
+    for m0 in range(0, Tx, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        q = _load_tile(q_base, rows, d, Tx, head_dim, sqt).to(DOT_DTYPE)
+        do = _load_tile(do_base, rows, d, Tx, head_dim, sdot).to(DOT_DTYPE)
+        # Rows past Tx get lse = +inf, hence P = 0, like fully masked rows.
+        lse = tl.load(lse_ptr + stats_base + rows, mask=rows < Tx, other=float("inf"))
+        delta = tl.load(delta_ptr + stats_base + rows, mask=rows < Tx, other=0.0)
+        s_t = tl.dot(k, tl.trans(q), input_precision="ieee").to(ACC_DTYPE) * qk_scale + bias[:, None]
+        p_t = tl.exp2(s_t - lse[None, :])
+        dv = tl.dot(p_t.to(DOT_DTYPE), do, dv, input_precision="ieee")
+        dp_t = tl.dot(v, tl.trans(do), input_precision="ieee").to(ACC_DTYPE)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(DOT_DTYPE), q, dk, input_precision="ieee")
+    dk = dk * _scalar(scale_hi, scale_lo, ACC_DTYPE)
+
+    g_offsets = b * sgb + h * sgh + cols.to(tl.int64)[:, None] * sgt + d[None, :]
+    g_mask = (cols < Ta)[:, None] & (d < head_dim)[None, :]
+    tl.store(dk_ptr + g_offsets, _to_store(dk, dk_ptr, ROUND_BF16), mask=g_mask)
+    tl.store(dv_ptr + g_offsets, _to_store(dv, dv_ptr, ROUND_BF16), mask=g_mask)
+
+
+@triton.jit
+def _flash_cross_attention_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, bias_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    Tx, Ta, num_heads, head_dim, qk_scale_hi, qk_scale_lo, scale_hi, scale_lo,
+    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sbb, sbt, sdob, sdot, sdoh, sgb, sgt, sgh,
+    HAS_MASK: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dQ [B, Tx, nh, hd] (strides sg*) of BLOCK_M query rows: scale · dS K over every key block."""
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    qk_scale = _scalar(qk_scale_hi, qk_scale_lo, ACC_DTYPE)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    q = _load_tile(q_ptr + b * sqb + h * sqh, rows, d, Tx, head_dim, sqt).to(DOT_DTYPE)
+    do = _load_tile(do_ptr + b * sdob + h * sdoh, rows, d, Tx, head_dim, sdot).to(DOT_DTYPE)
+    stats_base = (b * num_heads + h) * Tx
+    lse = tl.load(lse_ptr + stats_base + rows, mask=rows < Tx, other=float("inf"))
+    delta = tl.load(delta_ptr + stats_base + rows, mask=rows < Tx, other=0.0)
+    k_base = k_ptr + b * skb + h * skh
+    v_base = v_ptr + b * svb + h * svh
+
+    dq = tl.zeros((BLOCK_M, BLOCK_D), ACC_DTYPE)
+    for n0 in range(0, Ta, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        bias = _key_bias(bias_ptr, b, cols, Ta, sbb, sbt, HAS_MASK)
+        k = _load_tile(k_base, cols, d, Ta, head_dim, skt).to(DOT_DTYPE)
+        v = _load_tile(v_base, cols, d, Ta, head_dim, svt).to(DOT_DTYPE)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee").to(ACC_DTYPE) * qk_scale + bias[None, :]
+        p = tl.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision="ieee").to(ACC_DTYPE)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(DOT_DTYPE), k, dq, input_precision="ieee")
+    dq = dq * _scalar(scale_hi, scale_lo, ACC_DTYPE)
+
+    g_offsets = b * sgb + h * sgh + rows.to(tl.int64)[:, None] * sgt + d[None, :]
+    tl.store(dq_ptr + g_offsets, _to_store(dq, dq_ptr, ROUND_BF16), mask=(rows < Tx)[:, None] & (d < head_dim)[None, :])
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _kernel_dtypes(dtype: torch.dtype) -> tuple:
+    """(dot operand dtype, accumulator dtype) for inputs of `dtype`."""
+    acc = tl.float64 if dtype == torch.float64 else tl.float32
+    # triton 3.8's interpreter gets tl.dot on bf16 wrong (DESIGN.md); fp16 and the rest are right.
+    dot = tl.float32 if (dtype == torch.bfloat16 and KERNELS_INTERPRETED) else _TL_DTYPES[dtype]
+    return dot, acc
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _to_fp32(x: float) -> float:
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def _split(x: float) -> tuple[float, float]:
+    """x as fp32 hi + lo (see `_scalar`)."""
+    hi = _to_fp32(x)
+    return hi, _to_fp32(x - hi)
+
+
+def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    # The kernels address the head dim with stride 1 (vectorised loads); anything else is copied.
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def _configs(dtype: torch.dtype, Tx: int, block_d: int) -> dict[str, dict[str, int]]:
+    """Launch parameters of the forward ("fwd"), dK/dV ("dkdv") and dQ ("dq") kernels."""
+    if KERNELS_INTERPRETED:
+        # The interpreter's cost is per op, not per element: few, mid-sized blocks (two of them
+        # already at the test shapes, so the block loops and tails are exercised).
+        one = {"BLOCK_M": 32, "BLOCK_N": 32}
+        return {"fwd": one, "dkdv": one, "dq": one}
+    if dtype in (torch.float32, torch.float64):
+        # IEEE fp32 dots run on FMA units, fp64 ones on fp64 MMA: small tiles, one stage, and
+        # more warps for wide heads so the fp32/fp64 tiles fit in registers.
+        small = 16 if dtype == torch.float64 else 32
+        one = {"BLOCK_M": small, "BLOCK_N": small, "num_warps": 8 if block_d >= 128 else 4, "num_stages": 1}
+        return {"fwd": one, "dkdv": one, "dq": one}
+    # fp16/bf16 on the tensor cores (wgmma on sm90; chosen for H100, to be tuned by benchmarks/).
+    # Forward: 16 query rows for decode (Tx = 1), else 64 (one warpgroup) or 128 rows (two),
+    # whichever pads Tx less (Tx = 300: 5 x 64 rather than 3 x 128).
+    wide = block_d >= 128
+    if Tx <= 16:
+        fwd = {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+    elif triton.cdiv(Tx, 128) * 128 > triton.cdiv(Tx, 64) * 64:
+        fwd = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+    else:
+        fwd = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3 if block_d <= 128 else 2}
+    # Backward: two [64, BLOCK_D] fp32 accumulators per program (dK and dV) bound the tiles.
+    bwd = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8 if wide else 4, "num_stages": 2}
+    return {"fwd": fwd, "dkdv": bwd, "dq": bwd}
+
+
+def _bias_args(mask: torch.Tensor | None, dtype: torch.dtype, fallback: torch.Tensor) -> tuple:
+    """(bias [B, Ta] in the accumulator dtype, 0 or -inf, and its strides) for the kernels.
+
+    Additive and floating, as F.multi_head_attention_forward turns the mask into: a bool/uint8
+    load feeding the dots makes triton 3.8 pick a dot-operand layout (kWidth 4) that its fp64 MMA
+    lowering rejects on sm90. The tensor is [B, Ta], negligible next to K and V."""
+    if mask is None:
+        return fallback, 0, 0
+    bias = torch.zeros(mask.shape, dtype=_stats_dtype(dtype), device=mask.device).masked_fill_(mask, float("-inf"))
+    return bias, bias.stride(0), bias.stride(1)
+
+
+def _forward(q, k, v, mask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [B, Tx, nh, hd] contiguous, lse [B, nh, Tx] base-2 logsumexp, +inf for masked rows)."""
+    B, Tx, nh, hd = q.shape
+    Ta = k.shape[1]
+    out = new_output((B, Tx, nh, hd), dtype=q.dtype, device=q.device)
+    lse = new_output((B, nh, Tx), dtype=_stats_dtype(q.dtype), device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
+    dot_dtype, acc_dtype = _kernel_dtypes(q.dtype)
+    block_d = max(16, triton.next_power_of_2(hd))
+    cfg = _configs(q.dtype, Tx, block_d)["fwd"]
+    grid = (triton.cdiv(Tx, cfg["BLOCK_M"]), nh, B)
+    bias, sbb, sbt = _bias_args(mask, q.dtype, q)
+    with device_context(q):
+        _flash_cross_attention_fwd_kernel[grid](
+            q, k, v, bias, out, lse,
+            Tx, Ta, nh, hd, *_split(scale * LOG2E),
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), sbb, sbt, out.stride(0), out.stride(1), out.stride(2),
+            HAS_MASK=mask is not None, DOT_DTYPE=dot_dtype, ACC_DTYPE=acc_dtype,
+            ROUND_BF16=q.dtype == torch.bfloat16 and KERNELS_INTERPRETED, BLOCK_D=block_d, **cfg,
+        )
+    return out, lse
+
+
+def _backward(q, k, v, mask, out, lse, grad_out, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv), contiguous, in the input dtype."""
+    B, Tx, nh, hd = q.shape
+    Ta = k.shape[1]
+    dq = new_output(q.shape, dtype=q.dtype, device=q.device)
+    dk = new_output(k.shape, dtype=k.dtype, device=k.device)
+    dv = new_output(v.shape, dtype=v.dtype, device=v.device)
+    if B * nh * hd == 0:
+        return dq, dk, dv
+    if Tx == 0 or Ta == 0:  # nothing attends or nothing to attend to: no gradient
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
+    grad_out = _unit_last_stride(grad_out)  # e.g. expanded from .sum(): all strides 0
+    lse = lse.contiguous()  # indexed as [B, nh, Tx]; the forward's own lse already is
+    dot_dtype, acc_dtype = _kernel_dtypes(q.dtype)
+    block_d = max(16, triton.next_power_of_2(hd))
+    cfgs = _configs(q.dtype, Tx, block_d)
+    delta = new_output((B, nh, Tx), dtype=_stats_dtype(q.dtype), device=q.device)
+    bias, sbb, sbt = _bias_args(mask, q.dtype, q)
+    common = dict(
+        HAS_MASK=mask is not None, DOT_DTYPE=dot_dtype, ACC_DTYPE=acc_dtype,
+        ROUND_BF16=q.dtype == torch.bfloat16 and KERNELS_INTERPRETED, BLOCK_D=block_d,
+    )
+    strides = (
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), sbb, sbt, grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+    )
+    scales = (*_split(scale * LOG2E), *_split(scale))
+    with device_context(q):
+        pre_m = cfgs["dq"]["BLOCK_M"]
+        _flash_cross_attention_bwd_preprocess_kernel[(triton.cdiv(Tx, pre_m), nh, B)](
+            out, grad_out, delta, Tx, nh, hd,
+            out.stride(0), out.stride(1), out.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+            ACC_DTYPE=acc_dtype, BLOCK_M=pre_m, BLOCK_D=block_d,
+        )
+        cfg = cfgs["dkdv"]
+        _flash_cross_attention_bwd_dkdv_kernel[(triton.cdiv(Ta, cfg["BLOCK_N"]), nh, B)](
+            q, k, v, bias, grad_out, lse, delta, dk, dv, Tx, Ta, nh, hd, *scales,
+            *strides, dk.stride(0), dk.stride(1), dk.stride(2), **common, **cfg,
+        )
+        cfg = cfgs["dq"]
+        _flash_cross_attention_bwd_dq_kernel[(triton.cdiv(Tx, cfg["BLOCK_M"]), nh, B)](
+            q, k, v, bias, grad_out, lse, delta, dq, Tx, Ta, nh, hd, *scales,
+            *strides, dq.stride(0), dq.stride(1), dq.stride(2), **common, **cfg,
+        )
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------- registered ops
+
+
+@torch.library.custom_op("orca_kernels::flash_cross_attention", mutates_args=())
+def _attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [B, Tx, nh, hd], lse [B, nh, Tx]); lse (base 2, +inf for fully masked rows) is what
+    the backward needs and is not differentiable."""
+    return _forward(q, k, v, key_padding_mask, scale)
+
+
+@torch.library.custom_op("orca_kernels::flash_cross_attention_backward", mutates_args=())
+def _backward_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grad_out: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_q, grad_k, grad_v), contiguous, from the forward's out and lse."""
+    return _backward(q, k, v, key_padding_mask, out, lse, grad_out, scale)
+
+
+@_attention_op.register_fake
+def _(q, k, v, key_padding_mask, scale):
+    B, Tx, nh, hd = q.shape
+    return q.new_empty((B, Tx, nh, hd)), q.new_empty((B, nh, Tx), dtype=_stats_dtype(q.dtype))
+
+
+@_backward_op.register_fake
+def _(q, k, v, key_padding_mask, out, lse, grad_out, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, key_padding_mask, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, key_padding_mask, out, lse)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _attention_backward(ctx, grad_out, grad_lse):
+    q, k, v, key_padding_mask, out, lse = ctx.saved_tensors
+    grad_q, grad_k, grad_v = _backward_op(q, k, v, key_padding_mask, out, lse, grad_out, ctx.scale)
+    return grad_q, grad_k, grad_v, None, None
+
+
+_attention_op.register_autograd(_attention_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public functions
+
+
+def flash_cross_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """The same attention in PyTorch (SDPA, as F.multi_head_attention_forward calls it) -> [B, Tx, nh, hd].
+
+    Fully masked rows give 0 with zero gradients on every device and SDPA backend: their mask is
+    lifted (so the softmax stays finite) and their output replaced by 0, which is what the CPU
+    reference's safe softmax gives.
+    """
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if key_padding_mask is None:
+        out = F.scaled_dot_product_attention(qt, kt, vt, scale=scale)
+        return out.transpose(1, 2).contiguous()
+    empty = key_padding_mask.all(dim=-1)  # [B]
+    keep = (~key_padding_mask | empty[:, None])[:, None, None, :]  # [B, 1, 1, Ta], True = attend
+    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=keep, scale=scale)
+    return out.masked_fill(empty[:, None, None, None], 0).transpose(1, 2).contiguous()
+
+
+def _check_inputs(q, k, v, key_padding_mask, scale) -> None:
+    check_tensor(OP, "q", q, 4)
+    check_tensor(OP, "k", k, 4, like=q)
+    check_tensor(OP, "v", v, 4, like=q)
+    B, _, nh, hd = q.shape
+    for dim, name in ((0, "batch size"), (2, "number of heads"), (3, "head dim")):
+        if k.shape[dim] != q.shape[dim]:
+            raise ValueError(
+                f"{OP}: k has {name} {k.shape[dim]} but q has {q.shape[dim]} "
+                "(q is [B, Tx, nh, hd], k and v are [B, Ta, nh, hd])"
+            )
+    if v.shape != k.shape:
+        raise ValueError(f"{OP}: v has shape {tuple(v.shape)} but k has {tuple(k.shape)}")
+    if hd == 0:
+        raise ValueError(f"{OP}: q has head dim 0")
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor):
+            raise TypeError(f"{OP}: key_padding_mask must be a torch.Tensor or None, got {type(key_padding_mask).__name__}")
+        if key_padding_mask.dtype != torch.bool:
+            raise ValueError(f"{OP}: key_padding_mask must have dtype torch.bool (True = ignore), got {key_padding_mask.dtype}")
+        if tuple(key_padding_mask.shape) != (B, k.shape[1]):
+            raise ValueError(
+                f"{OP}: key_padding_mask has shape {tuple(key_padding_mask.shape)} but expected [B, Ta] = {(B, k.shape[1])}"
+            )
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"{OP}: key_padding_mask is on {key_padding_mask.device} but expected {q.device}")
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise TypeError(f"{OP}: scale must be a float or None, got {type(scale).__name__}")
+        if not math.isfinite(scale):
+            raise ValueError(f"{OP}: scale must be finite, got {scale}")
+
+
+def flash_cross_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Non-causal attention of q [B, Tx, nh, hd] over k, v [B, Ta, nh, hd] -> out [B, Tx, nh, hd]
+    (contiguous), differentiable in q, k and v.
+
+    key_padding_mask [B, Ta] bool, True = ignore that key (nn.MultiheadAttention's convention); a
+    query whose keys are all ignored (or Ta = 0) gets 0 and no gradient, as in the reference.
+    scale defaults to 1/sqrt(hd). q, k, v may have any strides (views of packed projections are
+    read in place); fp16/bf16/fp32/fp64, accumulation in fp32 (fp64 for fp64). Empty batches,
+    Tx = 0 and Ta = 0 are allowed. backend: "auto" (Triton on CUDA tensors, and on CPU tensors
+    under TRITON_INTERPRET=1; else the PyTorch reference), "triton", or "torch"
+    (`flash_cross_attention_reference`). The Triton kernels take head dims up to 256.
+    """
+    check_backend(OP, backend, BACKENDS)
+    _check_inputs(q, k, v, key_padding_mask, scale)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if not use_triton(OP, q, backend):
+        return flash_cross_attention_reference(q, k, v, key_padding_mask, scale=scale)
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"{OP}: head dim {q.shape[-1]} > {MAX_HEAD_DIM} is not supported by the Triton kernels; use backend='torch'")
+    return _attention_op(q, k, v, key_padding_mask, scale)[0]

@@ -1,0 +1,167 @@
+"""The fused gated cross-attention (module and functional op) against the reference module."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import orca_kernels
+from orca_kernels import reference
+from orca_model.cross_attention import AudioMemoryCache, OrcaGatedCrossAttention
+from tolerances import MODULE_RELATIVE_TOLERANCE, assert_matches_truth
+
+
+def make_pair(hidden_size, num_heads, dtype, triton_device):
+    """A reference module and a fused one with the same (randomised) state dict."""
+    reference_module = OrcaGatedCrossAttention(hidden_size, num_heads, rope_theta=1e6)
+    # Nonzero gate weights and biases so that every parameter shapes the output.
+    for parameter in (reference_module.gate_proj[2].weight, reference_module.cross_attn.in_proj_bias,
+                      reference_module.cross_attn.out_proj.bias, reference_module.ln.bias):
+        torch.nn.init.normal_(parameter, std=0.5)
+    fused_module = OrcaGatedCrossAttention(hidden_size, num_heads, rope_theta=1e6, use_fused=True)
+    fused_module.load_state_dict(reference_module.state_dict())
+    return reference_module.to(triton_device, dtype), fused_module.to(triton_device, dtype)
+
+
+def run(module, hidden, audio, mask, spans, grad_out, cache=None):
+    """Output, alignment loss and the gradients of (hidden, audio, every parameter)."""
+    hidden, audio = hidden.detach().requires_grad_(), audio.detach().requires_grad_()
+    out = module(hidden, audio, mask, spans, audio_cache=cache)
+    loss = (out * grad_out).sum()
+    if module.layer_align_loss is not None:
+        loss = loss + module.layer_align_loss
+    grads = torch.autograd.grad(loss, [hidden, audio, *module.parameters()])
+    return out.detach(), module.layer_align_loss, grads
+
+
+CASES = [  # (batch, T_x, T_a, hidden, heads, masked, spans, training)
+    (1, 1, 1, 16, 2, False, None, True),  # head dim 8
+    (2, 5, 13, 40, 4, True, [(0, 1, 4), (1, 0, 3)], True),  # head dim 10: not a power of two
+    (2, 7, 65, 32, 2, False, [], True),  # head dim 16
+    (3, 4, 13, 32, 4, True, None, False),
+    (2, 3, 65, 40, 4, True, [(1, 2, 2)], True),  # no valid span: the loss is None
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("batch,t_x,t_a,size,heads,masked,spans,training", CASES)
+def test_module_matches_reference(triton_device, dtype, batch, t_x, t_a, size, heads, masked, spans, training):
+    reference_module, fused_module = make_pair(size, heads, dtype, triton_device)
+    truth_module, _ = make_pair(size, heads, torch.float64, triton_device)
+    truth_module.load_state_dict(reference_module.state_dict())
+    for module in (reference_module, fused_module, truth_module):
+        module.train(training)
+    hidden = torch.randn(batch, t_x, size, device=triton_device, dtype=dtype)
+    audio = torch.randn(batch, t_a, size, device=triton_device, dtype=dtype)
+    mask = None
+    if masked:  # True = keep (the module's convention); the last keys of row 0 are padding
+        mask = torch.ones(batch, t_a, dtype=torch.bool, device=triton_device)
+        mask[0, max(1, t_a // 2):] = False
+    grad_out = torch.randn(batch, t_x, size, device=triton_device, dtype=dtype)
+
+    out, loss, grads = run(fused_module, hidden, audio, mask, spans, grad_out)
+    truth_out, truth_loss, truth_grads = run(truth_module, hidden.double(), audio.double(), mask, spans, grad_out.double())
+    tol = MODULE_RELATIVE_TOLERANCE
+    assert out.dtype == dtype
+    assert_matches_truth(out, truth_out, name="output", tolerances=tol)
+    if truth_loss is None:
+        assert loss is None
+    else:
+        assert_matches_truth(loss.detach(), truth_loss.detach(), name="layer_align_loss", tolerances=tol)
+    names = ["hidden", "audio"] + [name for name, _ in fused_module.named_parameters()]
+    for name, got, want in zip(names, grads, truth_grads):
+        assert_matches_truth(got, want, name=f"grad {name}", tolerances=tol)
+
+
+def test_fully_masked_row_matches_reference(triton_device):
+    """A batch row whose keys are all padding attends to nothing, as in the reference."""
+    reference_module, fused_module = make_pair(16, 2, torch.float64, triton_device)
+    hidden = torch.randn(2, 3, 16, dtype=torch.float64, device=triton_device)
+    audio = torch.randn(2, 5, 16, dtype=torch.float64, device=triton_device)
+    mask = torch.ones(2, 5, dtype=torch.bool, device=triton_device)
+    mask[1] = False
+    grad_out = torch.randn(2, 3, 16, dtype=torch.float64, device=triton_device)
+    got, want = run(fused_module, hidden, audio, mask, None, grad_out), run(reference_module, hidden, audio, mask, None, grad_out)
+    assert torch.isfinite(want[0]).all()
+    assert_matches_truth(got[0], want[0], tolerances=MODULE_RELATIVE_TOLERANCE)
+    for a, b in zip(got[2], want[2]):
+        assert_matches_truth(a, b, tolerances=MODULE_RELATIVE_TOLERANCE)
+
+
+def test_cached_decode_equals_uncached(triton_device):
+    """Decode steps reuse one AudioMemoryCache: RoPE and the K/V GEMM run once per request."""
+    _, fused_module = make_pair(32, 4, torch.float64, triton_device)
+    fused_module.eval()
+    audio = torch.randn(2, 13, 32, dtype=torch.float64, device=triton_device)
+    cache = AudioMemoryCache()
+    for _ in range(3):
+        step = torch.randn(2, 1, 32, dtype=torch.float64, device=triton_device)
+        cached = fused_module(step, audio, audio_cache=cache)
+        assert torch.equal(cached, fused_module(step, audio))
+    assert list(cache.kv) == [id(fused_module)] and list(cache.rotated) == [torch.float64]
+
+
+def test_empty_audio_returns_input(triton_device):
+    for module in make_pair(16, 2, torch.float32, triton_device):
+        module.train()
+        hidden = torch.randn(2, 3, 16, device=triton_device)
+        assert module(hidden, None) is hidden and module.layer_align_loss is None
+        assert module(hidden, torch.randn(2, 0, 16, device=triton_device)) is hidden
+
+
+def test_state_dict_keys_are_the_reference_ones():
+    reference_module, fused_module = make_pair(16, 2, torch.float32, "cpu")
+    expected = {
+        "cross_attn.in_proj_weight", "cross_attn.in_proj_bias", "cross_attn.out_proj.weight",
+        "cross_attn.out_proj.bias", "gate_proj.0.weight", "gate_proj.0.bias", "gate_proj.2.weight",
+        "gate_proj.2.bias", "ln.weight", "ln.bias",
+    }
+    assert set(reference_module.state_dict()) == set(fused_module.state_dict()) == expected
+
+
+def test_functional_op_gradcheck_and_reference_backend(triton_device):
+    _, module = make_pair(16, 2, torch.float64, triton_device)
+    hidden = torch.randn(1, 2, 16, dtype=torch.float64, device=triton_device, requires_grad=True)
+    audio = torch.randn(1, 3, 16, dtype=torch.float64, device=triton_device, requires_grad=True)
+    params = module.parameters_in_order()
+
+    def op(h, a):
+        return orca_kernels.gated_cross_attention(h, a, *params, 2, position_scale=2.5, rope_theta=1e6, backend="triton")
+
+    assert torch.autograd.gradcheck(op, (hidden, audio), fast_mode=True)
+    expected = orca_kernels.gated_cross_attention(hidden, audio, *params, 2, rope_theta=1e6, backend="torch")
+    assert torch.equal(expected, reference.gated_cross_attention(hidden, audio, *params, 2, rope_theta=1e6))
+    assert_matches_truth(op(hidden, audio).detach(), expected.detach(), tolerances=MODULE_RELATIVE_TOLERANCE)
+
+
+def test_module_torch_compile_fullgraph(triton_device):
+    reference_module, fused_module = make_pair(16, 2, torch.float32, triton_device)
+    fused_module.train()
+    hidden = torch.randn(2, 3, 16, device=triton_device, requires_grad=True)
+    audio = torch.randn(2, 5, 16, device=triton_device)
+    compiled = torch.compile(fused_module, backend="aot_eager", fullgraph=True)
+    out = compiled(hidden, audio)
+    assert_matches_truth(out.detach(), reference_module(hidden, audio).detach(), tolerances=MODULE_RELATIVE_TOLERANCE)
+    out.sum().backward()
+    assert hidden.grad is not None and all(p.grad is not None for p in fused_module.parameters())
+
+
+def test_functional_op_bad_inputs():
+    _, module = make_pair(16, 2, torch.float32, "cpu")
+    params = module.parameters_in_order()
+    hidden, audio = torch.randn(2, 3, 16), torch.randn(2, 5, 16)
+    op = orca_kernels.gated_cross_attention
+    with pytest.raises(ValueError, match="audio has shape"):
+        op(hidden, torch.randn(3, 5, 16), *params, 2)
+    with pytest.raises(ValueError, match="does not divide"):
+        op(hidden, audio, *params, 3)
+    with pytest.raises(ValueError, match="in_proj_weight has shape"):
+        op(hidden, audio, params[0][:, :8], *params[1:], 2)
+    with pytest.raises(ValueError, match="key_padding_mask must be a bool tensor"):
+        op(hidden, audio, *params, 2, key_padding_mask=torch.ones(2, 5))
+    with pytest.raises(ValueError, match="key_padding_mask has shape"):
+        op(hidden, audio, *params, 2, key_padding_mask=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        op(hidden, audio, *params, 2, backend="cuda")
+    with pytest.raises(ValueError, match="hidden must have 3 dimensions"):
+        op(hidden[0], audio, *params, 2)

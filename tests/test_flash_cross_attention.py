@@ -1,0 +1,405 @@
+"""Flash cross-attention (orca_kernels.flash_cross_attention) against the PyTorch reference and the
+reference module's own path, F.multi_head_attention_forward (orca_spec.md §2 Step 3).
+
+Kernel tests run where the kernels run (the `triton_device` fixture of conftest.py): CPU tensors
+through the interpreter under TRITON_INTERPRET=1, CUDA tensors otherwise. Shapes are small; each listed value of B {1, 2}, Tx {1, 7, 33}, Ta {1, 13, 65},
+head dim {8, 10, 16, 80}, mask / no mask and packed (strided) / contiguous inputs appears in some
+case rather than in a full product. Under the interpreter the kernels use 32-row and 32-key
+blocks, so Tx = 33 and Ta = 65 cover several blocks with ragged tails.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from orca_kernels.flash_cross_attention import flash_cross_attention, flash_cross_attention_reference
+from orca_kernels import _utils
+from tolerances import assert_matches_truth
+
+# The module itself (the package attribute of this name is the function).
+fca = importlib.import_module("orca_kernels.flash_cross_attention")
+
+# (B, Tx, Ta, nh, hd, masked, packed)
+CASES = [
+    (1, 1, 1, 1, 8, False, False),
+    (2, 7, 13, 3, 10, True, True),
+    (1, 33, 65, 2, 16, True, False),
+    (2, 33, 13, 2, 8, False, True),
+    (2, 1, 65, 2, 10, True, True),
+    (1, 7, 65, 1, 80, False, True),
+    (2, 7, 1, 2, 16, False, False),
+]
+
+
+def _case_id(case) -> str:
+    B, Tx, Ta, nh, hd, masked, packed = case
+    return f"B{B}-Tx{Tx}-Ta{Ta}-nh{nh}-hd{hd}" + ("-mask" if masked else "") + ("-packed" if packed else "")
+
+
+@pytest.fixture
+def device(triton_device):
+    """The devices where the Triton kernels run in this process (conftest.TRITON_DEVICES)."""
+    return triton_device
+
+
+def _partial_mask(B: int, Ta: int, device) -> torch.Tensor:
+    """About a third of the keys masked, never all of a batch element's."""
+    mask = torch.rand(B, Ta, device=device) < 0.35
+    mask[:, torch.randint(Ta, (1,)).item()] = False
+    return mask
+
+
+class Inputs:
+    """Leaf tensors and the q, k, v views the op sees. packed: as the module makes them, q a view
+    of a wider projection and k, v the two column halves of one packed [B, Ta, 2H] projection."""
+
+    def __init__(self, B, Tx, Ta, nh, hd, dtype, device, packed):
+        self.shape = (B, Tx, Ta, nh, hd)
+        H = nh * hd
+        if packed:
+            shapes = [(B, Tx, H + 3), (B, Ta, 2 * H)]
+        else:
+            shapes = [(B, Tx, nh, hd), (B, Ta, nh, hd), (B, Ta, nh, hd)]
+        self.packed = packed
+        self.leaves = [torch.randn(s, dtype=torch.float64, device=device).to(dtype).requires_grad_() for s in shapes]
+
+    def views(self, leaves=None):
+        leaves = self.leaves if leaves is None else leaves
+        if not self.packed:
+            return leaves
+        _, _, _, nh, hd = self.shape
+        H = nh * hd
+        q_proj, kv = leaves
+        return q_proj[..., :H].unflatten(-1, (nh, hd)), kv[..., :H].unflatten(-1, (nh, hd)), kv[..., H:].unflatten(-1, (nh, hd))
+
+    def truth(self, mask, grad_out):
+        """fp64 reference output and gradients of the leaves for upstream gradient grad_out."""
+        leaves = [t.detach().double().requires_grad_() for t in self.leaves]
+        out = flash_cross_attention_reference(*self.views(leaves), mask)
+        return out, torch.autograd.grad(out, leaves, grad_out.double())
+
+
+def _run(inputs: Inputs, mask, grad_out, backend="triton"):
+    out = flash_cross_attention(*inputs.views(), mask, backend=backend)
+    return out, torch.autograd.grad(out, inputs.leaves, grad_out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_matches_reference(device, dtype, case):
+    B, Tx, Ta, nh, hd, masked, packed = case
+    inputs = Inputs(B, Tx, Ta, nh, hd, dtype, device, packed)
+    q, k, v = inputs.views()
+    assert packed == (not q.is_contiguous() and not k.is_contiguous())
+    mask = _partial_mask(B, Ta, device) if masked else None
+    grad_out = torch.randn(B, Tx, nh, hd, dtype=dtype, device=device)
+    out, grads = _run(inputs, mask, grad_out)
+    out_truth, grads_truth = inputs.truth(mask, grad_out)
+    assert out.dtype == dtype and out.is_contiguous()
+    assert_matches_truth(out, out_truth, name="out")
+    if Ta == 1 and not packed:  # the softmax over one key is constant: dq and dk are rounding noise
+        assert all(grad.abs().max() <= 1e3 * torch.finfo(dtype).eps for grad in grads[:2])
+        grads, grads_truth = grads[2:], grads_truth[2:]
+    for grad, grad_truth in zip(grads, grads_truth):
+        assert_matches_truth(grad, grad_truth, name="grad")
+
+
+def test_longest_audio(device):
+    """Ta = 1500 (47 key blocks under the interpreter), masked, packed, fp64."""
+    inputs = Inputs(1, 2, 1500, 1, 8, torch.float64, device, packed=True)
+    mask = _partial_mask(1, 1500, device)
+    grad_out = torch.randn(1, 2, 1, 8, dtype=torch.float64, device=device)
+    out, grads = _run(inputs, mask, grad_out)
+    out_truth, grads_truth = inputs.truth(mask, grad_out)
+    assert_matches_truth(out, out_truth, name="out")
+    for grad, grad_truth in zip(grads, grads_truth):
+        assert_matches_truth(grad, grad_truth, name="grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", [CASES[2], CASES[1]], ids=_case_id)
+def test_low_precision_within_twice_reference_error(device, dtype, case):
+    """fp16/bf16: at most 2x the same-dtype PyTorch reference's error against fp64 (out and grads).
+    On CPU bf16 dot operands are upcast under the interpreter, so the GPU run is the real bf16 check."""
+    B, Tx, Ta, nh, hd, masked, packed = case
+    inputs = Inputs(B, Tx, Ta, nh, hd, dtype, device, packed)
+    mask = _partial_mask(B, Ta, device) if masked else None
+    grad_out = torch.randn(B, Tx, nh, hd, dtype=dtype, device=device)
+    out, grads = _run(inputs, mask, grad_out)
+    out_ref, grads_ref = _run(inputs, mask, grad_out, backend="torch")
+    out_truth, grads_truth = inputs.truth(mask, grad_out)
+    assert out.dtype == dtype
+    assert_matches_truth(out, out_truth, same_dtype_reference=out_ref, name="out")
+    for grad, grad_ref, grad_truth in zip(grads, grads_ref, grads_truth):
+        assert_matches_truth(grad, grad_truth, same_dtype_reference=grad_ref, name="grad")
+
+
+def test_module_path_matches_multi_head_attention(device):
+    """The module's use: Q and packed K/V projections, this op, out_proj — equal to the reference's
+    F.multi_head_attention_forward (key_padding_mask, need_weights=False) with batch 0 fully masked
+    and batch 1 partly, in fp64, output and every gradient. The fully masked batch gives out_proj's
+    bias: the attention output there is 0."""
+    B, Tx, Ta, nh, hd = 2, 5, 9, 2, 8
+    H = nh * hd
+
+    def leaf(*shape):
+        return torch.randn(*shape, dtype=torch.float64, device=device, requires_grad=True)
+
+    hidden, audio = leaf(B, Tx, H), leaf(B, Ta, H)
+    w_in, b_in, w_out, b_out = leaf(3 * H, H), leaf(3 * H), leaf(H, H), leaf(H)
+    mask = torch.zeros(B, Ta, dtype=torch.bool, device=device)
+    mask[0] = True
+    mask[1, ::3] = True
+    params = (hidden, audio, w_in, b_in, w_out, b_out)
+
+    def fused(backend):
+        q = F.linear(hidden, w_in[:H], b_in[:H]).unflatten(-1, (nh, hd))
+        kv = F.linear(audio, w_in[H:], b_in[H:])  # one packed GEMM, as the reference
+        k, v = kv[..., :H].unflatten(-1, (nh, hd)), kv[..., H:].unflatten(-1, (nh, hd))
+        out = flash_cross_attention(q, k, v, mask, backend=backend)
+        return F.linear(out.flatten(2), w_out, b_out)
+
+    expected, _ = F.multi_head_attention_forward(
+        hidden.transpose(1, 0), audio.transpose(1, 0), audio.transpose(1, 0), H, nh, w_in, b_in, None, None, False,
+        0.0, w_out, b_out, training=False, key_padding_mask=mask, need_weights=False,
+    )
+    expected = expected.transpose(1, 0)
+    grad_out = torch.randn_like(expected)
+    expected_grads = torch.autograd.grad(expected, params, grad_out)
+    assert torch.equal(expected[0], b_out.detach().expand(Tx, H))
+    for backend in ("triton", "torch"):
+        actual = fused(backend)
+        grads = torch.autograd.grad(actual, params, grad_out)
+        assert torch.equal(actual[0], expected[0]), backend
+        assert_matches_truth(actual, expected, name=f"{backend} output")
+        for grad, expected_grad, name in zip(grads, expected_grads, ["hidden", "audio", "w_in", "b_in", "w_out", "b_out"]):
+            assert_matches_truth(grad, expected_grad, name=f"{backend} grad {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fully_masked_rows_give_zero_and_no_gradient(device, dtype):
+    """Every key of batch 0 masked: output exactly 0 and exactly zero gradients there, no NaN
+    anywhere; batch 1 (no masked key) is unaffected."""
+    for Tx, Ta in [(7, 13), (1, 1)]:
+        inputs = Inputs(2, Tx, Ta, 2, 8, dtype, device, packed=False)
+        mask = torch.zeros(2, Ta, dtype=torch.bool, device=device)
+        mask[0] = True
+        grad_out = torch.randn(2, Tx, 2, 8, dtype=dtype, device=device)
+        out, (dq, dk, dv) = _run(inputs, mask, grad_out)
+        for t in (out, dq, dk, dv):
+            assert not t.isnan().any()
+            assert torch.all(t[0] == 0)
+        out_ref, grads_ref = _run(inputs, mask, grad_out, backend="torch")
+        assert torch.all(out_ref[0] == 0) and all(torch.all(g[0] == 0) for g in grads_ref)
+        out_truth, grads_truth = inputs.truth(mask, grad_out)
+        reference_1 = _run(inputs, None, grad_out, backend="torch")  # batch 1 has no masked key
+        checked = zip((out, dq, dk, dv), (out_truth, *grads_truth), (reference_1[0], *reference_1[1]), "oqkv")
+        for actual, truth, ref, name in checked:
+            if not (Ta == 1 and name in "qk"):  # one key: dq, dk are rounding noise
+                assert_matches_truth(actual[1], truth[1], same_dtype_reference=ref[1], name=name)
+
+
+def test_expanded_and_strided_upstream_gradients(device):
+    """Gradients that arrive expanded (stride 0, from .sum()) or as a strided view."""
+    inputs = Inputs(2, 7, 13, 2, 10, torch.float64, device, packed=True)
+    mask = _partial_mask(2, 13, device)
+    out = flash_cross_attention(*inputs.views(), mask, backend="triton")
+    grads = torch.autograd.grad(out.sum(), inputs.leaves)
+    _, grads_truth = inputs.truth(mask, torch.ones(2, 7, 2, 10, dtype=torch.float64, device=device))
+    for grad, grad_truth in zip(grads, grads_truth):
+        assert_matches_truth(grad, grad_truth, name="grad from .sum()")
+    wide = torch.randn(2, 7, 2, 25, dtype=torch.float64, device=device)
+    grad_out = wide[..., 3:13]  # row stride 50, unit last-dim stride
+    out = flash_cross_attention(*inputs.views(), mask, backend="triton")
+    grads = torch.autograd.grad(out, inputs.leaves, grad_out)
+    _, grads_truth = inputs.truth(mask, grad_out)
+    for grad, grad_truth in zip(grads, grads_truth):
+        assert_matches_truth(grad, grad_truth, name="grad from a strided view")
+
+
+@pytest.mark.parametrize("B, Tx, Ta", [(0, 7, 13), (2, 0, 13), (2, 7, 0)], ids=["B0", "Tx0", "Ta0"])
+def test_empty_dimensions(device, B, Tx, Ta):
+    """Empty batch and Tx = 0: empty results. Ta = 0: no key to attend to, output 0 (as SDPA
+    gives) and zero gradients."""
+    inputs = Inputs(B, Tx, Ta, 2, 8, torch.float32, device, packed=False)
+    mask = torch.zeros(B, Ta, dtype=torch.bool, device=device)
+    grad_out = torch.randn(B, Tx, 2, 8, device=device)
+    for m in (None, mask):
+        out, grads = _run(inputs, m, grad_out)
+        out_ref, grads_ref = _run(inputs, m, grad_out, backend="torch")
+        assert out.shape == (B, Tx, 2, 8)
+        torch.testing.assert_close(out, out_ref, rtol=0, atol=0)
+        for grad, grad_ref in zip(grads, grads_ref):
+            torch.testing.assert_close(grad, grad_ref, rtol=0, atol=0)
+
+
+def test_custom_scale(device):
+    inputs = Inputs(2, 7, 13, 2, 16, torch.float64, device, packed=False)
+    mask = _partial_mask(2, 13, device)
+    grad_out = torch.randn(2, 7, 2, 16, dtype=torch.float64, device=device)
+    out = flash_cross_attention(*inputs.views(), mask, scale=0.37, backend="triton")
+    grads = torch.autograd.grad(out, inputs.leaves, grad_out)
+    out_ref = flash_cross_attention_reference(*inputs.views(), mask, scale=0.37)
+    grads_ref = torch.autograd.grad(out_ref, inputs.leaves, grad_out)
+    assert_matches_truth(out, out_ref, name="out")
+    for grad, grad_ref in zip(grads, grads_ref):
+        assert_matches_truth(grad, grad_ref, name="grad")
+
+
+def test_backward_is_deterministic(device):
+    inputs = Inputs(2, 33, 65, 2, 16, torch.float16, device, packed=True)
+    mask = _partial_mask(2, 65, device)
+    grad_out = torch.randn(2, 33, 2, 16, dtype=torch.float16, device=device)
+    first, second = _run(inputs, mask, grad_out), _run(inputs, mask, grad_out)
+    assert torch.equal(first[0], second[0])
+    for a, b in zip(first[1], second[1]):
+        assert torch.equal(a, b)
+
+
+def test_gradcheck_fp64(device):
+    inputs = Inputs(2, 3, 5, 2, 8, torch.float64, device, packed=True)
+    mask = torch.tensor([[False, True, False, False, True], [True] * 5], device=device)  # batch 1 fully masked
+
+    def fn(*leaves):
+        return flash_cross_attention(*inputs.views(leaves), mask, backend="triton")
+
+    assert torch.autograd.gradcheck(fn, tuple(inputs.leaves), fast_mode=True)
+    assert torch.autograd.gradcheck(
+        lambda *leaves: flash_cross_attention(*inputs.views(leaves), backend="triton"), tuple(inputs.leaves), fast_mode=True
+    )
+
+
+def test_opcheck(device):
+    q = torch.randn(2, 5, 2, 8, device=device, requires_grad=True)
+    kv = torch.randn(2, 9, 32, device=device, requires_grad=True)
+    k, v = kv[..., :16].unflatten(-1, (2, 8)), kv[..., 16:].unflatten(-1, (2, 8))
+    mask = _partial_mask(2, 9, device)
+    mask[1] = True
+    ops = torch.ops.orca_kernels
+    for m in (None, mask):
+        torch.library.opcheck(ops.flash_cross_attention.default, (q, k, v, m, 0.3))
+        out, lse = ops.flash_cross_attention(q.detach(), k.detach(), v.detach(), m, 0.3)
+        grad_out = torch.randn_like(out)
+        torch.library.opcheck(ops.flash_cross_attention_backward.default, (q.detach(), k.detach(), v.detach(), m, out, lse, grad_out, 0.3))
+
+
+def test_torch_compile_fullgraph(device):
+    inputs = Inputs(2, 7, 13, 2, 8, torch.float32, device, packed=True)
+    mask = _partial_mask(2, 13, device)
+
+    def objective(q_proj, kv):
+        out = flash_cross_attention(*inputs.views((q_proj, kv)), mask)
+        return (out * out).sum()
+
+    compiled = torch.compile(objective, fullgraph=True, backend="aot_eager")
+    loss = compiled(*inputs.leaves)
+    grads = torch.autograd.grad(loss, inputs.leaves)
+    loss_eager = objective(*inputs.leaves)
+    grads_eager = torch.autograd.grad(loss_eager, inputs.leaves)
+    torch.testing.assert_close(loss, loss_eager, rtol=0, atol=0)
+    for actual, expected in zip(grads, grads_eager):
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="model-sized shapes: GPU only (the interpreter is too slow)")
+@pytest.mark.parametrize("hd", [64, 80, 128])
+@pytest.mark.parametrize("Tx", [300, 1])
+def test_model_shapes_bf16_on_gpu(hd, Tx):
+    """bf16 at the model's lengths (Ta = 383, Tx = 300 training / 1 decode) and head dims, within
+    2x of the bf16 reference's error (SDPA on the same GPU), output and gradients."""
+    device = torch.device("cuda")
+    inputs = Inputs(2, Tx, 383, 4, hd, torch.bfloat16, device, packed=True)
+    grad_out = torch.randn(2, Tx, 4, hd, dtype=torch.bfloat16, device=device)
+    out, grads = _run(inputs, None, grad_out)
+    out_ref, grads_ref = _run(inputs, None, grad_out, backend="torch")
+    out_truth, grads_truth = inputs.truth(None, grad_out)
+    assert_matches_truth(out, out_truth, same_dtype_reference=out_ref, name="out")
+    for grad, grad_ref, grad_truth in zip(grads, grads_ref, grads_truth):
+        assert_matches_truth(grad, grad_truth, same_dtype_reference=grad_ref, name="grad")
+
+
+# ----------------------------------------------------------------------------- errors and backends
+
+
+def _qkv(device="cpu"):
+    return tuple(torch.randn(2, length, 2, 8, device=device) for length in (5, 9, 9))
+
+
+@pytest.mark.parametrize(
+    "make_args, error, match",
+    [
+        (lambda q, k, v: (q[0], k, v, None), ValueError, "q must have 4 dimensions"),
+        (lambda q, k, v: (q, k[0], v, None), ValueError, "k must have 4 dimensions"),
+        (lambda q, k, v: (q, k, v.flatten(2), None), ValueError, "v must have 4 dimensions"),
+        (lambda q, k, v: (q.int(), k, v, None), ValueError, "q has dtype torch.int32"),
+        (lambda q, k, v: (q, k.double(), v, None), ValueError, "k has dtype torch.float64"),
+        (lambda q, k, v: (q, k, v.half(), None), ValueError, "v has dtype torch.float16"),
+        (lambda q, k, v: (q, k.to("meta"), v, None), ValueError, "k is on meta"),
+        (lambda q, k, v: (q, k[:1], v[:1], None), ValueError, "k has batch size 1"),
+        (lambda q, k, v: (q, k[:, :, :1], v[:, :, :1], None), ValueError, "k has number of heads 1"),
+        (lambda q, k, v: (q, k[..., :4], v[..., :4], None), ValueError, "k has head dim 4"),
+        (lambda q, k, v: (q, k, v[:, :3], None), ValueError, "v has shape"),
+        (lambda q, k, v: (q[..., :0], k[..., :0], v[..., :0], None), ValueError, "q has head dim 0"),
+        (lambda q, k, v: (q, k, v, torch.zeros(2, 9)), ValueError, "key_padding_mask must have dtype torch.bool"),
+        (lambda q, k, v: (q, k, v, torch.zeros(2, 5, dtype=torch.bool)), ValueError, r"key_padding_mask has shape \(2, 5\)"),
+        (lambda q, k, v: (q, k, v, torch.zeros(9, dtype=torch.bool)), ValueError, r"key_padding_mask has shape \(9,\)"),
+        (lambda q, k, v: (q, k, v, torch.zeros(2, 9, dtype=torch.bool, device="meta")), ValueError, "key_padding_mask is on meta"),
+        (lambda q, k, v: (q, k, v, [[False] * 9] * 2), TypeError, "key_padding_mask must be a torch.Tensor"),
+        (lambda q, k, v: (q.numpy(), k, v, None), TypeError, "q must be a torch.Tensor"),
+    ],
+)
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_bad_inputs_name_the_argument(make_args, error, match, backend):
+    with pytest.raises(error, match=match):
+        flash_cross_attention(*make_args(*_qkv()), backend=backend)
+
+
+@pytest.mark.parametrize("scale, error, match", [(float("nan"), ValueError, "scale must be finite"), ("0.1", TypeError, "scale must be a float")])
+def test_bad_scale(scale, error, match):
+    with pytest.raises(error, match=match):
+        flash_cross_attention(*_qkv(), scale=scale)
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="backend must be one of 'auto', 'triton', 'torch'"):
+        flash_cross_attention(*_qkv(), backend="cuda")
+
+
+def test_head_dim_past_kernel_limit(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(_utils, "KERNELS_INTERPRETED", True)
+    q = torch.randn(1, 2, 1, 264)
+    with pytest.raises(ValueError, match="head dim 264 > 256"):
+        flash_cross_attention(q, q, q, backend="triton")
+    assert flash_cross_attention(q, q, q, backend="torch").shape == q.shape
+
+
+def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(_utils, "KERNELS_INTERPRETED", False)
+    with pytest.raises(RuntimeError, match="backend='triton' needs CUDA tensors"):
+        flash_cross_attention(*_qkv(), backend="triton")
+    q, k, v = _qkv()  # auto without the interpreter: the reference, bit for bit
+    mask = _partial_mask(2, 9, "cpu")
+    assert torch.equal(flash_cross_attention(q, k, v, mask), flash_cross_attention_reference(q, k, v, mask))
+
+
+def test_interpreter_set_after_import_raises(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(_utils, "KERNELS_INTERPRETED", False)
+    with pytest.raises(RuntimeError, match="set it before the import"):
+        flash_cross_attention(*_qkv())
+
+
+def test_auto_uses_the_kernels_where_they_run(monkeypatch, device):
+    def fail(*args, **kwargs):
+        raise AssertionError("the reference ran instead of the Triton kernels")
+
+    monkeypatch.setattr(fca, "flash_cross_attention_reference", fail)
+    flash_cross_attention(*_qkv(device))
+    with pytest.raises(AssertionError, match="the reference ran"):
+        flash_cross_attention(*_qkv(device), backend="torch")
