@@ -61,7 +61,7 @@ class Result:
         return asdict(self)
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -70,7 +70,7 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeats
     """Median, 20th and 80th percentile of `repeats` calls of fn, in milliseconds."""
     for _ in range(warmup):
         fn()
-    _synchronize(device)
+    synchronize(device)
     samples = []
     for _ in range(repeats):
         if device.type == "cuda":
@@ -92,7 +92,7 @@ def _grad_leaves(inputs: Inputs) -> list[torch.Tensor]:
     return [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
 
 
-def _forward_backward(fn, inputs: Inputs, grad_out: torch.Tensor | None, parameters: Sequence[torch.Tensor] = ()) -> None:
+def forward_backward(fn, inputs: Inputs, grad_out: torch.Tensor | None, parameters: Sequence[torch.Tensor] = ()) -> None:
     """One forward (+ backward with grad_out unless it is None), gradients cleared afterwards."""
     if grad_out is None:
         with torch.no_grad():
@@ -106,11 +106,11 @@ def _forward_backward(fn, inputs: Inputs, grad_out: torch.Tensor | None, paramet
 
 def peak_memory_mb(fn, inputs: Inputs, grad_out: torch.Tensor | None, device: torch.device, parameters=()) -> float:
     if device.type == "cuda":
-        _synchronize(device)
+        synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         baseline = torch.cuda.memory_allocated(device)
-        _forward_backward(fn, inputs, grad_out, parameters)
-        _synchronize(device)
+        forward_backward(fn, inputs, grad_out, parameters)
+        synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - baseline) / 2**20
     storages: dict[int, int] = {}
 
@@ -145,7 +145,7 @@ def run_case(case: Case, device: torch.device, warmup: int, repeats: int) -> lis
 
         fwd = time_ms(forward, device, warmup, repeats)
         if case.backward:
-            step = lambda fn=provider.fn: _forward_backward(fn, inputs, grad_out, case.parameters)  # noqa: E731
+            step = lambda fn=provider.fn: forward_backward(fn, inputs, grad_out, case.parameters)  # noqa: E731
             fwd_bwd = time_ms(step, device, warmup, repeats)
         else:
             fwd_bwd = (None, None, None)
