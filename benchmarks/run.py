@@ -19,10 +19,15 @@ import sys
 
 import torch
 
-from benchmarks import bench_conv_downsample
+from benchmarks import bench_conv_downsample, bench_cross_attention, bench_ortho_loss
 from benchmarks.harness import Result, run_case
 
-SUITES = {"strided_conv1d": bench_conv_downsample}
+# Suites whose fused path has no CPU kernel return no cases on the CPU.
+SUITES = {
+    "strided_conv1d": bench_conv_downsample,
+    "ortho_losses": bench_ortho_loss,
+    "gated_cross_attention": bench_cross_attention,
+}
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 

@@ -9,10 +9,14 @@ from orca_kernels.conv_downsample import strided_conv1d
 from orca_kernels.cross_attention import gated_cross_attention
 from orca_kernels.flash_cross_attention import flash_cross_attention
 from orca_kernels.rope import audio_rope
+from orca_kernels.ortho_loss import ortho_cross_loss, ortho_diversity_loss, ortho_losses
 
 __all__ = [
     "reference",
     "strided_conv1d",
+    "ortho_diversity_loss",
+    "ortho_cross_loss",
+    "ortho_losses",
     "audio_rope",
     "flash_cross_attention",
     "gated_cross_attention",

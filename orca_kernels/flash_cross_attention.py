@@ -44,6 +44,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from orca_kernels._triton_helpers import cast_for_store, kernel_dtypes, round_bf16_on_store
 from orca_kernels._utils import KERNELS_INTERPRETED, check_backend, check_tensor, device_context, new_output, use_triton
 
 OP = "flash_cross_attention"
@@ -51,21 +52,9 @@ BACKENDS = ("auto", "triton", "torch")
 MAX_HEAD_DIM = 256  # the kernels keep [BLOCK, head_dim] tiles in registers
 LOG2E = math.log2(math.e)
 
-_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
 
 
 # ----------------------------------------------------------------------------- kernels
-
-
-@triton.jit
-def _to_store(x, ptr, ROUND_BF16: tl.constexpr):
-    """`x` in `ptr`'s element type. ROUND_BF16: fp32 -> bf16 rounded to nearest even on the bits,
-    because the interpreter truncates that cast (the GPU rounds)."""
-    if ROUND_BF16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        x = bits.to(tl.float32, bitcast=True)
-    return x.to(ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -132,7 +121,7 @@ def _flash_cross_attention_fwd_kernel(
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.log2(l_safe))
     o_offsets = b * sob + h * soh + rows.to(tl.int64)[:, None] * sot + d[None, :]
-    tl.store(out_ptr + o_offsets, _to_store(out, out_ptr, ROUND_BF16), mask=(rows < Tx)[:, None] & (d < head_dim)[None, :])
+    tl.store(out_ptr + o_offsets, cast_for_store(out, out_ptr, ROUND_BF16), mask=(rows < Tx)[:, None] & (d < head_dim)[None, :])
     tl.store(lse_ptr + (b * num_heads + h) * Tx + rows, lse, mask=rows < Tx)
 
 
@@ -193,8 +182,8 @@ def _flash_cross_attention_bwd_dkdv_kernel(
 
     g_offsets = b * sgb + h * sgh + cols.to(tl.int64)[:, None] * sgt + d[None, :]
     g_mask = (cols < Ta)[:, None] & (d < head_dim)[None, :]
-    tl.store(dk_ptr + g_offsets, _to_store(dk, dk_ptr, ROUND_BF16), mask=g_mask)
-    tl.store(dv_ptr + g_offsets, _to_store(dv, dv_ptr, ROUND_BF16), mask=g_mask)
+    tl.store(dk_ptr + g_offsets, cast_for_store(dk, dk_ptr, ROUND_BF16), mask=g_mask)
+    tl.store(dv_ptr + g_offsets, cast_for_store(dv, dv_ptr, ROUND_BF16), mask=g_mask)
 
 
 @triton.jit
@@ -233,18 +222,10 @@ def _flash_cross_attention_bwd_dq_kernel(
     dq = dq * _scalar(scale_hi, scale_lo, ACC_DTYPE)
 
     g_offsets = b * sgb + h * sgh + rows.to(tl.int64)[:, None] * sgt + d[None, :]
-    tl.store(dq_ptr + g_offsets, _to_store(dq, dq_ptr, ROUND_BF16), mask=(rows < Tx)[:, None] & (d < head_dim)[None, :])
+    tl.store(dq_ptr + g_offsets, cast_for_store(dq, dq_ptr, ROUND_BF16), mask=(rows < Tx)[:, None] & (d < head_dim)[None, :])
 
 
 # ----------------------------------------------------------------------------- launchers
-
-
-def _kernel_dtypes(dtype: torch.dtype) -> tuple:
-    """(dot operand dtype, accumulator dtype) for inputs of `dtype`."""
-    acc = tl.float64 if dtype == torch.float64 else tl.float32
-    # triton 3.8's interpreter gets tl.dot on bf16 wrong (DESIGN.md); fp16 and the rest are right.
-    dot = tl.float32 if (dtype == torch.bfloat16 and KERNELS_INTERPRETED) else _TL_DTYPES[dtype]
-    return dot, acc
 
 
 def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -315,7 +296,7 @@ def _forward(q, k, v, mask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     if out.numel() == 0:
         return out, lse
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
-    dot_dtype, acc_dtype = _kernel_dtypes(q.dtype)
+    dot_dtype, acc_dtype = kernel_dtypes(q.dtype)
     block_d = max(16, triton.next_power_of_2(hd))
     cfg = _configs(q.dtype, Tx, block_d)["fwd"]
     grid = (triton.cdiv(Tx, cfg["BLOCK_M"]), nh, B)
@@ -327,7 +308,7 @@ def _forward(q, k, v, mask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), sbb, sbt, out.stride(0), out.stride(1), out.stride(2),
             HAS_MASK=mask is not None, DOT_DTYPE=dot_dtype, ACC_DTYPE=acc_dtype,
-            ROUND_BF16=q.dtype == torch.bfloat16 and KERNELS_INTERPRETED, BLOCK_D=block_d, **cfg,
+            ROUND_BF16=round_bf16_on_store(q.dtype), BLOCK_D=block_d, **cfg,
         )
     return out, lse
 
@@ -346,14 +327,14 @@ def _backward(q, k, v, mask, out, lse, grad_out, scale: float) -> tuple[torch.Te
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     grad_out = _unit_last_stride(grad_out)  # e.g. expanded from .sum(): all strides 0
     lse = lse.contiguous()  # indexed as [B, nh, Tx]; the forward's own lse already is
-    dot_dtype, acc_dtype = _kernel_dtypes(q.dtype)
+    dot_dtype, acc_dtype = kernel_dtypes(q.dtype)
     block_d = max(16, triton.next_power_of_2(hd))
     cfgs = _configs(q.dtype, Tx, block_d)
     delta = new_output((B, nh, Tx), dtype=_stats_dtype(q.dtype), device=q.device)
     bias, sbb, sbt = _bias_args(mask, q.dtype, q)
     common = dict(
         HAS_MASK=mask is not None, DOT_DTYPE=dot_dtype, ACC_DTYPE=acc_dtype,
-        ROUND_BF16=q.dtype == torch.bfloat16 and KERNELS_INTERPRETED, BLOCK_D=block_d,
+        ROUND_BF16=round_bf16_on_store(q.dtype), BLOCK_D=block_d,
     )
     strides = (
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

@@ -1,0 +1,548 @@
+"""Fused orthogonality losses of ORCA-DeSTA (orca_spec.md §4), forward and backward in Triton.
+
+- `ortho_diversity_loss(global_tokens[B, Kg, H])` = mean over [B, Kg, Kg] of (ĝ ĝᵀ − I)².
+- `ortho_cross_loss(global_tokens[B, Kg, H], local_tokens[B, Tl, H], max_local_samples=100)`
+  = mean over [B, Kg, n] of (ĝ l̂[:, idx]ᵀ)², idx from `reference.local_sample_indices`
+  (`torch.linspace(0, Tl-1, max_local_samples, dtype=torch.long)` on the local tokens' device when
+  Tl > max_local_samples, else every row; n = len(idx)).
+- `ortho_losses(...) -> (diversity, cross)`: both from one pass over the global tokens.
+
+x̂ = x / max(‖x‖, 1e-12), as F.normalize. Numbers and dtypes follow `orca_kernels.reference`:
+the diversity loss is float32 for fp16/bf16 inputs (the reference subtracts a float32 identity),
+the cross loss has the input dtype, fp64 stays fp64; gradients have the input dtype. The kernels
+accumulate fp16/bf16 in fp32. One deliberate difference: in fp16 the reference's clamp at 1e-12
+underflows to 0, so an all-zero fp16 row gives it NaN; here the clamp is applied in fp32 and such
+a row contributes 0, as it does in fp32.
+
+Empty inputs (B, Kg or H = 0, or Tl = 0 for the cross loss) give what the reference gives (NaN
+for a mean over nothing, 1/Kg for the diversity loss of H = 0 tokens) without launching a kernel,
+and zero gradients.
+
+Kernels, one program per tile of a "token list" per batch element: entries [0, Kg) are the global
+rows, entries [Kg, Kg + n) the sampled local rows (gathered through idx), so the Gram and the cross
+similarities are one matrix, rows = global tokens, columns = token-list entries.
+- Forward: grid B × row blocks × column blocks. A program accumulates raw dot products and both
+  sums of squares over H tiles, normalises afterwards, and writes its two partial sums; a second
+  one-program kernel sums the partials in a fixed order and scales them. Deterministic: no atomics.
+- Backward: grid B × row blocks of the token list. A program recomputes its rows' similarities to
+  every column it pairs with (global rows: the Gram and cross columns; local rows: the global
+  columns), keeps the weights ∂L/∂sim ÷ ‖column‖ in a scratch buffer of its own, then streams H
+  tiles: ∂L/∂x̂ = weights @ columns, followed by the normalisation's backward. The per-row scalar
+  x̂·∂L/∂x̂ = Σ weight·sim comes from the first pass, so no normalised copy is ever stored. Local
+  rows that are not sampled get a zero gradient, written by the program of the neighbouring sample.
+"""
+
+from __future__ import annotations
+
+
+import torch
+import triton
+import triton.language as tl
+
+from orca_kernels import reference
+from orca_kernels._triton_helpers import cast_for_store, kernel_dtypes, round_bf16_on_store
+from orca_kernels._utils import (
+    check_backend,
+    check_int,
+    check_tensor,
+    device_context,
+    new_output,
+    use_triton,
+)
+
+BACKENDS = ("auto", "triton", "torch")
+_EPS = tl.constexpr(1e-12)  # F.normalize's default; the kernels clamp norms in the accumulator dtype
+
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _load_tokens(
+    g_ptr, l_ptr, idx_ptr, b, entries, h, K, n, H, sgb, sgk, sgh, slb, slt, slh,
+    WITH_LOCAL: tl.constexpr, SUBSAMPLE: tl.constexpr,
+):
+    """[R, BLOCK_H] tile of token-list `entries` [R] at hidden offsets `h`: entry e < K is global
+    row e, K <= e < K + n is local row idx[e - K] (e - K without sub-sampling); 0 elsewhere."""
+    h_ok = (h < H)[None, :]
+    h64 = h.to(tl.int64)[None, :]
+    is_global = entries < K
+    offsets = b * sgb + entries.to(tl.int64)[:, None] * sgk + h64 * sgh
+    tile = tl.load(g_ptr + offsets, mask=is_global[:, None] & h_ok, other=0.0)
+    if WITH_LOCAL:
+        is_local = (entries >= K) & (entries < K + n)
+        if SUBSAMPLE:
+            rows = tl.load(idx_ptr + (entries - K), mask=is_local, other=0)
+        else:
+            rows = entries - K
+        offsets = b * slb + rows.to(tl.int64)[:, None] * slt + h64 * slh
+        tile += tl.load(l_ptr + offsets, mask=is_local[:, None] & h_ok, other=0.0)
+    return tile
+
+
+@triton.jit
+def _similarities(
+    g_ptr, l_ptr, idx_ptr, b, rows, cols, K, n, H, sgb, sgk, sgh, slb, slt, slh,
+    ROWS_LOCAL: tl.constexpr, SUBSAMPLE: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """Raw dot products [BLOCK_M, BLOCK_N] of token-list rows × cols, and both sums of squares."""
+    dots = tl.zeros((BLOCK_M, BLOCK_N), ACC_DTYPE)
+    row_sq = tl.zeros((BLOCK_M,), ACC_DTYPE)
+    col_sq = tl.zeros((BLOCK_N,), ACC_DTYPE)
+    for h0 in range(0, H, BLOCK_H):
+        h = h0 + tl.arange(0, BLOCK_H)
+        x = _load_tokens(g_ptr, l_ptr, idx_ptr, b, rows, h, K, n, H, sgb, sgk, sgh, slb, slt, slh, ROWS_LOCAL, SUBSAMPLE)
+        y = _load_tokens(g_ptr, l_ptr, idx_ptr, b, cols, h, K, n, H, sgb, sgk, sgh, slb, slt, slh, True, SUBSAMPLE)
+        # fp16/bf16 products are exact in fp32; "ieee" keeps fp32 inputs off TF32.
+        dots = tl.dot(x.to(DOT_DTYPE), tl.trans(y.to(DOT_DTYPE)), dots, input_precision="ieee")
+        xa = x.to(ACC_DTYPE)
+        ya = y.to(ACC_DTYPE)
+        row_sq += tl.sum(xa * xa, 1)
+        col_sq += tl.sum(ya * ya, 1)
+    return dots, row_sq, col_sq
+
+
+@triton.jit
+def _ortho_losses_fwd_kernel(
+    g_ptr, l_ptr, idx_ptr, partial_ptr,
+    K, n, H, col_start, col_end, num_row_blocks, num_col_blocks, num_programs,
+    sgb, sgk, sgh, slb, slt, slh,
+    SUBSAMPLE: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """partial[0, pid] = Σ (Gram − I)², partial[1, pid] = Σ cross² over this program's tile of
+    global rows × token-list columns [col_start, col_end)."""
+    pid = tl.program_id(0)
+    tiles = num_row_blocks * num_col_blocks
+    b = (pid // tiles).to(tl.int64)
+    rows = ((pid % tiles) // num_col_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = col_start + (pid % num_col_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    dots, row_sq, col_sq = _similarities(
+        g_ptr, l_ptr, idx_ptr, b, rows, cols, K, n, H, sgb, sgk, sgh, slb, slt, slh,
+        False, SUBSAMPLE, DOT_DTYPE, ACC_DTYPE, BLOCK_M, BLOCK_N, BLOCK_H,
+    )
+    row_norm = tl.maximum(tl.sqrt(row_sq), tl.full((BLOCK_M,), _EPS, ACC_DTYPE))
+    col_norm = tl.maximum(tl.sqrt(col_sq), tl.full((BLOCK_N,), _EPS, ACC_DTYPE))
+    sim = dots / (row_norm[:, None] * col_norm[None, :])
+    valid = (rows < K)[:, None] & (cols < col_end)[None, :]
+    gram = (cols < K)[None, :]
+    centred = tl.where(rows[:, None] == cols[None, :], sim - 1.0, sim)
+    div_part = tl.sum(tl.sum(tl.where(valid & gram, centred * centred, 0.0), 1), 0)
+    cross_part = tl.sum(tl.sum(tl.where(valid & (~gram), sim * sim, 0.0), 1), 0)
+    tl.store(partial_ptr + pid, div_part)
+    tl.store(partial_ptr + num_programs + pid, cross_part)
+
+
+@triton.jit
+def _ortho_losses_reduce_kernel(
+    partial_ptr, div_ptr, cross_ptr, num_partials, div_count, cross_count,
+    WITH_DIV: tl.constexpr, WITH_CROSS: tl.constexpr, ACC_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """The two losses: partial sums added in a fixed order, divided by the element counts."""
+    div_acc = tl.zeros((BLOCK,), ACC_DTYPE)
+    cross_acc = tl.zeros((BLOCK,), ACC_DTYPE)
+    for p0 in range(0, num_partials, BLOCK):
+        p = p0 + tl.arange(0, BLOCK)
+        div_acc += tl.load(partial_ptr + p, mask=p < num_partials, other=0.0)
+        cross_acc += tl.load(partial_ptr + num_partials + p, mask=p < num_partials, other=0.0)
+    if WITH_DIV:
+        div = tl.sum(div_acc, 0) / tl.cast(div_count, ACC_DTYPE)
+        tl.store(div_ptr, div.to(div_ptr.dtype.element_ty))
+    if WITH_CROSS:
+        cross = tl.sum(cross_acc, 0) / tl.cast(cross_count, ACC_DTYPE)
+        tl.store(cross_ptr, cast_for_store(cross, cross_ptr, ROUND_BF16))
+
+
+@triton.jit
+def _ortho_losses_bwd_kernel(
+    g_ptr, l_ptr, idx_ptr, grad_div_ptr, grad_cross_ptr, dg_ptr, dl_ptr, scratch_ptr,
+    B, K, n, T_local, H, global_col_start, global_col_end, num_global_blocks, num_blocks, scratch_cols,
+    sgb, sgk, sgh, slb, slt, slh,
+    WITH_DIV: tl.constexpr, WITH_CROSS: tl.constexpr, SUBSAMPLE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, GRAD_PRECISION: tl.constexpr, ROUND_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """Gradients of BLOCK_M token-list rows: global rows write dg [B, K, H], local rows dl [B, T_local, H]
+    (both contiguous). global_col_* is the column range of global rows ([0, K) Gram, [K, K + n) cross)."""
+    pid = tl.program_id(0)
+    b = (pid // num_blocks).to(tl.int64)
+    block = pid % num_blocks
+    local_block = block >= num_global_blocks
+    row_start = tl.where(local_block, K + (block - num_global_blocks) * BLOCK_M, block * BLOCK_M)
+    row_end = tl.where(local_block, K + n, K)
+    col_start = tl.where(local_block, 0, global_col_start)
+    col_end = tl.where(local_block, K, global_col_end)
+    rows = row_start + tl.arange(0, BLOCK_M)
+    row_ok = rows < row_end
+    eps_rows = tl.full((BLOCK_M,), _EPS, ACC_DTYPE)
+
+    # dL/dsim: 2·(sim − δ)·g / (B·K·K) for a Gram entry (counted twice: the Gram is symmetric),
+    # 2·sim·g / (B·K·n) for a cross entry, g the incoming loss gradient.
+    Kf = tl.cast(K, ACC_DTYPE)  # tl.cast: an int argument equal to 1 arrives as a constexpr
+    alpha = tl.zeros((), ACC_DTYPE)
+    beta = tl.zeros((), ACC_DTYPE)
+    if WITH_DIV:
+        alpha = tl.load(grad_div_ptr).to(ACC_DTYPE) * 4.0 / (tl.cast(B, ACC_DTYPE) * Kf * Kf)
+    if WITH_CROSS:
+        beta = tl.load(grad_cross_ptr).to(ACC_DTYPE) * 2.0 / (tl.cast(B, ACC_DTYPE) * Kf * tl.cast(n, ACC_DTYPE))
+
+    if SUBSAMPLE:
+        # Zero the unsampled local rows between this block's samples and the previous block's
+        # (before the first / after the last sample for the end blocks). Sampled rows in that span
+        # are overwritten after the barrier below.
+        if local_block:
+            s0 = row_start - K
+            s1 = tl.minimum(s0 + BLOCK_M, n)
+            lo = tl.where(s0 == 0, 0, tl.load(idx_ptr + tl.maximum(s0 - 1, 0)) + 1)
+            hi = tl.where(s1 == n, T_local, tl.load(idx_ptr + s1 - 1) + 1)
+            zeros = tl.zeros((BLOCK_M, BLOCK_H), dl_ptr.dtype.element_ty)
+            for r0 in range(lo, hi, BLOCK_M):
+                r = r0 + tl.arange(0, BLOCK_M)
+                for h0 in range(0, H, BLOCK_H):
+                    h = h0 + tl.arange(0, BLOCK_H)
+                    offsets = (b * T_local + r.to(tl.int64))[:, None] * H + h[None, :]
+                    tl.store(dl_ptr + offsets, zeros, mask=(r < hi)[:, None] & (h < H)[None, :])
+
+    # Pass 1: weights w = dL/dsim / ‖column‖ into this program's scratch; proj = x̂·dL/dx̂ = Σ dL/dsim·sim.
+    scratch = scratch_ptr + pid.to(tl.int64) * BLOCK_M * scratch_cols
+    row_norm = tl.zeros((BLOCK_M,), ACC_DTYPE)
+    proj = tl.zeros((BLOCK_M,), ACC_DTYPE)
+    for c0 in range(col_start, col_end, BLOCK_N):
+        cols = c0 + tl.arange(0, BLOCK_N)
+        dots, row_sq, col_sq = _similarities(
+            g_ptr, l_ptr, idx_ptr, b, rows, cols, K, n, H, sgb, sgk, sgh, slb, slt, slh,
+            WITH_CROSS, SUBSAMPLE, DOT_DTYPE, ACC_DTYPE, BLOCK_M, BLOCK_N, BLOCK_H,
+        )
+        row_norm = tl.sqrt(row_sq)  # the same for every column block
+        col_norm = tl.maximum(tl.sqrt(col_sq), tl.full((BLOCK_N,), _EPS, ACC_DTYPE))
+        sim = dots / (tl.maximum(row_norm, eps_rows)[:, None] * col_norm[None, :])
+        gram = (rows < K)[:, None] & (cols < K)[None, :]
+        centred = tl.where(rows[:, None] == cols[None, :], sim - 1.0, sim)
+        weight = tl.where(gram, alpha * centred, beta * sim)
+        weight = tl.where(row_ok[:, None] & (cols < col_end)[None, :], weight, 0.0)
+        proj += tl.sum(weight * sim, 1)
+        offsets = tl.arange(0, BLOCK_M)[:, None] * scratch_cols + (c0 - col_start + tl.arange(0, BLOCK_N))[None, :]
+        tl.store(scratch + offsets, weight / col_norm[None, :])
+    # The scratch (and the zeroed rows) were written by other threads of this program.
+    tl.debug_barrier()
+
+    # x̂ = x / max(‖x‖, eps): dL/dx = dL/dx̂ / ‖x‖ − x·(x̂·dL/dx̂) / ‖x‖², the second term only
+    # where the clamp is inactive (clamp_min passes the gradient at equality).
+    active = row_norm >= eps_rows
+    row_norm = tl.maximum(row_norm, eps_rows)
+    radial = tl.where(active, proj, 0.0) / (row_norm * row_norm)
+    is_global = rows < K
+    is_local = (rows >= K) & row_ok
+    if WITH_CROSS:
+        if SUBSAMPLE:
+            local_rows = tl.load(idx_ptr + (rows - K), mask=is_local, other=0)
+        else:
+            local_rows = rows - K
+        dl_rows = (b * T_local + local_rows.to(tl.int64)) * H
+    dg_rows = (b * K + rows.to(tl.int64)) * H
+
+    # Pass 2: dL/dx̂ = w @ columns, one H tile at a time.
+    for h0 in range(0, H, BLOCK_H):
+        h = h0 + tl.arange(0, BLOCK_H)
+        acc = tl.zeros((BLOCK_M, BLOCK_H), ACC_DTYPE)
+        for c0 in range(col_start, col_end, BLOCK_N):
+            cols = c0 + tl.arange(0, BLOCK_N)
+            offsets = tl.arange(0, BLOCK_M)[:, None] * scratch_cols + (c0 - col_start + tl.arange(0, BLOCK_N))[None, :]
+            w = tl.load(scratch + offsets)
+            y = _load_tokens(g_ptr, l_ptr, idx_ptr, b, cols, h, K, n, H, sgb, sgk, sgh, slb, slt, slh, True, SUBSAMPLE)
+            acc = tl.dot(w, y.to(ACC_DTYPE), acc, input_precision=GRAD_PRECISION)
+        x = _load_tokens(g_ptr, l_ptr, idx_ptr, b, rows, h, K, n, H, sgb, sgk, sgh, slb, slt, slh, WITH_CROSS, SUBSAMPLE)
+        grad = acc / row_norm[:, None] - radial[:, None] * x.to(ACC_DTYPE)
+        h_ok = (h < H)[None, :]
+        dg = cast_for_store(grad, dg_ptr, ROUND_BF16)
+        tl.store(dg_ptr + dg_rows[:, None] + h[None, :], dg, mask=is_global[:, None] & h_ok)
+        if WITH_CROSS:
+            dl = cast_for_store(grad, dl_ptr, ROUND_BF16)
+            tl.store(dl_ptr + dl_rows[:, None] + h[None, :], dl, mask=is_local[:, None] & h_ok)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+_indices_cache: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+
+
+def _sample_indices(num_local: int, max_local_samples: int | None, device: torch.device) -> torch.Tensor | None:
+    """`reference.local_sample_indices`, cached per (Tl, max_local_samples, device) to save a
+    launch per call; not cached while a CUDA graph is being captured (the tensor would live in the
+    graph's pool)."""
+    if max_local_samples is None or num_local <= max_local_samples:
+        return None
+    key = (num_local, max_local_samples, device)
+    indices = _indices_cache.get(key)
+    if indices is None:
+        indices = reference.local_sample_indices(num_local, max_local_samples, device)
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _indices_cache[key] = indices
+    return indices
+
+
+def _block(size: int, low: int, high: int) -> int:
+    return max(low, min(high, triton.next_power_of_2(max(size, 1))))
+
+
+def _torch_acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _diversity_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _forward(
+    g: torch.Tensor, l: torch.Tensor | None, max_local_samples: int | None, with_div: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(diversity if with_div else None, cross if local tokens l are given else None)."""
+    B, K, H = g.shape
+    idx = _sample_indices(l.shape[1], max_local_samples, l.device) if l is not None else None
+    n = (l.shape[1] if idx is None else idx.numel()) if l is not None else 0
+    # An empty loss launches nothing and takes the reference's value (NaN for a mean over nothing).
+    div = reference.ortho_diversity_loss(g) if with_div and B * K * H == 0 else None
+    cross = reference.ortho_cross_loss(g, l, max_local_samples) if l is not None and B * K * H * n == 0 else None
+    kernel_div, kernel_cross = with_div and div is None, l is not None and cross is None
+    if not (kernel_div or kernel_cross):
+        return div, cross
+
+    dot_dtype, acc_dtype = kernel_dtypes(g.dtype)
+    col_start = 0 if kernel_div else K
+    col_end = K + n if kernel_cross else K
+    # Sizes that compile without register spills on sm_90 in every dtype (8 warps).
+    block_m, block_n, block_h = _block(K, 16, 64), _block(col_end - col_start, 16, 64), _block(H, 16, 32)
+    num_row_blocks = triton.cdiv(K, block_m)
+    num_col_blocks = triton.cdiv(col_end - col_start, block_n)
+    num_programs = B * num_row_blocks * num_col_blocks
+    partials = new_output((2, num_programs), dtype=_torch_acc(g.dtype), device=g.device)
+    if kernel_div:
+        div = new_output((), dtype=_diversity_dtype(g.dtype), device=g.device)
+    if kernel_cross:
+        cross = new_output((), dtype=g.dtype, device=g.device)
+    lt = l if kernel_cross else g  # pointers the kernel does not read stand in for absent ones
+    with device_context(g):
+        _ortho_losses_fwd_kernel[(num_programs,)](
+            g, lt, idx if idx is not None else g, partials,
+            K, n, H, col_start, col_end, num_row_blocks, num_col_blocks, num_programs,
+            *g.stride(), *lt.stride(),
+            SUBSAMPLE=idx is not None, DOT_DTYPE=dot_dtype, ACC_DTYPE=acc_dtype,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_H=block_h, num_warps=8,
+        )
+        _ortho_losses_reduce_kernel[(1,)](
+            partials, div if kernel_div else partials, cross if kernel_cross else partials,
+            num_programs, B * K * K, B * K * n,
+            WITH_DIV=kernel_div, WITH_CROSS=kernel_cross, ACC_DTYPE=acc_dtype, ROUND_BF16=round_bf16_on_store(g.dtype),
+            BLOCK=_block(num_programs, 16, 1024),
+        )
+    return div, cross
+
+
+def _backward(
+    g: torch.Tensor,
+    l: torch.Tensor | None,
+    grad_div: torch.Tensor | None,
+    grad_cross: torch.Tensor | None,
+    max_local_samples: int | None,
+) -> list[torch.Tensor]:
+    """[dL/dg] or [dL/dg, dL/dl] (contiguous) for L = grad_div·diversity + grad_cross·cross; a
+    None grad_* leaves that loss out. grad_cross is given exactly when l is."""
+    B, K, H = g.shape
+    T_local = l.shape[1] if l is not None else 0
+    idx = _sample_indices(T_local, max_local_samples, l.device) if l is not None else None
+    n = T_local if idx is None else idx.numel()
+    # Empty losses pass no gradient, as in the reference.
+    with_div = grad_div is not None and B * K * H > 0
+    with_cross = l is not None and B * K * H * n > 0
+    if not (with_div or with_cross):
+        zeros = [torch.zeros_like(g, memory_format=torch.contiguous_format)]
+        return zeros if l is None else zeros + [torch.zeros_like(l, memory_format=torch.contiguous_format)]
+
+    dot_dtype, acc_dtype = kernel_dtypes(g.dtype)
+    global_col_start = 0 if with_div else K
+    global_col_end = K + n if with_cross else K
+    block_m = _block(max(K, n), 16, 32)  # no register spills on sm_90 in any dtype (8 warps)
+    block_n = _block(global_col_end - global_col_start, 16, 32)
+    block_h = _block(H, 16, 32)
+    num_global_blocks = triton.cdiv(K, block_m)
+    num_blocks = num_global_blocks + (triton.cdiv(n, block_m) if with_cross else 0)
+    span = max(global_col_end - global_col_start, K if with_cross else 0)
+    scratch_cols = triton.cdiv(span, block_n) * block_n
+    num_programs = B * num_blocks
+    scratch = new_output((num_programs * block_m * scratch_cols,), dtype=_torch_acc(g.dtype), device=g.device)
+    dg = new_output(g.shape, dtype=g.dtype, device=g.device)
+    dl = new_output(l.shape, dtype=l.dtype, device=l.device) if l is not None else None  # [B, 0, H] if not with_cross
+    lt = l if with_cross else g  # pointers the kernel does not read stand in for absent ones
+    with device_context(g):
+        _ortho_losses_bwd_kernel[(num_programs,)](
+            g, lt, idx if idx is not None else g,
+            grad_div if with_div else grad_cross, grad_cross if with_cross else grad_div,
+            dg, dl if with_cross else dg, scratch,
+            B, K, n, T_local, H, global_col_start, global_col_end, num_global_blocks, num_blocks, scratch_cols,
+            *g.stride(), *lt.stride(),
+            WITH_DIV=with_div, WITH_CROSS=with_cross, SUBSAMPLE=idx is not None,
+            DOT_DTYPE=dot_dtype, ACC_DTYPE=acc_dtype,
+            # fp16/bf16: TF32 holds the input values exactly and the weights to 2^-11.
+            GRAD_PRECISION="ieee" if g.dtype in (torch.float32, torch.float64) else "tf32",
+            ROUND_BF16=round_bf16_on_store(g.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_H=block_h, num_warps=8,
+        )
+    return [dg] if l is None else [dg, dl]
+
+
+# ----------------------------------------------------------------------------- registered ops
+
+
+@torch.library.custom_op("orca_kernels::ortho_diversity_loss", mutates_args=())
+def _diversity_op(global_tokens: torch.Tensor) -> torch.Tensor:
+    return _forward(global_tokens, None, None, with_div=True)[0]
+
+
+@torch.library.custom_op("orca_kernels::ortho_cross_loss", mutates_args=())
+def _cross_op(global_tokens: torch.Tensor, local_tokens: torch.Tensor, max_local_samples: int | None) -> torch.Tensor:
+    return _forward(global_tokens, local_tokens, max_local_samples, with_div=False)[1]
+
+
+@torch.library.custom_op("orca_kernels::ortho_losses", mutates_args=())
+def _losses_op(
+    global_tokens: torch.Tensor, local_tokens: torch.Tensor, max_local_samples: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(global_tokens, local_tokens, max_local_samples, with_div=True)
+
+
+@torch.library.custom_op("orca_kernels::ortho_losses_backward", mutates_args=())
+def _backward_op(
+    global_tokens: torch.Tensor,
+    local_tokens: torch.Tensor | None,
+    grad_diversity: torch.Tensor | None,
+    grad_cross: torch.Tensor | None,
+    max_local_samples: int | None,
+) -> list[torch.Tensor]:
+    """[grad_global] without local tokens, else [grad_global, grad_local]; a None loss gradient
+    means that loss is not part of the objective."""
+    return _backward(global_tokens, local_tokens, grad_diversity, grad_cross, max_local_samples)
+
+
+@_diversity_op.register_fake
+def _(global_tokens):
+    return global_tokens.new_empty((), dtype=_diversity_dtype(global_tokens.dtype))
+
+
+@_cross_op.register_fake
+def _(global_tokens, local_tokens, max_local_samples):
+    return global_tokens.new_empty(())
+
+
+@_losses_op.register_fake
+def _(global_tokens, local_tokens, max_local_samples):
+    return global_tokens.new_empty((), dtype=_diversity_dtype(global_tokens.dtype)), global_tokens.new_empty(())
+
+
+@_backward_op.register_fake
+def _(global_tokens, local_tokens, grad_diversity, grad_cross, max_local_samples):
+    grads = [global_tokens.new_empty(global_tokens.shape)]
+    return grads if local_tokens is None else grads + [local_tokens.new_empty(local_tokens.shape)]
+
+
+def _save_inputs(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs[:2])  # the tokens only: norms and similarities are recomputed
+    ctx.max_local_samples = inputs[2] if len(inputs) > 2 else None
+
+
+def _diversity_backward(ctx, grad):
+    (global_tokens,) = ctx.saved_tensors
+    return _backward_op(global_tokens, None, grad, None, None)[0]
+
+
+def _cross_backward(ctx, grad):
+    global_tokens, local_tokens = ctx.saved_tensors
+    grad_global, grad_local = _backward_op(global_tokens, local_tokens, None, grad, ctx.max_local_samples)
+    return grad_global, grad_local, None
+
+
+def _losses_backward(ctx, grad_div, grad_cross):
+    global_tokens, local_tokens = ctx.saved_tensors
+    grad_global, grad_local = _backward_op(global_tokens, local_tokens, grad_div, grad_cross, ctx.max_local_samples)
+    return grad_global, grad_local, None
+
+
+_diversity_op.register_autograd(_diversity_backward, setup_context=_save_inputs)
+_cross_op.register_autograd(_cross_backward, setup_context=_save_inputs)
+_losses_op.register_autograd(_losses_backward, setup_context=_save_inputs)
+
+
+# ----------------------------------------------------------------------------- public functions
+
+
+def _check_inputs(op: str, global_tokens, local_tokens=None, max_local_samples=None) -> None:
+    check_tensor(op, "global_tokens", global_tokens, 3)
+    if local_tokens is not None:
+        check_tensor(op, "local_tokens", local_tokens, 3, like=global_tokens)
+        if local_tokens.shape[0] != global_tokens.shape[0]:
+            raise ValueError(
+                f"{op}: local_tokens has batch size {local_tokens.shape[0]} but global_tokens has {global_tokens.shape[0]}"
+            )
+        if local_tokens.shape[2] != global_tokens.shape[2]:
+            raise ValueError(
+                f"{op}: local_tokens has hidden size {local_tokens.shape[2]} but global_tokens has {global_tokens.shape[2]}"
+            )
+    if max_local_samples is not None:
+        check_int(op, "max_local_samples", max_local_samples, 1)
+
+
+def ortho_diversity_loss(global_tokens: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """mean over [B, Kg, Kg] of (ĝ ĝᵀ − I)² for global_tokens [B, Kg, H] -> scalar.
+
+    float32 for fp16/bf16 inputs (as the reference), else the input dtype. backend: "auto" (Triton
+    on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1; else the reference), "triton",
+    or "torch" (the reference).
+    """
+    op = "ortho_diversity_loss"
+    check_backend(op, backend, BACKENDS)
+    _check_inputs(op, global_tokens)
+    if use_triton(op, global_tokens, backend):
+        return _diversity_op(global_tokens)
+    return reference.ortho_diversity_loss(global_tokens)
+
+
+def ortho_cross_loss(
+    global_tokens: torch.Tensor,
+    local_tokens: torch.Tensor,
+    max_local_samples: int | None = 100,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """mean over [B, Kg, n] of (ĝ l̂[:, idx]ᵀ)² for global_tokens [B, Kg, H] and local_tokens
+    [B, Tl, H] -> scalar in the input dtype.
+
+    idx = torch.linspace(0, Tl-1, max_local_samples, dtype=torch.long) on the local tokens' device
+    when Tl > max_local_samples, else every row (also for max_local_samples=None). Only sampled
+    local rows get a nonzero gradient. backend as for `ortho_diversity_loss`.
+    """
+    op = "ortho_cross_loss"
+    check_backend(op, backend, BACKENDS)
+    _check_inputs(op, global_tokens, local_tokens, max_local_samples)
+    if use_triton(op, global_tokens, backend):
+        return _cross_op(global_tokens, local_tokens, max_local_samples)
+    return reference.ortho_cross_loss(global_tokens, local_tokens, max_local_samples)
+
+
+def ortho_losses(
+    global_tokens: torch.Tensor,
+    local_tokens: torch.Tensor,
+    max_local_samples: int | None = 100,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ortho_diversity_loss(global_tokens), ortho_cross_loss(global_tokens, local_tokens,
+    max_local_samples)) for global_tokens [B, Kg, H] and local_tokens [B, Tl, H], computed together:
+    the Triton path reads the global tokens once, in one forward and one backward kernel."""
+    op = "ortho_losses"
+    check_backend(op, backend, BACKENDS)
+    _check_inputs(op, global_tokens, local_tokens, max_local_samples)
+    if use_triton(op, global_tokens, backend):
+        return _losses_op(global_tokens, local_tokens, max_local_samples)
+    return (
+        reference.ortho_diversity_loss(global_tokens),
+        reference.ortho_cross_loss(global_tokens, local_tokens, max_local_samples),
+    )
