@@ -1,0 +1,177 @@
+"""DeSTA25Config: the reference's configuration (orca_spec.md §5) plus `use_fused_orca`."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from transformers import AutoConfig, PretrainedConfig
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ROPE_THETA = 10000.0  # the reference's fallback when the LLM config has no θ
+
+
+def _as_config(value: PretrainedConfig | dict[str, Any] | None, model_id: str) -> PretrainedConfig:
+    """A sub-config from a config object, a serialised dict (a saved DeSTA25Config nests them),
+    or, when None, `AutoConfig.from_pretrained(model_id)` (a hub id or a local directory)."""
+    if value is None:
+        return AutoConfig.from_pretrained(model_id)
+    if isinstance(value, PretrainedConfig):
+        return value
+    fields = dict(value)
+    fields.pop("transformers_version", None)
+    return AutoConfig.for_model(fields.pop("model_type"), **fields)
+
+
+def rope_theta_from_config(llm_config: PretrainedConfig) -> float:
+    """θ of the audio RoPE, read from the LLM config and logged.
+
+    transformers 5.x keeps it in `rope_parameters["rope_theta"]` (per layer type for models with
+    several attention kinds; the full-attention one is taken), 4.x in `rope_theta`. The
+    reference reads `rope_theta` only, so under 5.x it silently falls back to 10000
+    (orca_spec.md Q3); here either layout gives the model's θ. Rope scaling (llama3) is ignored,
+    as in the reference.
+    """
+    theta, source = None, None
+    parameters = getattr(llm_config, "rope_parameters", None)
+    if isinstance(parameters, dict):
+        if "rope_theta" in parameters:
+            theta, source = parameters["rope_theta"], "rope_parameters"
+        else:
+            per_type = {k: v for k, v in parameters.items() if isinstance(v, dict) and "rope_theta" in v}
+            key = "full_attention" if "full_attention" in per_type else next(iter(per_type), None)
+            if key is not None:
+                theta, source = per_type[key]["rope_theta"], f"rope_parameters[{key!r}]"
+    if theta is None and getattr(llm_config, "rope_theta", None) is not None:
+        theta, source = llm_config.rope_theta, "rope_theta"
+    if theta is None:
+        logger.warning("ORCA audio RoPE: the LLM config has no rope_theta; using %s", DEFAULT_ROPE_THETA)
+        return DEFAULT_ROPE_THETA
+    logger.info("ORCA audio RoPE: theta = %s (from the LLM config's %s)", float(theta), source)
+    return float(theta)
+
+
+class DeSTA25Config(PretrainedConfig):
+    """Configuration of `DeSTA25AudioModel`, field for field the reference's (bf7f21f).
+
+    Reference fields and defaults: `llm_model_id`, `encoder_model_id`, `connector_mode`
+    ("qformer_1"; this package builds "orca_hybrid"), `qformer_num_hidden_layers` (2),
+    `prompt_size`, `use_lora`, `audio_locator`, `placeholder_token`, and the `orca_*` fields of
+    orca_spec.md §5 (`orca_local_downsample=4`, `orca_audio_position_scale=2.5`, the loss
+    weights, ...; `orca_ortho_weight_global` is kept but unused, as in the reference).
+
+    Additions:
+        use_fused_orca: run the connector's Conv1d, the ortho losses and the gated
+            cross-attention through orca_kernels' fused ops (same parameters, same checkpoints).
+        orca_target_layer_ids: 0-based encoder layers the connector reads, sorted and unique;
+            None derives them from the encoder's layer count (see `target_layer_ids`).
+        llm_dtype: dtype the LLM is loaded in, and that the connector and the cross-attention
+            modules are cast to ("bfloat16" is what the reference hardcodes).
+        llm_config, encoder_config: the sub-configs, as config objects or dicts; None loads them
+            with AutoConfig from `llm_model_id` / `encoder_model_id` (a hub id or a directory).
+    """
+
+    model_type = "desta25"
+    # transformers 4.x builds a default instance to diff against when saving; that instance
+    # would fetch the default LLM's config from the hub.
+    has_no_defaults_at_init = True
+
+    def __init__(
+        self,
+        llm_model_id: str = "DeSTA-ntu/Llama-3.1-8B-Instruct",
+        encoder_model_id: str = "openai/whisper-large-v3",
+        connector_mode: str = "qformer_1",
+        qformer_num_hidden_layers: int = 2,
+        prompt_size: int = 64,
+        use_lora: bool = False,
+        audio_locator: str = "<|AUDIO|>",
+        placeholder_token: str = "<|reserved_special_token_87|>",
+        orca_enabled: bool = False,
+        orca_use_all_layers: bool = False,
+        orca_local_enabled: bool = True,
+        orca_global_cross_attn: bool = False,
+        orca_deep_injection_enabled: bool = True,
+        orca_audio_position_scale: float = 2.5,
+        orca_global_num_tokens: int = 4,
+        orca_local_downsample: int = 4,
+        orca_local_kernel_size: int = 5,
+        orca_gate_init: float = 0.1,
+        orca_ortho_weight_global: float = 0.01,
+        orca_ortho_diversity_weight: float = 0.01,
+        orca_ortho_weight_qformer_local: float = 0.01,
+        orca_align_weight_local: float = 0.05,
+        use_fused_orca: bool = False,
+        orca_target_layer_ids: list[int] | None = None,
+        llm_dtype: str = "bfloat16",
+        llm_config: PretrainedConfig | dict[str, Any] | None = None,
+        encoder_config: PretrainedConfig | dict[str, Any] | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.llm_model_id = llm_model_id
+        self.encoder_model_id = encoder_model_id
+        self.connector_mode = connector_mode
+        self.qformer_num_hidden_layers = qformer_num_hidden_layers
+        self.prompt_size = prompt_size
+        self.use_lora = use_lora
+        self.audio_locator = audio_locator
+        self.placeholder_token = placeholder_token
+        self.llm_config = _as_config(llm_config, llm_model_id)
+        self.encoder_config = _as_config(encoder_config, encoder_model_id)
+
+        self.orca_enabled = orca_enabled
+        self.orca_use_all_layers = orca_use_all_layers
+        self.orca_local_enabled = orca_local_enabled
+        self.orca_global_cross_attn = orca_global_cross_attn
+        self.orca_deep_injection_enabled = orca_deep_injection_enabled
+        self.orca_audio_position_scale = orca_audio_position_scale
+        self.orca_global_num_tokens = orca_global_num_tokens
+        self.orca_local_downsample = orca_local_downsample
+        self.orca_local_kernel_size = orca_local_kernel_size
+        self.orca_gate_init = orca_gate_init
+        self.orca_ortho_weight_global = orca_ortho_weight_global
+        self.orca_ortho_diversity_weight = orca_ortho_diversity_weight
+        self.orca_ortho_weight_qformer_local = orca_ortho_weight_qformer_local
+        self.orca_align_weight_local = orca_align_weight_local
+
+        self.use_fused_orca = use_fused_orca
+        self.orca_target_layer_ids = list(orca_target_layer_ids) if orca_target_layer_ids is not None else None
+        self.llm_dtype = llm_dtype
+        self.info = "Ｄｅｓｔａ２。５ Ａｕｄｉｏ"  # the reference stores this banner in its configs too
+
+    @property
+    def is_orca(self) -> bool:
+        """The reference's switch for the ORCA components."""
+        return bool(self.orca_enabled or self.connector_mode == "orca_hybrid")
+
+    def target_layer_ids(self) -> list[int]:
+        """0-based indices of the encoder layers the connector reads.
+
+        `orca_target_layer_ids` when set; all layers when `orca_use_all_layers`; otherwise
+        (i+1)·L/4 − 1 for i = 0..3 with L the encoder's layer count, which gives the reference's
+        table (tiny [0, 1, 2, 3], small [2, 5, 8, 11], medium [5, 11, 17, 23], large-v3 and
+        large-v3-turbo [7, 15, 23, 31]) and extends it to any L divisible by 4.
+        """
+        num_layers = self.encoder_config.num_hidden_layers
+        if self.orca_target_layer_ids is not None:
+            ids = list(self.orca_target_layer_ids)
+            # The reference walks the encoder layers in order and keeps those in the list, so
+            # an unsorted or repeated list would not mean what it says.
+            if not ids or ids != sorted(set(ids)) or ids[0] < 0 or ids[-1] >= num_layers:
+                raise ValueError(
+                    f"orca_target_layer_ids must be sorted, unique and within [0, {num_layers}), got {ids}"
+                )
+            return ids
+        if self.orca_use_all_layers:
+            return list(range(num_layers))
+        if num_layers % 4 != 0:
+            raise ValueError(
+                f"the encoder has {num_layers} layers, not a multiple of 4: set orca_target_layer_ids "
+                "(or orca_use_all_layers=True)"
+            )
+        return [(i + 1) * num_layers // 4 - 1 for i in range(4)]
+
+    def audio_rope_theta(self) -> float:
+        """θ of the audio RoPE from the LLM config (logged), see `rope_theta_from_config`."""
+        return rope_theta_from_config(self.llm_config)

@@ -1,0 +1,98 @@
+"""The ORCA auxiliary losses, the model output that carries them, and LM + ORCA training loss."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from orca_kernels import reference
+from orca_model.config import DeSTA25Config
+
+MAX_LOCAL_SAMPLES = 100  # local tokens the cross loss reads, as in the reference
+
+
+def compute_orca_losses(
+    config: DeSTA25Config,
+    global_tokens: torch.Tensor | None,
+    local_tokens: torch.Tensor | None,
+    text_hidden: torch.Tensor | None = None,
+    layer_align_losses: Sequence[torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The reference's `compute_orca_losses` (orca_spec.md §4), already weighted.
+
+    global_tokens [B, K, H], local_tokens [B, T_l, H] (the local tokens only, not the memory),
+    layer_align_losses the non-None per-layer losses of the cross-attention modules.
+    `text_hidden` is accepted for the reference's call signature; the reference does not use it.
+
+    Returns a dict with, when their inputs exist:
+        L_ortho_diversity: orca_ortho_diversity_weight · mean((ĝĝᵀ − I)²)
+        L_ortho_qformer_local: orca_ortho_weight_qformer_local · mean((ĝ l̂[:, idx]ᵀ)²), idx the
+            100 linspace rows when T_l > 100
+        L_align_layerwise: orca_align_weight_local · mean(layer_align_losses)
+    With `config.use_fused_orca` the two orthogonality losses come from one fused call.
+    """
+    diversity = cross = None
+    if global_tokens is not None:
+        if config.use_fused_orca:
+            # Imported here: the fused module is optional for the unfused path.
+            from orca_kernels.ortho_loss import ortho_diversity_loss, ortho_losses
+
+            if local_tokens is not None:
+                diversity, cross = ortho_losses(global_tokens, local_tokens, max_local_samples=MAX_LOCAL_SAMPLES)
+            else:
+                diversity = ortho_diversity_loss(global_tokens)
+        else:
+            diversity = reference.ortho_diversity_loss(global_tokens)
+            if local_tokens is not None:
+                cross = reference.ortho_cross_loss(global_tokens, local_tokens, MAX_LOCAL_SAMPLES)
+
+    losses = {}
+    if diversity is not None:
+        losses["L_ortho_diversity"] = config.orca_ortho_diversity_weight * diversity
+    if cross is not None:
+        losses["L_ortho_qformer_local"] = config.orca_ortho_weight_qformer_local * cross
+    if layer_align_losses:
+        losses["L_align_layerwise"] = config.orca_align_weight_local * torch.stack(list(layer_align_losses)).mean()
+    return losses
+
+
+@dataclass
+class DeSTA25Output(CausalLMOutputWithPast):
+    """The LLM's `CausalLMOutputWithPast` (loss, logits, cache, hidden_states, attentions, as the
+    installed transformers names them) plus the ORCA results, all declared fields.
+
+    The reference attaches `orca_losses` as a plain attribute, which accelerate's fp32 output
+    conversion and DDP's pytree round trip drop (orca_spec.md Q1), so training there sees the LM
+    loss only. As fields they survive both.
+
+    Attributes added:
+        orca_losses: the weighted losses of `compute_orca_losses` (name -> scalar).
+        audio_global: global tokens [N_audio, K, H].
+        audio_local: local tokens [N_audio, T_l, H].
+    """
+
+    orca_losses: dict[str, torch.Tensor] | None = None
+    audio_global: torch.Tensor | None = None
+    audio_local: torch.Tensor | None = None
+
+
+def total_training_loss(outputs: DeSTA25Output) -> torch.Tensor:
+    """LM loss + every ORCA loss (already weighted), summed in the reference trainer's order.
+
+    This is the whole of the reference trainer's loss; in a Hugging Face Trainer subclass:
+
+        class OrcaTrainer(Trainer):
+            def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+                outputs = model(**inputs)
+                loss = total_training_loss(outputs)
+                return (loss, outputs) if return_outputs else loss
+    """
+    if outputs.loss is None:
+        raise ValueError("total_training_loss needs the LM loss: call the model with labels")
+    total = outputs.loss
+    for loss in (outputs.orca_losses or {}).values():
+        total = total + loss
+    return total

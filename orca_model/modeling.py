@@ -1,0 +1,362 @@
+"""DeSTA25AudioModel: frozen Whisper encoder + ORCAHybridConnector + frozen LLM with deep injection."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
+
+import torch
+import transformers
+from packaging.version import Version
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
+from transformers import AutoModelForCausalLM, WhisperModel
+
+from orca_model.config import DeSTA25Config
+from orca_model.connector import ORCAHybridConnector
+from orca_model.cross_attention import OrcaGatedCrossAttention
+from orca_model.injection import DeepInjection, decoder_layers
+from orca_model.losses import DeSTA25Output, compute_orca_losses
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "model.safetensors"  # the reference's checkpoint file: trainable parameters only
+LEGACY_CROSS_ATTN_PREFIX = "ocar_cross_attns"  # key prefix of older reference checkpoints
+CROSS_ATTN_PREFIX = "orca_cross_attns"
+
+
+def _dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    # `dtype=` from transformers 4.56 on (5.x defaults to the checkpoint's dtype without it);
+    # `torch_dtype=` before.
+    key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+    return {key: dtype}
+
+
+class WhisperPerception(nn.Module):
+    """`perception`: the frozen Whisper encoder (`whisper`) and the connector (`connector`).
+
+    The encoder runs as in the reference: conv1 + GELU, conv2 + GELU, positional embedding, then
+    every encoder layer without attention mask, dropout or the final layer norm; the output of
+    every layer goes to the connector. Whisper is loaded in fp32 (the reference loads it
+    without a dtype, which under transformers 4.x means fp32).
+    """
+
+    def __init__(self, config: DeSTA25Config):
+        super().__init__()
+        self.config = config
+        self.whisper = WhisperModel.from_pretrained(config.encoder_model_id, **_dtype_kwargs(torch.float32)).get_encoder()
+        self.connector = ORCAHybridConnector(config)
+        # transformers 4.x encoder layers require `layer_head_mask`; 5.x has none.
+        self._layer_head_mask = "layer_head_mask" in inspect.signature(self.whisper.layers[0].forward).parameters
+
+    def encoder_layer_outputs(self, input_features: torch.Tensor) -> list[torch.Tensor]:
+        """input_features [N, n_mels, 2·max_source_positions] (30 s: 3000 frames) -> the output of
+        every encoder layer, each [N, max_source_positions, D]."""
+        encoder = self.whisper
+        input_features = input_features.to(dtype=encoder.conv1.weight.dtype, device=encoder.conv1.weight.device)
+        frames = encoder.config.max_source_positions
+        expected = frames * encoder.conv1.stride[0] * encoder.conv2.stride[0]
+        if input_features.shape[-1] != expected:
+            raise ValueError(
+                f"Whisper expects mel features of length {expected}, got {input_features.shape[-1]}: pad the "
+                f"features to {expected} frames"
+            )
+        hidden = nn.functional.gelu(encoder.conv1(input_features))
+        hidden = nn.functional.gelu(encoder.conv2(hidden)).permute(0, 2, 1)
+        hidden = hidden + encoder.embed_positions.weight[:frames].to(dtype=hidden.dtype, device=hidden.device)
+        extra = {"layer_head_mask": None} if self._layer_head_mask else {}
+        outputs = []
+        for layer in encoder.layers:
+            out = layer(hidden, attention_mask=None, **extra)
+            hidden = out[0] if isinstance(out, tuple) else out
+            outputs.append(hidden)
+        return outputs
+
+    def forward(self, input_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """input_features [N, n_mels, frames] -> (global tokens [N, K, H], local tokens [N, T_l, H] or None)."""
+        return self.connector(self.encoder_layer_outputs(input_features))
+
+
+class DeSTA25AudioModel(nn.Module):
+    """The reference's DeSTA25AudioModel in ORCAHybrid mode (orca_spec.md §1–§4).
+
+    Modules (the reference's names, so trainable state-dict keys match): `llm_model` (frozen,
+    loaded with `from_pretrained` in `config.llm_dtype`), `perception.whisper` (frozen encoder),
+    `perception.connector`, and `orca_cross_attns` (one `OrcaGatedCrossAttention` per decoder
+    layer, applied after it through forward hooks). The connector and the cross-attention
+    modules are cast to the LLM's dtype and device, as in the reference.
+
+    Differences from the reference, each a fix of orca_spec.md §7: the ORCA losses are a field
+    of the output (Q1), θ is read under transformers 5.x too (Q3), `num_beams` /
+    `num_return_sequences` > 1 work in `generate` (Q9), and LLM gradient checkpointing, which
+    the reference silently breaks (Q8), is refused. Whisper is loaded in fp32 explicitly, the
+    LLM in `config.llm_dtype` (the reference hardcodes bf16). `generate` takes the prepared
+    tensors (the reference's `_generate_step`); the chat-message front end with VAD and ASR is
+    not part of this package. `use_fused_orca` swaps in the fused ops and changes nothing else.
+    """
+
+    # forward takes **kwargs only to ignore collator extras, as the reference does; it does not
+    # use `num_items_in_batch`, so the Trainer must scale the loss for gradient accumulation.
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: DeSTA25Config):
+        super().__init__()
+        if config.connector_mode != "orca_hybrid":
+            raise NotImplementedError(
+                f"DeSTA25AudioModel builds the ORCAHybrid model (connector_mode='orca_hybrid'); got "
+                f"connector_mode={config.connector_mode!r}"
+            )
+        if config.use_lora:
+            raise NotImplementedError("use_lora=True (LoRA on the LLM) is not supported by orca_model")
+        self.config = config
+        llm_dtype = getattr(torch, config.llm_dtype)
+        logger.info("Loading the LLM from %s", config.llm_model_id)
+        self.llm_model = AutoModelForCausalLM.from_pretrained(
+            config.llm_model_id, config=config.llm_config, **_dtype_kwargs(llm_dtype)
+        )
+        logger.info("Loading the audio encoder from %s", config.encoder_model_id)
+        self.perception = WhisperPerception(config)
+
+        self._injection: DeepInjection | None = None
+        if config.orca_deep_injection_enabled:
+            llm_config = config.llm_config
+            rope_theta = config.audio_rope_theta()
+            self.orca_cross_attns = nn.ModuleList(
+                OrcaGatedCrossAttention(
+                    llm_config.hidden_size, llm_config.num_attention_heads, gate_init=config.orca_gate_init,
+                    rope_theta=rope_theta, audio_position_scale=config.orca_audio_position_scale,
+                    use_fused=config.use_fused_orca,
+                )
+                for _ in range(llm_config.num_hidden_layers)
+            )
+            self._injection = DeepInjection(decoder_layers(self.llm_model), self.orca_cross_attns)
+            self.orca_cross_attns.to(dtype=self.llm_model.dtype, device=self.llm_model.device)
+        self.perception.connector.to(dtype=self.llm_model.dtype, device=self.llm_model.device)
+        self.configure_trainable_parameters()
+
+    # ------------------------------------------------------------------ parameters and checkpoints
+
+    def configure_trainable_parameters(self) -> None:
+        """Freeze the LLM and the encoder; everything else (connector, cross-attention) trains.
+        Sets `trainable_parameter_names`."""
+        for param in self.llm_model.parameters():
+            param.requires_grad = False
+        for param in self.perception.whisper.parameters():
+            param.requires_grad = False
+        frozen = {id(p) for p in self.llm_model.parameters()} | {id(p) for p in self.perception.whisper.parameters()}
+        self.trainable_parameter_names = []
+        for name, param in self.named_parameters():
+            if id(param) not in frozen:
+                param.requires_grad = True
+                self.trainable_parameter_names.append(name)
+
+    def _trainable_keys(self, prefix: str = "") -> set[str]:
+        return {prefix + name for name, param in self.named_parameters() if param.requires_grad}
+
+    def state_dict(self, *, destination=None, prefix: str = "", keep_vars: bool = False):
+        """The trainable parameters only (what the reference saves as model.safetensors)."""
+        keys = self._trainable_keys(prefix)
+        full = super().state_dict(prefix=prefix, keep_vars=keep_vars)
+        out = OrderedDict() if destination is None else destination
+        out.update((key, value) for key, value in full.items() if key in keys)
+        return out
+
+    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False):
+        """Load a trainable-only checkpoint (ours or the reference's; `ocar_cross_attns.*` keys of
+        older reference checkpoints map to `orca_cross_attns.*`). Missing keys are the trainable
+        parameters the checkpoint lacks (frozen ones come from the pretrained models); with
+        `strict`, missing or unexpected keys raise."""
+        renamed = OrderedDict(
+            (CROSS_ATTN_PREFIX + key[len(LEGACY_CROSS_ATTN_PREFIX):] if key.startswith(LEGACY_CROSS_ATTN_PREFIX) else key, value)
+            for key, value in state_dict.items()
+        )
+        result = super().load_state_dict(renamed, strict=False, assign=assign)
+        trainable = self._trainable_keys()
+        missing = [key for key in result.missing_keys if key in trainable]
+        unexpected = list(result.unexpected_keys)
+        if strict and (missing or unexpected):
+            raise RuntimeError(
+                f"Error loading a DeSTA25AudioModel checkpoint: missing keys {missing}, unexpected keys {unexpected}"
+            )
+        return _IncompatibleKeys(missing, unexpected)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """config.json and model.safetensors (trainable parameters), the reference's layout."""
+        os.makedirs(directory, exist_ok=True)
+        self.config.save_pretrained(directory)
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, os.path.join(directory, WEIGHTS_NAME))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, **config_overrides) -> DeSTA25AudioModel:
+        """Build the model from a saved config (LLM and encoder from their ids) and load the
+        trainable weights; `config_overrides` set config fields, e.g. `use_fused_orca=True`."""
+        config = DeSTA25Config.from_pretrained(directory, **config_overrides)
+        model = cls(config)
+        model.load_state_dict(load_file(os.path.join(directory, WEIGHTS_NAME)))
+        return model
+
+    # ------------------------------------------------------------------ inputs
+
+    def _prepare_inputs_for_llm(
+        self,
+        input_ids: torch.Tensor,
+        batch_features: torch.Tensor,
+        batch_transcription_ids: Sequence[torch.Tensor],
+        batch_start_positions: Sequence[tuple[int, int]],
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, list[tuple[int, int, int]] | None]:
+        """The reference's splicing: the prompt's embeddings with, for audio i at
+        batch_start_positions[i] = (row, start), positions [start, start + K) replaced by its
+        global tokens and the next len(transcription) positions by the transcription's
+        embeddings (computed without gradient).
+
+        Returns (inputs_embeds [B, T_x, H], global tokens [N, K, H], local tokens [N, T_l, H],
+        transcription spans (row, start, end)); no audio gives (embeddings, None, None, None).
+        """
+        embed_tokens = self.llm_model.get_input_embeddings()
+        num_audio = len(batch_start_positions)
+        if num_audio == 0:
+            return embed_tokens(input_ids), None, None, None
+        if len(batch_transcription_ids) != num_audio or batch_features.size(0) != num_audio:
+            raise ValueError(
+                f"{num_audio} start positions, {len(batch_transcription_ids)} transcriptions and "
+                f"{batch_features.size(0)} audio features: one of each per audio"
+            )
+        device = embed_tokens.weight.device
+        with torch.no_grad():
+            transcriptions = [embed_tokens(ids.squeeze(0).to(device)) for ids in batch_transcription_ids]
+        global_tokens, local_tokens = self.perception(batch_features.to(device))
+        num_tokens = self.config.orca_global_num_tokens
+
+        inputs_embeds = embed_tokens(input_ids)
+        spans = []
+        for index, (row, start) in enumerate(batch_start_positions):
+            audio_embeddings = torch.cat([global_tokens[index], transcriptions[index]], dim=0)
+            spans.append((row, start + num_tokens, start + num_tokens + transcriptions[index].size(0)))
+            inputs_embeds[row, start : start + audio_embeddings.size(0)] = audio_embeddings
+        return inputs_embeds, global_tokens, local_tokens, spans
+
+    def _audio_memory(self, global_tokens: torch.Tensor | None, local_tokens: torch.Tensor | None) -> torch.Tensor | None:
+        """The cross-attention memory [N, T_a, H]: the local tokens, or with
+        `orca_global_cross_attn` cat(global, local) along T (whichever exists)."""
+        if self._injection is None:
+            return None
+        if self.config.orca_global_cross_attn:
+            if global_tokens is not None and local_tokens is not None:
+                return torch.cat([global_tokens, local_tokens], dim=1)
+            return global_tokens if global_tokens is not None else local_tokens
+        return local_tokens
+
+    @contextmanager
+    def _injecting(
+        self, memory: torch.Tensor | None, transcription_positions: Sequence[tuple[int, int, int]] | None
+    ) -> Iterator[None]:
+        if self._injection is None:
+            yield
+            return
+        try:
+            with self._injection.context.active(memory, None, transcription_positions) if memory is not None else nullcontext():
+                yield
+        finally:
+            # A failed forward must not leave per-layer losses behind for the next one.
+            self._injection.pop_layer_align_losses()
+
+    # ------------------------------------------------------------------ forward and generation
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        batch_features: torch.Tensor,
+        batch_transcription_ids: Sequence[torch.Tensor],
+        batch_start_positions: Sequence[tuple[int, int]],
+        labels: torch.Tensor | None = None,
+        **kwargs,
+    ) -> DeSTA25Output:
+        """The reference's forward.
+
+        Args:
+            input_ids [B, T_x], attention_mask [B, T_x] (left padding), labels [B, T_x] (-100 =
+                ignored): the prompt with K + len(transcription) placeholder tokens per audio.
+            batch_features [N, n_mels, 3000]: Whisper features, one row per audio.
+            batch_transcription_ids: N tensors [1, L_i] or [L_i] (may be empty).
+            batch_start_positions: N (row, start) pairs, where each audio's tokens begin.
+            kwargs: ignored (collator extras), as in the reference.
+
+        Returns a `DeSTA25Output` with the LM loss, logits, hidden states and `orca_losses`.
+        """
+        if self._injection is not None and self.training and self._llm_checkpointing():
+            # The backward pass would recompute the decoder layers after the memory is gone,
+            # without the injection: wrong gradients (orca_spec.md Q8). Refuse instead.
+            raise NotImplementedError("gradient checkpointing of the LLM is not supported with deep injection")
+        inputs_embeds, global_tokens, local_tokens, spans = self._prepare_inputs_for_llm(
+            input_ids, batch_features, batch_transcription_ids, batch_start_positions
+        )
+        layer_losses: list[torch.Tensor] = []
+        with self._injecting(self._audio_memory(global_tokens, local_tokens), spans):
+            outputs = self.llm_model(
+                inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, output_hidden_states=True
+            )
+            if self._injection is not None:
+                layer_losses = self._injection.pop_layer_align_losses()
+        text_hidden = outputs.hidden_states[-1] if outputs.hidden_states else None
+        return DeSTA25Output(
+            **outputs,
+            orca_losses=self.compute_orca_losses(global_tokens, local_tokens, text_hidden, layer_losses),
+            audio_global=global_tokens,
+            audio_local=local_tokens,
+        )
+
+    def _llm_checkpointing(self) -> bool:
+        # transformers 5.x names it activation checkpointing (the old name warns), 4.x gradient.
+        for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+            if hasattr(type(self.llm_model), name):
+                return bool(getattr(self.llm_model, name))
+        return False
+
+    def compute_orca_losses(
+        self,
+        global_tokens: torch.Tensor | None,
+        local_tokens: torch.Tensor | None,
+        text_hidden: torch.Tensor | None,
+        layer_align_losses: Sequence[torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The reference method's signature around `orca_model.compute_orca_losses`."""
+        return compute_orca_losses(self.config, global_tokens, local_tokens, text_hidden, layer_align_losses)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        batch_features: torch.Tensor,
+        batch_transcription_ids: Sequence[torch.Tensor],
+        batch_start_positions: Sequence[tuple[int, int]],
+        **generate_kwargs,
+    ) -> torch.Tensor:
+        """`llm_model.generate` on the spliced prompt with the injection active (the reference's
+        `_generate_step` on tensors). generate_kwargs go to Hugging Face `generate`
+        (max_new_tokens, do_sample, num_beams, num_return_sequences, ...).
+
+        Generation expands each prompt max(num_beams, num_return_sequences) times
+        (repeat_interleave); the audio memory is expanded the same way, which is what makes
+        beams and several returned sequences work (the reference crashes there). Returns the
+        generated ids [B · num_return_sequences, new tokens].
+        """
+        inputs_embeds, global_tokens, local_tokens, _ = self._prepare_inputs_for_llm(
+            input_ids, batch_features, batch_transcription_ids, batch_start_positions
+        )
+        memory = self._audio_memory(global_tokens, local_tokens)
+        if memory is not None:
+            generation_config = generate_kwargs.get("generation_config") or self.llm_model.generation_config
+            num_beams = generate_kwargs.get("num_beams") or generation_config.num_beams or 1
+            num_sequences = generate_kwargs.get("num_return_sequences") or generation_config.num_return_sequences or 1
+            memory = memory.repeat_interleave(max(num_beams, num_sequences), dim=0)
+        # No transcription spans: they index the unexpanded batch, and the alignment loss is
+        # only for training.
+        with self._injecting(memory, None):
+            return self.llm_model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs)

@@ -1,0 +1,152 @@
+"""DeSTA25Config: the reference's fields and defaults, target layers, θ under 4.x/5.x layouts,
+serialisation without the hub, and the three configs/ files."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from transformers import LlamaConfig, PretrainedConfig, Qwen3Config
+
+from orca_model import DeSTA25Config, rope_theta_from_config
+from tiny_models import llm_config, whisper_config
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+# orca_spec.md §5 (bf7f21f), plus use_fused_orca.
+REFERENCE_DEFAULTS = {
+    "llm_model_id": "DeSTA-ntu/Llama-3.1-8B-Instruct",
+    "encoder_model_id": "openai/whisper-large-v3",
+    "connector_mode": "qformer_1",
+    "qformer_num_hidden_layers": 2,
+    "prompt_size": 64,
+    "use_lora": False,
+    "audio_locator": "<|AUDIO|>",
+    "placeholder_token": "<|reserved_special_token_87|>",
+    "orca_enabled": False,
+    "orca_use_all_layers": False,
+    "orca_local_enabled": True,
+    "orca_global_cross_attn": False,
+    "orca_deep_injection_enabled": True,
+    "orca_audio_position_scale": 2.5,
+    "orca_global_num_tokens": 4,
+    "orca_local_downsample": 4,
+    "orca_local_kernel_size": 5,
+    "orca_gate_init": 0.1,
+    "orca_ortho_weight_global": 0.01,
+    "orca_ortho_diversity_weight": 0.01,
+    "orca_ortho_weight_qformer_local": 0.01,
+    "orca_align_weight_local": 0.05,
+    "use_fused_orca": False,
+}
+
+
+def tiny(**fields) -> DeSTA25Config:
+    fields.setdefault("llm_config", llm_config("qwen3"))
+    fields.setdefault("encoder_config", whisper_config())
+    return DeSTA25Config(**fields)
+
+
+def test_reference_fields_and_defaults():
+    config = tiny()
+    for name, value in REFERENCE_DEFAULTS.items():
+        assert getattr(config, name) == value, name
+    parameters = inspect.signature(DeSTA25Config.__init__).parameters
+    assert {name: parameters[name].default for name in REFERENCE_DEFAULTS} == REFERENCE_DEFAULTS
+
+
+def test_sub_configs_load_from_local_directories(tmp_path):
+    llm_config("llama").save_pretrained(tmp_path / "llm")
+    whisper_config().save_pretrained(tmp_path / "whisper")
+    config = DeSTA25Config(llm_model_id=str(tmp_path / "llm"), encoder_model_id=str(tmp_path / "whisper"))
+    assert isinstance(config.llm_config, LlamaConfig)
+    assert config.encoder_config.num_hidden_layers == 4
+
+
+@pytest.mark.parametrize(
+    "layers, expected",
+    [(4, [0, 1, 2, 3]), (12, [2, 5, 8, 11]), (24, [5, 11, 17, 23]), (32, [7, 15, 23, 31])],
+    ids=["tiny", "small", "medium", "large-v3"],
+)
+def test_target_layers_reproduce_the_reference_table(layers, expected):
+    assert tiny(encoder_config=whisper_config(encoder_layers=layers)).target_layer_ids() == expected
+
+
+def test_target_layers_all_override_and_errors():
+    assert tiny(orca_use_all_layers=True).target_layer_ids() == [0, 1, 2, 3]
+    assert tiny(orca_target_layer_ids=[1, 3]).target_layer_ids() == [1, 3]
+    for bad in ([3, 1], [1, 1], [4], [-1, 0], []):
+        with pytest.raises(ValueError, match="orca_target_layer_ids"):
+            tiny(orca_target_layer_ids=bad).target_layer_ids()
+    with pytest.raises(ValueError, match="not a multiple of 4"):
+        tiny(encoder_config=whisper_config(encoder_layers=6)).target_layer_ids()
+
+
+class _V4StyleConfig(PretrainedConfig):
+    """A transformers 4.x LLM config: θ as a plain `rope_theta` attribute, no rope_parameters."""
+
+    model_type = "v4_style_llm"
+
+    def __init__(self, rope_theta: float = 5e5, **kwargs):
+        self.rope_theta = rope_theta
+        super().__init__(**kwargs)
+
+
+def test_rope_theta_from_5x_4x_and_per_layer_type_layouts(caplog):
+    with caplog.at_level(logging.INFO, logger="orca_model.config"):
+        assert rope_theta_from_config(Qwen3Config(rope_parameters={"rope_type": "default", "rope_theta": 1e6})) == 1e6
+    assert "theta = 1000000.0" in caplog.text and "rope_parameters" in caplog.text
+    llama31 = LlamaConfig(
+        max_position_embeddings=131072,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    )
+    assert rope_theta_from_config(llama31) == 5e5  # the llama3 scaling is ignored, as in the reference
+    assert rope_theta_from_config(_V4StyleConfig(rope_theta=5e5)) == 5e5
+    per_type = PretrainedConfig()
+    per_type.rope_parameters = {"sliding_attention": {"rope_theta": 1e4}, "full_attention": {"rope_theta": 1e6}}
+    assert rope_theta_from_config(per_type) == 1e6
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="orca_model.config"):
+        assert rope_theta_from_config(PretrainedConfig()) == 10000.0
+    assert "no rope_theta" in caplog.text
+    assert tiny(llm_config=llm_config("llama")).audio_rope_theta() == 5e5
+
+
+def test_save_and_load_without_the_hub(tmp_path):
+    config = tiny(connector_mode="orca_hybrid", use_fused_orca=True, orca_target_layer_ids=[1, 3], llm_dtype="float32")
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["llm_config"]["model_type"] == "qwen3"  # nested, as the reference's configs are
+    loaded = DeSTA25Config.from_pretrained(tmp_path)  # the ids are hub names: nothing is fetched
+    for name in (*REFERENCE_DEFAULTS, "orca_target_layer_ids", "llm_dtype"):
+        assert getattr(loaded, name) == getattr(config, name), name
+    assert loaded.llm_config.to_dict() == config.llm_config.to_dict()
+    assert loaded.encoder_config.num_hidden_layers == 4
+    assert DeSTA25Config.from_pretrained(tmp_path, use_fused_orca=False).use_fused_orca is False
+
+
+@pytest.mark.parametrize(
+    "name, llm_id, tokens, placeholder",
+    [
+        ("orca_hybrid_llama3.1_8b.json", "DeSTA-ntu/Llama-3.1-8B-Instruct", 8, "<|reserved_special_token_87|>"),
+        ("orca_hybrid_qwen3_0.6b.json", "Qwen/Qwen3-0.6B", 64, "<|video_pad|>"),
+        ("orca_hybrid_qwen3_4b.json", "Qwen/Qwen3-4B", 64, "<|video_pad|>"),
+    ],
+)
+def test_configs_directory_files_load_into_the_config(name, llm_id, tokens, placeholder):
+    fields = json.loads((CONFIG_DIR / name).read_text())
+    assert set(fields) <= set(inspect.signature(DeSTA25Config.__init__).parameters), "unknown field"
+    # The sub-configs are passed in, as the hub is out of reach here; the large-v3 layer count
+    # gives the reference's target layers.
+    config = DeSTA25Config(**fields, llm_config=llm_config("qwen3"), encoder_config=whisper_config(encoder_layers=32))
+    assert (config.llm_model_id, config.orca_global_num_tokens, config.placeholder_token) == (llm_id, tokens, placeholder)
+    assert config.connector_mode == "orca_hybrid" and config.is_orca
+    assert (config.orca_local_downsample, config.orca_local_kernel_size, config.orca_audio_position_scale) == (4, 5, 2.5)
+    assert config.qformer_num_hidden_layers == 6 and config.orca_global_cross_attn
+    assert config.orca_ortho_diversity_weight == config.orca_ortho_weight_qformer_local == config.orca_align_weight_local == 0.05
+    assert config.target_layer_ids() == [7, 15, 23, 31]
+    assert config.use_fused_orca is False and config.llm_dtype == "bfloat16"

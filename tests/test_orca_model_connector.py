@@ -1,0 +1,123 @@
+"""ORCAHybridConnector: the reference's parameter names and shapes, its two branches written out
+op by op, dtype handling, and the fused Conv1d path on the same weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.models.bert.modeling_bert import BertEncoder
+
+from orca_kernels import reference
+from orca_model import DeSTA25Config, ORCAHybridConnector
+from orca_model.connector import qformer_config
+from tiny_models import llm_config, whisper_config
+
+D, H, K, T = 32, 64, 3, 23  # encoder width, LLM width, global tokens, frames (odd: edge windows)
+
+
+def make_config(**fields) -> DeSTA25Config:
+    fields = {
+        "connector_mode": "orca_hybrid", "orca_global_num_tokens": K, "qformer_num_hidden_layers": 2,
+        "llm_config": llm_config("qwen3"), "encoder_config": whisper_config(), **fields,
+    }
+    return DeSTA25Config(**fields)
+
+
+def encoder_states(batch: int = 2, layers: int = 4, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    return [torch.randn(batch, T, D, dtype=dtype) for _ in range(layers)]
+
+
+def test_parameter_names_and_shapes_are_the_reference():
+    connector = ORCAHybridConnector(make_config())
+    shapes = {name: tuple(p.shape) for name, p in connector.named_parameters()}
+    expected = {
+        **{f"global_queries.{i}": (1, K, D) for i in range(4)},
+        "global_layer_weights": (K, 4),
+        "global_proj.0.weight": (D,), "global_proj.0.bias": (D,),
+        "global_proj.1.weight": (H, D), "global_proj.1.bias": (H,),
+        "local_layer_weights": (4,),
+        "local_proj_in.weight": (H, D), "local_proj_in.bias": (H,),
+        "local_conv.weight": (H, H, 5), "local_conv.bias": (H,),
+        "local_ln.weight": (H,), "local_ln.bias": (H,),
+    }
+    qformer = {f"global_qformer.{n}": tuple(p.shape) for n, p in BertEncoder(qformer_config(make_config())).named_parameters()}
+    assert shapes == {**expected, **qformer}
+    assert connector.target_layer_ids == [0, 1, 2, 3]
+    assert isinstance(connector.local_conv, torch.nn.Conv1d)
+    assert (connector.local_conv.stride, connector.local_conv.padding) == ((4,), (2,))
+    assert torch.equal(connector.global_layer_weights, torch.zeros(K, 4))
+    assert torch.equal(connector.local_layer_weights, torch.zeros(4))
+
+
+def test_qformer_is_configured_as_the_reference():
+    qformer = qformer_config(make_config())
+    assert (qformer.num_hidden_layers, qformer.num_attention_heads, qformer.hidden_size) == (2, 2, D)
+    assert qformer.add_cross_attention and qformer.is_decoder and qformer._attn_implementation == "eager"
+    assert (qformer.intermediate_size, qformer.hidden_dropout_prob, qformer.layer_norm_eps) == (3072, 0.1, 1e-12)
+
+
+def test_local_branch_disabled_has_no_local_parameters():
+    connector = ORCAHybridConnector(make_config(orca_local_enabled=False))
+    assert not any(name.startswith("local_") for name, _ in connector.named_parameters())
+    global_tokens, local_tokens = connector(encoder_states())
+    assert global_tokens.shape == (2, K, H) and local_tokens is None
+
+
+@pytest.mark.parametrize("target_layers", [None, [1, 3]])
+def test_forward_is_the_reference_computation(target_layers):
+    connector = ORCAHybridConnector(make_config(orca_target_layer_ids=target_layers)).eval()
+    with torch.no_grad():  # non-trivial layer weights, so the mixing is checked
+        connector.global_layer_weights.normal_()
+        connector.local_layer_weights.normal_()
+    states = encoder_states()
+    global_tokens, local_tokens = connector(states)
+
+    chosen = [states[i] for i in connector.target_layer_ids]
+    outputs = [
+        connector.global_qformer(hidden_states=q.expand(2, -1, -1), encoder_hidden_states=s).last_hidden_state
+        for q, s in zip(connector.global_queries, chosen)
+    ]
+    mix = torch.softmax(connector.global_layer_weights, dim=-1)  # [K, L]
+    mixed = sum(outputs[l] * mix[:, l, None] for l in range(len(chosen)))
+    norm = connector.global_proj[0]
+    expected_global = connector.global_proj[1](F.layer_norm(mixed, (D,), norm.weight, norm.bias))
+    torch.testing.assert_close(global_tokens, expected_global, rtol=1e-5, atol=1e-6)
+
+    expected_local = reference.local_branch(
+        chosen, connector.local_layer_weights, connector.local_proj_in.weight, connector.local_proj_in.bias,
+        connector.local_conv.weight, connector.local_conv.bias, connector.local_ln.weight, connector.local_ln.bias, stride=4,
+    )
+    assert torch.equal(local_tokens, expected_local)
+    assert local_tokens.shape == (2, (T + 2 * 2 - 5) // 4 + 1, H)
+
+
+def test_layer_count_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="reads encoder layers"):
+        ORCAHybridConnector(make_config())(encoder_states(layers=3))
+
+
+def test_bf16_connector_takes_fp32_states():
+    connector = ORCAHybridConnector(make_config()).to(torch.bfloat16)
+    global_tokens, local_tokens = connector(encoder_states())
+    assert global_tokens.dtype == local_tokens.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_conv_path_matches_and_keeps_the_checkpoint_layout(dtype):
+    unfused = ORCAHybridConnector(make_config()).to(dtype).eval()
+    fused = ORCAHybridConnector(make_config(use_fused_orca=True)).to(dtype).eval()
+    fused.load_state_dict(unfused.state_dict())
+    assert fused.state_dict().keys() == unfused.state_dict().keys()
+    states = encoder_states(dtype=dtype)
+    expected = unfused(states)
+    actual = fused(states)
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-10}
+    torch.testing.assert_close(actual[0], expected[0], rtol=0, atol=0)  # the global branch is shared code
+    torch.testing.assert_close(actual[1], expected[1], **tolerance)
+    grads = []
+    for connector in (unfused, fused):
+        connector.zero_grad()
+        connector(states)[1].square().sum().backward()
+        grads.append(connector.local_conv.weight.grad.clone())
+    torch.testing.assert_close(grads[1], grads[0], **tolerance)
