@@ -99,15 +99,17 @@ inline int64_t last_row_for_frame(const Conv1dGeometry& g, int64_t f) {
 // Splits every window into chunks of at most `max_frames` frames (stride when the input rows are
 // packed, 1 otherwise). Rows whose whole chunk is inside the input form one piece per chunk; the
 // remaining valid (row, frame) pairs, near the padded edges, form at most two pieces per frame,
-// merged across neighbouring frames that cover the same rows. Every valid (row, frame) pair is
-// covered exactly once.
+// merged across neighbouring frames that cover the same rows while the piece keeps at most
+// `max_frames` frames (a GEMM's reduction may not pass its leading dimension, stride*C_in; the
+// previous piece can be a full chunk, e.g. for one output row whose window spans three chunks).
+// Every valid (row, frame) pair is covered exactly once.
 inline std::vector<WindowPiece> window_pieces(const Conv1dGeometry& g, int64_t max_frames) {
   std::vector<WindowPiece> pieces;
   auto add_edge = [&](int64_t t_first, int64_t t_last, int64_t f) {
     if (t_last < t_first) return;
     WindowPiece* prev = pieces.empty() ? nullptr : &pieces.back();
     if (prev != nullptr && prev->t_begin == t_first && prev->t_count == t_last - t_first + 1 &&
-        prev->frame_begin + prev->frame_count == f) {
+        prev->frame_begin + prev->frame_count == f && prev->frame_count < max_frames) {
       prev->frame_count += 1;
     } else {
       pieces.push_back({t_first, t_last - t_first + 1, f, 1});

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import orca_kernels
@@ -77,6 +77,10 @@ def test_matches_f_conv1d(device, dtype, window, length, batch, with_bias, conti
     batch=st.integers(1, 3),
     contiguous=st.booleans(),
 )
+# One output row whose window spans three stride-wide chunks: an edge frame once merged into the
+# full chunk before it, a GEMM reduction longer than its leading dimension (found by this test).
+@example(kernel_size=6, stride=2, padding=1, length=4, batch=1, contiguous=True)
+@example(kernel_size=6, stride=3, padding=1, length=4, batch=2, contiguous=False)
 def test_random_geometry_fp64(kernel_size, stride, padding, length, batch, contiguous):
     """Every (kernel, stride, padding, length) plan covers each valid (row, frame) pair once."""
     if length + 2 * padding < kernel_size:
@@ -254,3 +258,30 @@ def test_matches_nn_conv1d_module_checkpoint_layout():
     out = extension_conv(x, conv.weight, conv.bias, 4, 2)
     assert_matches_truth(out, conv(x.transpose(1, 2)).transpose(1, 2))
     assert_matches_truth(out, F.conv1d(x.transpose(1, 2), conv.weight, conv.bias, 4, 2).transpose(1, 2))
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_autocast_follows_conv1d(device, x_dtype):
+    """Inside autocast strided_conv1d follows autocast's rule for conv1d, as nn.Conv1d does: an
+    fp32 weight with a bf16 (or fp32) x runs in bf16 instead of being refused as a dtype
+    mismatch, and the gradients come back in each input's own dtype. fp64 is left alone."""
+    x = torch.randn(2, 37, 6, device=device).to(x_dtype).requires_grad_()
+    weight = torch.randn(5, 6, 5, device=device, requires_grad=True)
+    bias = torch.randn(5, device=device, requires_grad=True)
+    grad_out = torch.randn(2, 10, 5, device=device).bfloat16().double()  # exact in bf16
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        out = orca_kernels.strided_conv1d(x, weight, bias, 4, 2)
+        expected = F.conv1d(x.transpose(1, 2), weight, bias, stride=4, padding=2).transpose(1, 2)
+    assert out.dtype == expected.dtype == torch.bfloat16
+    grads = torch.autograd.grad(out, (x, weight, bias), grad_out.to(out.dtype))
+    assert [g.dtype for g in grads] == [x_dtype, torch.float32, torch.float32]
+    # Against fp64 on the bf16-rounded inputs, at most 2x the error of autocast's own conv1d.
+    rounded = [t.detach().bfloat16() for t in (x, weight, bias)]
+    truth = conv_and_grads(reference.strided_conv1d, *[t.double() for t in rounded], 4, 2, grad_out)
+    same_dtype = conv_and_grads(reference.strided_conv1d, *rounded, 4, 2, grad_out)
+    names = ["out", "grad_x", "grad_weight", "grad_bias"]
+    for name, actual, want, ref in zip(names, [out.detach(), *grads], truth, same_dtype):
+        assert_matches_truth(actual.bfloat16(), want, same_dtype_reference=ref, name=name)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        x64, w64 = x.detach().double(), weight.detach().double()
+        assert orca_kernels.strided_conv1d(x64, w64, None, 4, 2).dtype == torch.float64
