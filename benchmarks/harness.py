@@ -3,10 +3,11 @@
 A *case* is one op at one shape and dtype; its *providers* (the eager reference,
 `torch.compile(reference)`, the fused orca_kernels path, ...) are timed on the same inputs in the
 same run. Timing: warm-up, then the median and 20th/80th percentiles of repeats, with CUDA events
-on a GPU and perf_counter on the CPU. Memory: on a GPU the peak allocated during forward+backward
-above what was allocated before; on the CPU the bytes of the tensors autograd saves for backward
-plus the output (the activation memory a training step keeps). Accuracy: max |provider − fp64
-reference| over the forward output.
+on a GPU and perf_counter on the CPU (a case whose calls take seconds may cap both). Memory: on a
+GPU the peak allocated during forward+backward above what was allocated before; on the CPU the
+bytes of the tensors autograd saves for backward plus the output (the activation memory a
+training step keeps). Accuracy: max |provider − fp64 reference| over the forward output, where an
+fp64 run fits (not for whole models).
 """
 
 from __future__ import annotations
@@ -34,9 +35,11 @@ class Case:
     dtype: torch.dtype
     make_inputs: Callable[[], Inputs]  # fresh inputs; floating tensors that need grads require them
     providers: list[Provider]
-    reference_fp64: Callable[..., torch.Tensor]  # the reference, run on the inputs cast to fp64
+    reference_fp64: Callable[..., torch.Tensor] | None  # the reference on the inputs cast to fp64; None: none fits
     parameters: Sequence[torch.Tensor] = ()  # module parameters whose .grad is cleared between runs
-    backward: bool = True  # False: forward-only cases (decode steps)
+    backward: bool = True  # False: forward-only cases (decode steps, and whole training steps timed as one call)
+    max_warmup: int | None = None  # caps on the run's warm-up and repeats, for cases whose calls take seconds
+    max_repeats: int | None = None
 
 
 @dataclass
@@ -52,7 +55,7 @@ class Result:
     ms_fwd_bwd_p20: float | None
     ms_fwd_bwd_p80: float | None
     peak_mb: float
-    max_error: float
+    max_error: float | None
     speedup_vs_eager: float | None = None
     speedup_vs_compiled: float | None = None
     extra: dict = field(default_factory=dict)
@@ -128,16 +131,24 @@ def peak_memory_mb(fn, inputs: Inputs, grad_out: torch.Tensor | None, device: to
 
 def run_case(case: Case, device: torch.device, warmup: int, repeats: int) -> list[Result]:
     """Every provider of `case` on the same inputs: timings, peak memory, max error vs fp64."""
+    if case.max_warmup is not None:
+        warmup = min(warmup, case.max_warmup)
+    if case.max_repeats is not None:
+        repeats = min(repeats, case.max_repeats)
     inputs = case.make_inputs()
-    with torch.no_grad():
-        as_fp64 = [t.detach().double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs]
-        truth = case.reference_fp64(*as_fp64)
-    grad_out = torch.randn_like(truth, dtype=case.dtype)
+    truth = None
+    if case.reference_fp64 is not None:
+        with torch.no_grad():
+            as_fp64 = [t.detach().double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs]
+            truth = case.reference_fp64(*as_fp64)
+    grad_out = None
     results = []
     for provider in case.providers:
         with torch.no_grad():
             out = provider.fn(*inputs)
-        max_error = (out.double() - truth).abs().max().item() if truth.numel() else 0.0
+        if case.backward and grad_out is None:
+            grad_out = torch.randn_like(out, dtype=case.dtype)
+        max_error = None if truth is None else (out.double() - truth).abs().max().item() if truth.numel() else 0.0
 
         def forward(fn=provider.fn):
             with torch.no_grad():
@@ -149,7 +160,7 @@ def run_case(case: Case, device: torch.device, warmup: int, repeats: int) -> lis
             fwd_bwd = time_ms(step, device, warmup, repeats)
         else:
             fwd_bwd = (None, None, None)
-        peak = peak_memory_mb(provider.fn, inputs, grad_out if case.backward else None, device, case.parameters)
+        peak = peak_memory_mb(provider.fn, inputs, grad_out, device, case.parameters)
         results.append(
             Result(case.op, case.shape, str(case.dtype).removeprefix("torch."), provider.name, *fwd, *fwd_bwd, peak, max_error)
         )

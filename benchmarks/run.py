@@ -19,14 +19,24 @@ import sys
 
 import torch
 
-from benchmarks import bench_conv_downsample, bench_cross_attention, bench_ortho_loss
+from benchmarks import (
+    bench_conv_downsample,
+    bench_cross_attention,
+    bench_decoder_layer,
+    bench_local_branch,
+    bench_model,
+    bench_ortho_loss,
+)
 from benchmarks.harness import Result, run_case
 
-# Suites whose fused path has no CPU kernel return no cases on the CPU.
+# Suites whose fused path has no CPU kernel return no cases, or no "orca" provider, on the CPU.
 SUITES = {
     "strided_conv1d": bench_conv_downsample,
     "ortho_losses": bench_ortho_loss,
     "gated_cross_attention": bench_cross_attention,
+    "local_branch": bench_local_branch,
+    "decoder_layer": bench_decoder_layer,
+    "model": bench_model,
 }
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -72,7 +82,7 @@ def format_table(results: list[Result]) -> str:
     fmt = lambda v: "-" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
     rows = [
         [r.op, r.shape, r.dtype, r.provider, fmt(r.ms_fwd), fmt(r.ms_fwd_bwd), fmt(r.peak_mb),
-         fmt(r.speedup_vs_eager), fmt(r.speedup_vs_compiled), f"{r.max_error:.2e}"]
+         fmt(r.speedup_vs_eager), fmt(r.speedup_vs_compiled), "-" if r.max_error is None else f"{r.max_error:.2e}"]
         for r in results
     ]
     widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]

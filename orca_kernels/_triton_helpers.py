@@ -29,10 +29,17 @@ def round_bf16_on_store(dtype: torch.dtype) -> bool:
 
 
 @triton.jit
+def round_bf16_bits(x):
+    """fp32 `x` rounded to the nearest bf16 (ties to even) on the bits, kept in fp32 (where it is
+    exact, so a later cast to bf16 cannot change it, truncating or not)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def cast_for_store(x, ptr, ROUND_BF16: tl.constexpr):
     """`x` in `ptr`'s element type; ROUND_BF16: fp32 -> bf16 rounded to nearest even on the bits."""
     if ROUND_BF16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        x = bits.to(tl.float32, bitcast=True)
+        x = round_bf16_bits(x)
     return x.to(ptr.dtype.element_ty)

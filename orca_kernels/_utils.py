@@ -45,6 +45,33 @@ def use_triton(op: str, tensor: torch.Tensor, backend: str) -> bool:
     return runnable
 
 
+def autocast_lower_precision(*tensors: torch.Tensor | None, device_type: str) -> tuple:
+    """The tensors as torch's autocast casts the inputs of an op on its lower-precision list
+    (conv1d, linear, matmul/bmm/einsum): inside an autocast region for `device_type`, every floating
+    tensor on that device type other than fp64 goes to the autocast dtype; outside one (or for
+    None, non-floating, fp64 or other-device tensors) nothing changes. For fused ops that take one
+    dtype and replace such an op, so that they follow autocast instead of refusing mixed dtypes."""
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if _autocast_eligible(t, device_type) else t for t in tensors)
+
+
+def _autocast_eligible(t, device_type: str) -> bool:
+    """Autocast's own test (at::autocast::is_eligible): a floating, non-fp64 tensor on its device type."""
+    return (
+        isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64 and t.device.type == device_type
+    )
+
+
+def autocast_fp32_normalisations(device_type: str) -> bool:
+    """Whether an autocast region is active on `device_type` whose fp32 list holds layer_norm,
+    norm and pow, so that a bf16/fp16 input gives an fp32 result: CUDA's does; the CPU's does not
+    (there a bf16 LayerNorm or normalisation stays bf16). Fused ops use it to give the reference's
+    dtypes under autocast (orca_spec.md Q5)."""
+    return device_type == "cuda" and torch.is_autocast_enabled(device_type)
+
+
 def device_context(tensor: torch.Tensor):
     """Triton launches on the current CUDA device: make it the tensor's."""
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()

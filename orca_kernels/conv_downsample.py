@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from orca_kernels import _extension, reference
-from orca_kernels._utils import check_backend, check_int, check_tensor, warn_once
+from orca_kernels._utils import autocast_lower_precision, check_backend, check_int, check_tensor, warn_once
 
 OP = "strided_conv1d"
 BACKENDS = ("auto", "extension", "cuda", "torch")
@@ -63,8 +63,12 @@ def strided_conv1d(
     backend: "auto" (the compiled kernel where `_C` supports the device, else the reference),
     "extension" (the compiled kernel on x's device), "cuda" (the compiled CUDA kernel) or
     "torch" (the reference: F.conv1d on transposed views). fp16/bf16 accumulate in fp32.
+    Inside an autocast region it follows autocast's rule for conv1d: x, weight and bias run in
+    the autocast dtype (fp64 excepted), so fp32 weights with a bf16 x work as they do in nn.Conv1d.
     """
     check_backend(OP, backend, BACKENDS)
+    if isinstance(x, torch.Tensor):
+        x, weight, bias = autocast_lower_precision(x, weight, bias, device_type=x.device.type)
     _check_inputs(x, weight, bias, stride, padding)
     if _use_extension(x, backend):
         return torch.ops.orca_kernels.strided_conv1d(x, weight, bias, stride, padding)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from orca_kernels import reference
-from orca_kernels._utils import check_backend, check_int, check_tensor, use_triton
+from orca_kernels._utils import autocast_fp32_normalisations, check_backend, check_int, check_tensor, use_triton
 from orca_kernels.flash_cross_attention import flash_cross_attention
 from orca_kernels.gated_residual import gated_residual
 from orca_kernels.rope import audio_rope
@@ -66,9 +66,12 @@ def project_audio_kv(rotated: torch.Tensor, in_proj_weight: torch.Tensor, in_pro
 
 
 def residual_dtype(hidden: torch.Tensor, attended: torch.Tensor, gate_hidden: torch.Tensor) -> torch.dtype:
-    """The dtype the reference's `hidden + gate * ln(attended)` has: under autocast LayerNorm
-    runs in fp32, which promotes the sum (orca_spec.md Q5)."""
-    norm = torch.float32 if torch.is_autocast_enabled(hidden.device.type) else attended.dtype
+    """The dtype the reference's `hidden + gate * ln(attended)` has. The gate has the dtype of its
+    GEMMs (gate_hidden's); LayerNorm keeps attended's dtype, except under CUDA autocast, whose fp32
+    list holds layer_norm: there LN(bf16) is fp32 and promotes the sum, so the residual stream
+    turns fp32 after the first injected layer (orca_spec.md Q5). CPU autocast has no such rule: a
+    bf16 LayerNorm stays bf16 there, and so does a bf16 residual stream."""
+    norm = torch.float32 if autocast_fp32_normalisations(hidden.device.type) else attended.dtype
     return torch.promote_types(torch.promote_types(hidden.dtype, norm), gate_hidden.dtype)
 
 

@@ -9,10 +9,12 @@
 
 x̂ = x / max(‖x‖, 1e-12), as F.normalize. Numbers and dtypes follow `orca_kernels.reference`:
 the diversity loss is float32 for fp16/bf16 inputs (the reference subtracts a float32 identity),
-the cross loss has the input dtype, fp64 stays fp64; gradients have the input dtype. The kernels
-accumulate fp16/bf16 in fp32. One deliberate difference: in fp16 the reference's clamp at 1e-12
-underflows to 0, so an all-zero fp16 row gives it NaN; here the clamp is applied in fp32 and such
-a row contributes 0, as it does in fp32.
+the cross loss has the input dtype, fp64 stays fp64; gradients have the input dtype. Inside an
+autocast region the Triton path accepts mixed global/local dtypes and gives the reference's loss
+dtypes under that autocast (see `_autocast_tokens`). The kernels accumulate fp16/bf16 in fp32.
+One deliberate difference: in fp16 the reference's clamp at 1e-12 underflows to 0, so an
+all-zero fp16 row gives it NaN; here the clamp is applied in fp32 and such a row contributes 0,
+as it does in fp32.
 
 Empty inputs (B, Kg or H = 0, or Tl = 0 for the cross loss) give what the reference gives (NaN
 for a mean over nothing, 1/Kg for the diversity loss of H = 0 tokens) without launching a kernel,
@@ -42,6 +44,8 @@ import triton.language as tl
 from orca_kernels import reference
 from orca_kernels._triton_helpers import cast_for_store, kernel_dtypes, round_bf16_on_store
 from orca_kernels._utils import (
+    autocast_fp32_normalisations,
+    autocast_lower_precision,
     check_backend,
     check_int,
     check_tensor,
@@ -476,6 +480,28 @@ _losses_op.register_autograd(_losses_backward, setup_context=_save_inputs)
 # ----------------------------------------------------------------------------- public functions
 
 
+def _autocast_tokens(global_tokens, local_tokens=None) -> tuple:
+    """The tokens as the kernels take them inside an autocast region, where the kernels (one
+    dtype for both inputs) must give the reference's dtypes although the tokens may differ in
+    dtype (under CUDA autocast the global tokens come from a Linear, bf16, and the local tokens
+    from a LayerNorm, fp32: orca_spec.md Q5).
+    - CUDA autocast runs norm and pow in fp32, so the reference normalises in fp32 and both of
+      its losses are fp32: the tokens go to fp32.
+    - CPU autocast runs the reference's normalisation in the input dtype and its einsum on
+      autocast-dtype operands (diversity fp32 through the fp32 identity, cross in the autocast
+      dtype): the tokens go to the autocast dtype, as autocast casts matmul operands.
+    fp64 tokens stay fp64. Outside autocast nothing changes."""
+    if not isinstance(global_tokens, torch.Tensor):
+        return global_tokens, local_tokens
+    device_type = global_tokens.device.type
+    if autocast_fp32_normalisations(device_type):
+        return tuple(
+            t.float() if isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16) else t
+            for t in (global_tokens, local_tokens)
+        )
+    return autocast_lower_precision(global_tokens, local_tokens, device_type=device_type)
+
+
 def _check_inputs(op: str, global_tokens, local_tokens=None, max_local_samples=None) -> None:
     check_tensor(op, "global_tokens", global_tokens, 3)
     if local_tokens is not None:
@@ -501,10 +527,11 @@ def ortho_diversity_loss(global_tokens: torch.Tensor, backend: str = "auto") -> 
     """
     op = "ortho_diversity_loss"
     check_backend(op, backend, BACKENDS)
-    _check_inputs(op, global_tokens)
-    if use_triton(op, global_tokens, backend):
-        return _diversity_op(global_tokens)
-    return reference.ortho_diversity_loss(global_tokens)
+    kernel_global, _ = _autocast_tokens(global_tokens)
+    _check_inputs(op, kernel_global)
+    if use_triton(op, kernel_global, backend):
+        return _diversity_op(kernel_global)
+    return reference.ortho_diversity_loss(global_tokens)  # the reference follows autocast itself
 
 
 def ortho_cross_loss(
@@ -522,9 +549,10 @@ def ortho_cross_loss(
     """
     op = "ortho_cross_loss"
     check_backend(op, backend, BACKENDS)
-    _check_inputs(op, global_tokens, local_tokens, max_local_samples)
-    if use_triton(op, global_tokens, backend):
-        return _cross_op(global_tokens, local_tokens, max_local_samples)
+    kernel_global, kernel_local = _autocast_tokens(global_tokens, local_tokens)
+    _check_inputs(op, kernel_global, kernel_local, max_local_samples)
+    if use_triton(op, kernel_global, backend):
+        return _cross_op(kernel_global, kernel_local, max_local_samples)
     return reference.ortho_cross_loss(global_tokens, local_tokens, max_local_samples)
 
 
@@ -539,9 +567,10 @@ def ortho_losses(
     the Triton path reads the global tokens once, in one forward and one backward kernel."""
     op = "ortho_losses"
     check_backend(op, backend, BACKENDS)
-    _check_inputs(op, global_tokens, local_tokens, max_local_samples)
-    if use_triton(op, global_tokens, backend):
-        return _losses_op(global_tokens, local_tokens, max_local_samples)
+    kernel_global, kernel_local = _autocast_tokens(global_tokens, local_tokens)
+    _check_inputs(op, kernel_global, kernel_local, max_local_samples)
+    if use_triton(op, kernel_global, backend):
+        return _losses_op(kernel_global, kernel_local, max_local_samples)
     return (
         reference.ortho_diversity_loss(global_tokens),
         reference.ortho_cross_loss(global_tokens, local_tokens, max_local_samples),

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from orca_kernels import reference
+from orca_kernels._triton_helpers import cast_for_store, round_bf16_bits, round_bf16_on_store
 from orca_kernels._utils import check_backend, check_tensor, device_context, new_output, triton_interpret, use_triton
 
 OP = "audio_rope"
@@ -33,9 +34,21 @@ def rope_half_tables(length: int, dim: int, position_scale: float, rope_theta: f
 
 
 @triton.jit
+def _rounded(x, like, ROUND_BF16: tl.constexpr):
+    """`x` (in the compute dtype) rounded to `like`'s dtype and kept in x's dtype. ROUND_BF16:
+    round fp32 -> bf16 on the bits (the interpreter truncates casts; see _triton_helpers)."""
+    if ROUND_BF16:
+        y = round_bf16_bits(x)
+    else:
+        y = x.to(like.dtype).to(x.dtype)
+    return y
+
+
+@triton.jit
 def _audio_rope_fwd_kernel(
     x_ptr, cos_ptr, sin_ptr, out_ptr, ROWS, T, HALF, stride_xb, stride_xt, stride_xh, stride_ob, stride_ot,
-    INVERSE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    INVERSE: tl.constexpr, COMPUTE: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """One program per tile of BLOCK_ROWS rows (b*T + t) x BLOCK columns of the first half.
 
@@ -48,22 +61,21 @@ def _audio_rope_fwd_kernel(
     b = (rows // T).to(tl.int64)[:, None]
     t = (rows % T).to(tl.int64)[:, None]
     x_tile = x_ptr + b * stride_xb + t * stride_xt + cols[None, :] * stride_xh
-    x1 = tl.load(x_tile, mask=mask)
+    data = tl.load(x_tile, mask=mask)  # in the data's dtype, which every rounding below is to
     x2 = tl.load(x_tile + HALF * stride_xh, mask=mask)
-    dtype = x1.dtype
     # The fp32 table is cast to the data's dtype before multiplying, as the reference does.
     table = t * HALF + cols[None, :]
-    c = tl.load(cos_ptr + table, mask=mask).to(dtype).to(COMPUTE)
-    s = tl.load(sin_ptr + table, mask=mask).to(dtype).to(COMPUTE)
+    c = _rounded(tl.load(cos_ptr + table, mask=mask).to(COMPUTE), data, ROUND_BF16)
+    s = _rounded(tl.load(sin_ptr + table, mask=mask).to(COMPUTE), data, ROUND_BF16)
     if INVERSE:
         s = -s
-    x1 = x1.to(COMPUTE)
+    x1 = data.to(COMPUTE)
     x2 = x2.to(COMPUTE)
-    first = (x1 * c).to(dtype).to(COMPUTE) - (x2 * s).to(dtype).to(COMPUTE)
-    second = (x1 * s).to(dtype).to(COMPUTE) + (x2 * c).to(dtype).to(COMPUTE)
+    first = _rounded(x1 * c, data, ROUND_BF16) - _rounded(x2 * s, data, ROUND_BF16)
+    second = _rounded(x1 * s, data, ROUND_BF16) + _rounded(x2 * c, data, ROUND_BF16)
     out_tile = out_ptr + b * stride_ob + t * stride_ot + cols[None, :]
-    tl.store(out_tile, first.to(dtype), mask=mask)
-    tl.store(out_tile + HALF, second.to(dtype), mask=mask)
+    tl.store(out_tile, cast_for_store(first, out_ptr, ROUND_BF16), mask=mask)
+    tl.store(out_tile + HALF, cast_for_store(second, out_ptr, ROUND_BF16), mask=mask)
 
 
 @torch.library.custom_op("orca_kernels::audio_rope", mutates_args=())
@@ -83,7 +95,8 @@ def _rope_op(x: torch.Tensor, position_scale: float, rope_theta: float, inverse:
         _audio_rope_fwd_kernel[grid](
             x, cos, sin, out, batch * length, length, half, x.stride(0), x.stride(1), x.stride(2),
             out.stride(0), out.stride(1), INVERSE=inverse,
-            COMPUTE=tl.float64 if x.dtype == torch.float64 else tl.float32, BLOCK_ROWS=block_rows, BLOCK=block,
+            COMPUTE=tl.float64 if x.dtype == torch.float64 else tl.float32, ROUND_BF16=round_bf16_on_store(x.dtype),
+            BLOCK_ROWS=block_rows, BLOCK=block,
         )
     return out
 

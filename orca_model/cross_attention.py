@@ -16,9 +16,10 @@ from orca_kernels.rope import audio_rope
 class AudioMemoryCache:
     """What every injection layer would otherwise recompute from the same audio memory: the
     rotated memory and its pooled, normalised mean (shared by all layers; kept per dtype, since
-    under autocast the residual stream turns fp32 after the first layer, orca_spec.md Q5), and
-    each fused layer's packed K/V projection (per layer). During generation one cache serves every decode step of a
-    request, so RoPE and the K/V GEMM run once per request instead of once per step and layer.
+    under CUDA autocast the residual stream turns fp32 after the first layer, orca_spec.md Q5),
+    and each fused layer's packed K/V projection (per layer). During generation one cache serves
+    every decode step of a request, so RoPE and the K/V GEMM run once per request instead of once
+    per step and layer.
 
     Make a new cache for each audio memory (each forward in training, each request in generation):
     it is keyed by nothing but the layers that fill it.

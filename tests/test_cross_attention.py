@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 import orca_kernels
 from orca_kernels import reference
 from orca_model.cross_attention import AudioMemoryCache, OrcaGatedCrossAttention
-from tolerances import MODULE_RELATIVE_TOLERANCE, assert_matches_truth
+from tolerances import MODULE_RELATIVE_TOLERANCE, assert_matches_truth, assert_no_worse_than_unfused
 
 
 def make_pair(hidden_size, num_heads, dtype, triton_device):
@@ -86,6 +88,66 @@ def test_fully_masked_row_matches_reference(triton_device):
     assert_matches_truth(got[0], want[0], tolerances=MODULE_RELATIVE_TOLERANCE)
     for a, b in zip(got[2], want[2]):
         assert_matches_truth(a, b, tolerances=MODULE_RELATIVE_TOLERANCE)
+
+
+def run_layers(layers, hidden, audio, spans, grad_out, autocast):
+    """Two injected layers in a row sharing one AudioMemoryCache, as in the model, optionally
+    under bf16 autocast: (output, each layer's output dtype, alignment losses, gradients of
+    hidden, audio and every parameter)."""
+    hidden, audio = hidden.detach().requires_grad_(), audio.detach().requires_grad_()
+    cache, dtypes, losses = AudioMemoryCache(), [], []
+    with torch.autocast(hidden.device.type, dtype=torch.bfloat16, enabled=autocast):
+        out = hidden
+        for layer in layers:
+            out = layer(out, audio, None, spans, audio_cache=cache)
+            dtypes.append(out.dtype)
+            losses.append(layer.layer_align_loss)
+    objective = (out.double() * grad_out).sum() + sum(loss.double() for loss in losses)
+    grads = torch.autograd.grad(objective, [hidden, audio, *(p for layer in layers for p in layer.parameters())])
+    return out.detach(), dtypes, [loss.detach() for loss in losses], grads
+
+
+@pytest.mark.parametrize(
+    "hidden_dtype,dtype",
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)],
+    ids=["fp32", "bf16", "fp32-stream-bf16-modules"],
+)
+def test_autocast_follows_the_reference_module(triton_device, hidden_dtype, dtype):
+    """Under bf16 autocast (how users train), with the residual stream in `hidden_dtype`, the
+    parameters in `dtype` (bf16: the reference's LLM and modules, orca_spec.md Q6; an fp32 stream
+    over bf16 modules is what CUDA autocast makes of it after the first injected layer,
+    orca_spec.md Q5) and an fp32 audio memory: the fused layers give the reference layers'
+    dtypes -- each layer's output (under CPU autocast a bf16 stream stays bf16; under CUDA
+    autocast LayerNorm runs in fp32 and the stream turns fp32), the alignment losses and every
+    gradient -- and are no further from an fp64 run than the reference is (the bf16 rule of
+    tolerances.py)."""
+    pairs = [make_pair(32, 4, dtype, triton_device) for _ in range(2)]
+    reference_layers = [pair[0].train() for pair in pairs]
+    fused_layers = [pair[1].train() for pair in pairs]
+    truth_layers = [copy.deepcopy(layer).double() for layer in reference_layers]
+    hidden = torch.randn(2, 5, 32, device=triton_device).to(hidden_dtype)
+    audio = torch.randn(2, 13, 32, device=triton_device)
+    grad_out = torch.randn(2, 5, 32, device=triton_device, dtype=torch.float64)
+    spans = [(0, 1, 4), (1, 0, 3)]
+    got = run_layers(fused_layers, hidden, audio, spans, grad_out, autocast=True)
+    want = run_layers(reference_layers, hidden, audio, spans, grad_out, autocast=True)
+    truth = run_layers(truth_layers, hidden.double(), audio.double(), spans, grad_out, autocast=False)
+    assert got[1] == want[1], f"layer output dtypes {got[1]} != the reference's {want[1]}"
+    assert [loss.dtype for loss in got[2]] == [loss.dtype for loss in want[2]]
+    assert [g.dtype for g in got[3]] == [g.dtype for g in want[3]]
+    assert_no_worse_than_unfused(got[0], want[0], truth[0], name="output")
+    for i, (a, b, t) in enumerate(zip(got[2], want[2], truth[2])):
+        assert_no_worse_than_unfused(a, b, t, name=f"layer_align_loss {i}")
+    for i, name in enumerate(["hidden", "audio"]):
+        assert_no_worse_than_unfused(got[3][i], want[3][i], truth[3][i], name=f"grad {name}")
+    # Parameter gradients per layer, as one vector: a single bias's gradient is a sum with
+    # cancellation whose bf16 error is luck either way (see tolerances.BF16_RESOLUTION); the
+    # fp32/fp64 tests above check every parameter on its own.
+    count = len(list(fused_layers[0].parameters()))
+    for i in range(2):
+        layer = slice(2 + i * count, 2 + (i + 1) * count)
+        a, b, t = (torch.cat([g.flatten().double() for g in grads[layer]]) for grads in (got[3], want[3], truth[3]))
+        assert_no_worse_than_unfused(a, b, t, name=f"layer {i} parameter gradients")
 
 
 def test_cached_decode_equals_uncached(triton_device):

@@ -288,3 +288,32 @@ def test_auto_uses_the_kernels_where_they_run(monkeypatch, device):
     orca_kernels.ortho_cross_loss(g, l)
     with pytest.raises(AssertionError, match="the reference ran"):
         orca_kernels.ortho_losses(g, l, backend="torch")
+
+
+@pytest.mark.parametrize("local_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_autocast_follows_the_reference_dtypes(device, local_dtype):
+    """Inside bf16 autocast the losses take what the model gives them: bf16 global tokens (a
+    Linear) and local tokens from a LayerNorm, fp32 under CUDA autocast and bf16 under the CPU's
+    (orca_spec.md Q5). Mixed dtypes are not refused there, the loss and gradient dtypes are the
+    reference's under the same autocast, and the values are at most 2x the reference's error
+    against fp64. (On the CPU the bf16 dot operands are upcast under the interpreter.)"""
+    g, l = _tokens((2, 8, 32), torch.bfloat16, device), _tokens((2, 40, 32), local_dtype, device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        div, cross = orca_kernels.ortho_losses(g, l, backend="triton")
+        div_ref, cross_ref = orca_kernels.ortho_losses(g, l, backend="torch")
+        singles = (
+            orca_kernels.ortho_diversity_loss(g, backend="triton"), orca_kernels.ortho_cross_loss(g, l, backend="triton")
+        )
+    assert (div.dtype, cross.dtype) == (div_ref.dtype, cross_ref.dtype) == (singles[0].dtype, singles[1].dtype)
+    grads = torch.autograd.grad(div + cross, (g, l))
+    grads_ref = torch.autograd.grad(div_ref + cross_ref, (g, l))
+    assert [t.dtype for t in grads] == [t.dtype for t in grads_ref] == [torch.bfloat16, local_dtype]
+    div_truth, cross_truth, grads_truth = _truth(g, l, 100, (1.0, 1.0))
+    for actual, ref, truth, name in [
+        (div, div_ref, div_truth, "diversity"),
+        (cross, cross_ref, cross_truth, "cross"),
+        (grads[0], grads_ref[0], grads_truth[0], "grad global_tokens"),
+        (grads[1], grads_ref[1], grads_truth[1], "grad local_tokens"),
+    ]:
+        # bf16 computations whatever the result's dtype: the 2x rule, not the fp32 table.
+        assert_matches_truth(actual, truth, same_dtype_reference=ref, name=name, tolerances={})

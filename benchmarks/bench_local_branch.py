@@ -1,0 +1,65 @@
+"""The connector's local branch, forward+backward: softmax mix of the L = 4 target Whisper layers
+[B, 1500, D] -> Linear(D -> H) -> strided Conv1d(H, H, k5, s4) -> LayerNorm -> local tokens [B, 375, H].
+
+Providers: "eager" (orca_kernels.reference.local_branch, the conv as F.conv1d on transposes),
+"compiled" (torch.compile of it) and "orca" (ORCAHybridConnector's use_fused_orca branch: the
+conv through the extension on the channels-last activations). The extension has a CPU kernel, so
+all three run in the quick CPU workload. The Whisper states are fp32 (the encoder runs in fp32)
+and need no gradient (it is frozen); the branch's parameters train in the LLM's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from benchmarks.harness import Case, Provider
+from orca_kernels import reference, strided_conv1d
+
+NUM_LAYERS, FRAMES, KERNEL_SIZE, STRIDE = 4, 1500, 5, 4
+# (label, batch, Whisper width D, LLM width H): Whisper large-v3 into DESIGN.md's LLMs
+FULL_SHAPES = [("llama3.1-8b", 12, 1280, 4096), ("qwen3-4b", 12, 1280, 2560), ("qwen3-0.6b", 32, 1280, 1024)]
+QUICK_SHAPES = [("quick", 2, 64, 128)]
+
+
+def _eager(*inputs):
+    """inputs: the L states [B, T, D], then layer weights [L], Linear weight [H, D] and bias, Conv1d
+    weight [H, H, k] and bias, LayerNorm weight and bias -> [B, T_l, H]."""
+    return reference.local_branch(inputs[:NUM_LAYERS], *inputs[NUM_LAYERS:], stride=STRIDE)
+
+
+def _connector_fused(*inputs):
+    """ORCAHybridConnector.forward's local branch with use_fused_orca, op for op (same inputs as _eager)."""
+    states = inputs[:NUM_LAYERS]
+    layer_weights, proj_weight, proj_bias, conv_weight, conv_bias, ln_weight, ln_bias = inputs[NUM_LAYERS:]
+    dtype = proj_weight.dtype
+    layers = torch.stack([s.to(dtype) for s in states], dim=0).permute(1, 2, 0, 3)  # [B, T, L, D]
+    mix = torch.softmax(layer_weights, dim=-1).unsqueeze(-1).to(dtype)
+    features = F.linear((layers * mix).sum(dim=2), proj_weight, proj_bias)
+    features = strided_conv1d(features, conv_weight, conv_bias, STRIDE, KERNEL_SIZE // 2, backend="extension")
+    return F.layer_norm(features, (features.shape[-1],), ln_weight, ln_bias)
+
+
+def cases(device: torch.device, quick: bool) -> list[Case]:
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    providers = [Provider("eager", _eager), Provider("compiled", torch.compile(_eager)), Provider("orca", _connector_fused)]
+    result = []
+    for label, batch, encoder_size, size in QUICK_SHAPES if quick else FULL_SHAPES:
+
+        def make_inputs(batch=batch, encoder_size=encoder_size, size=size):
+            states = [torch.randn(batch, FRAMES, encoder_size, device=device) for _ in range(NUM_LAYERS)]
+            # The connector's modules, for their initial weights (the mix starts uniform, as there).
+            proj = nn.Linear(encoder_size, size, device=device, dtype=dtype)
+            conv = nn.Conv1d(size, size, KERNEL_SIZE, device=device, dtype=dtype)
+            layer_weights = torch.zeros(NUM_LAYERS, device=device, dtype=dtype)
+            parameters = [layer_weights, proj.weight, proj.bias, conv.weight, conv.bias]
+            parameters += [torch.ones(size, device=device, dtype=dtype), torch.zeros(size, device=device, dtype=dtype)]
+            return *states, *(p.detach().requires_grad_() for p in parameters)
+
+        result.append(Case(
+            op="local_branch",
+            shape=f"{label} {NUM_LAYERS}x[{batch},{FRAMES},{encoder_size}]->H{size} k{KERNEL_SIZE} s{STRIDE}",
+            dtype=dtype, make_inputs=make_inputs, providers=providers, reference_fp64=_eager,
+        ))
+    return result

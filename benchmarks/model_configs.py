@@ -1,0 +1,74 @@
+"""Hugging Face configs of the models ORCA-DeSTA trains on, written inline (no hub access), and
+tiny ones for the quick CPU workload. Shared by the decoder-layer and end-to-end suites.
+
+The real ones copy the published config.json of Qwen/Qwen3-0.6B, Qwen/Qwen3-4B,
+meta-llama/Llama-3.1-8B(-Instruct) and openai/whisper-large-v3; `num_layers` lets a benchmark
+build fewer decoder layers at the real width (its shape label must say so).
+"""
+
+from __future__ import annotations
+
+from transformers import LlamaConfig, Qwen3Config, WhisperConfig
+
+# SDPA, as from_pretrained picks by default; a bare decoder layer would otherwise get eager attention.
+ATTENTION = "sdpa"
+
+
+def qwen3_0_6b(num_layers: int = 28) -> Qwen3Config:
+    return Qwen3Config(
+        vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=num_layers,
+        num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+        rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6}, attn_implementation=ATTENTION,
+    )
+
+
+def qwen3_4b(num_layers: int = 36) -> Qwen3Config:
+    return Qwen3Config(
+        vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=num_layers,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+        rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6}, attn_implementation=ATTENTION,
+    )
+
+
+def llama3_1_8b(num_layers: int = 32) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=num_layers,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5,
+        tie_word_embeddings=False, bos_token_id=128000, eos_token_id=[128001, 128008, 128009],
+        rope_parameters={
+            "rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+        },
+        attn_implementation=ATTENTION,
+    )
+
+
+def whisper_large_v3() -> WhisperConfig:
+    return WhisperConfig(
+        vocab_size=51866, num_mel_bins=128, d_model=1280, encoder_layers=32, encoder_attention_heads=20,
+        encoder_ffn_dim=5120, decoder_layers=32, decoder_attention_heads=20, decoder_ffn_dim=5120,
+        max_source_positions=1500, max_target_positions=448, pad_token_id=50256, bos_token_id=50257,
+        eos_token_id=50257, decoder_start_token_id=50258, attn_implementation=ATTENTION,
+    )
+
+
+def tiny_qwen3(num_layers: int = 2) -> Qwen3Config:
+    """Hidden 64, 4 heads of 16 (2 KV heads), vocabulary 96."""
+    return Qwen3Config(
+        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0, rope_parameters={"rope_type": "default", "rope_theta": 1e6}, attn_implementation=ATTENTION,
+    )
+
+
+def tiny_whisper() -> WhisperConfig:
+    """4 encoder layers of width 32, 16 mel bins, 16 encoder frames (32 mel frames)."""
+    return WhisperConfig(
+        vocab_size=64, num_mel_bins=16, d_model=32, encoder_layers=4, encoder_attention_heads=2, encoder_ffn_dim=64,
+        decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=64, max_source_positions=16,
+        max_target_positions=16, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+        attn_implementation=ATTENTION,
+    )
+
