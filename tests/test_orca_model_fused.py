@@ -45,11 +45,14 @@ def checkpoints(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def _fp32_without_tf32(monkeypatch):
+def _fp32_without_tf32():
     """fp32 parity needs fp32 convolutions and GEMMs: on a GPU, cuDNN's TF32 (on by default)
-    would give the unfused Conv1d errors of ~1e-3."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    would give the unfused Conv1d errors of ~1e-3. (Plain assignment, not monkeypatch: the
+    matmul flag is a computed attribute that monkeypatch cannot always restore.)"""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 @pytest.fixture(params=["qwen3", "llama"])
