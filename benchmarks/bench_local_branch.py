@@ -10,8 +10,9 @@ and need no gradient (it is frozen); the branch's parameters train in the LLM's 
 
 from __future__ import annotations
 
+import functools
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.harness import Case, Provider
@@ -29,21 +30,16 @@ def _eager(*inputs):
     return reference.local_branch(inputs[:NUM_LAYERS], *inputs[NUM_LAYERS:], stride=STRIDE)
 
 
-def _connector_fused(*inputs):
-    """ORCAHybridConnector.forward's local branch with use_fused_orca, op for op (same inputs as _eager)."""
-    states = inputs[:NUM_LAYERS]
-    layer_weights, proj_weight, proj_bias, conv_weight, conv_bias, ln_weight, ln_bias = inputs[NUM_LAYERS:]
-    dtype = proj_weight.dtype
-    layers = torch.stack([s.to(dtype) for s in states], dim=0).permute(1, 2, 0, 3)  # [B, T, L, D]
-    mix = torch.softmax(layer_weights, dim=-1).unsqueeze(-1).to(dtype)
-    features = F.linear((layers * mix).sum(dim=2), proj_weight, proj_bias)
-    features = strided_conv1d(features, conv_weight, conv_bias, STRIDE, KERNEL_SIZE // 2, backend="extension")
-    return F.layer_norm(features, (features.shape[-1],), ln_weight, ln_bias)
+def _fused(*inputs):
+    """The same branch with the conv through the extension on the channels-last activations, as
+    ORCAHybridConnector runs it under use_fused_orca (same inputs as _eager)."""
+    conv = functools.partial(strided_conv1d, backend="extension")
+    return reference.local_branch(inputs[:NUM_LAYERS], *inputs[NUM_LAYERS:], stride=STRIDE, conv=conv)
 
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    providers = [Provider("eager", _eager), Provider("compiled", torch.compile(_eager)), Provider("orca", _connector_fused)]
+    providers = [Provider("eager", _eager), Provider("compiled", torch.compile(_eager)), Provider("orca", _fused)]
     result = []
     for label, batch, encoder_size, size in QUICK_SHAPES if quick else FULL_SHAPES:
 

@@ -9,7 +9,7 @@ kept and named in the docstring.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -211,15 +211,17 @@ def local_branch(
     ln_weight: torch.Tensor,
     ln_bias: torch.Tensor,
     stride: int = 4,
+    conv: Callable[..., torch.Tensor] = strided_conv1d,
 ) -> torch.Tensor:
     """Local tokens [B, T_l, H] from the L target encoder states [B, T, D]: softmax layer mix
     (weights cast to the module dtype after the softmax) -> Linear(D -> H) -> Conv1d(H, H, k,
     stride, padding k//2) -> LayerNorm. The states are cast to the module dtype first, as the
-    reference casts them to its weight dtype."""
+    reference casts them to its weight dtype. `conv(x, weight, bias, stride, padding)` is the
+    channels-last Conv1d, the reference's by default (benchmarks swap in the compiled one)."""
     dtype = proj_in_weight.dtype
     stacked = torch.stack([s.to(dtype) for s in target_layer_states], dim=0).permute(1, 2, 0, 3)  # [B, T, L, D]
     mix = torch.softmax(layer_weights, dim=-1).unsqueeze(-1).to(dtype)  # [L, 1]
     fused = (stacked * mix).sum(dim=2)
     features = F.linear(fused, proj_in_weight, proj_in_bias)
-    features = strided_conv1d(features, conv_weight, conv_bias, stride, conv_weight.shape[-1] // 2)
+    features = conv(features, conv_weight, conv_bias, stride, conv_weight.shape[-1] // 2)
     return F.layer_norm(features, (features.shape[-1],), ln_weight, ln_bias, LAYER_NORM_EPS)
