@@ -72,6 +72,14 @@ def autocast_fp32_normalisations(device_type: str) -> bool:
     return device_type == "cuda" and torch.is_autocast_enabled(device_type)
 
 
+def persistent_programs(device: torch.device) -> int:
+    """Programs of a kernel whose programs loop over rows (gradient partial sums): 4 per SM fill a
+    GPU; under the interpreter, whose cost is per program, 4 in all."""
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
 def device_context(tensor: torch.Tensor):
     """Triton launches on the current CUDA device: make it the tensor's."""
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()

@@ -15,8 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-from orca_kernels._triton_helpers import cast_for_store, round_bf16_on_store
-from orca_kernels._utils import device_context, new_output, triton_interpret
+from orca_kernels import _utils
+from orca_kernels._triton_helpers import cast_for_store, round_bf16_on_store, row_warps
+from orca_kernels._utils import device_context, new_output
 
 LAYER_NORM_EPS = 1e-5
 
@@ -138,8 +139,64 @@ def _round_on_store(stored: torch.dtype, compute: torch.dtype) -> bool:
     return compute == torch.float32 and round_bf16_on_store(stored)
 
 
-def _blocks(hidden_size: int, gate_size: int) -> dict:
-    return {"BLOCK_H": triton.next_power_of_2(hidden_size), "BLOCK_G": triton.next_power_of_2(max(gate_size, 1))}
+def _launch(hidden_size: int, gate_size: int) -> dict:
+    """Block sizes and warps: a program holds whole rows, so the warps follow the row width."""
+    block_h = triton.next_power_of_2(hidden_size)
+    return {"BLOCK_H": block_h, "BLOCK_G": triton.next_power_of_2(max(gate_size, 1)), "num_warps": row_warps(block_h)}
+
+
+def _forward(hidden, attended, gate_hidden, gate_out_weight, gate_out_bias, ln_weight, ln_bias, eps: float, out_dtype):
+    """Launch the forward kernel: out [B, T, H] in out_dtype."""
+    size, gate_size = hidden.shape[-1], gate_hidden.shape[-1]
+    out = new_output(hidden.shape, dtype=out_dtype, device=hidden.device)
+    h, o, u = _rows(hidden), _rows(attended), _rows(gate_hidden)
+    if h.shape[0] == 0:
+        return out
+    compute = _compute_dtype(hidden, attended, gate_hidden)
+    with device_context(hidden):
+        _gated_residual_fwd_kernel[(h.shape[0],)](
+            h, o, u, gate_out_weight.reshape(-1), gate_out_bias, ln_weight, ln_bias, out,
+            h.stride(0), o.stride(0), u.stride(0), size, size, gate_size, eps,
+            COMPUTE=_TL_COMPUTE[compute], ROUND_OUT=_round_on_store(out_dtype, compute), **_launch(size, gate_size),
+        )
+    return out
+
+
+def _backward(grad_out, attended, gate_hidden, gate_out_weight, gate_out_bias, ln_weight, ln_bias, eps: float):
+    """Launch the backward kernel: gradients of (attended, gate_hidden, gate_out_weight,
+    gate_out_bias, ln_weight, ln_bias)."""
+    size, gate_size = attended.shape[-1], gate_hidden.shape[-1]
+    device = attended.device
+    dout, o, u = _rows(grad_out), _rows(attended), _rows(gate_hidden)
+    num_rows = o.shape[0]
+    d_attended = new_output(attended.shape, dtype=attended.dtype, device=device)
+    d_gate_hidden = new_output(gate_hidden.shape, dtype=gate_hidden.dtype, device=device)
+    programs = max(1, min(num_rows, _utils.persistent_programs(device)))
+    rows_per_program = triton.cdiv(max(num_rows, 1), programs)
+    compute = _compute_dtype(grad_out, attended, gate_hidden)
+    partial_lnw = torch.zeros(programs, size, dtype=compute, device=device)
+    partial_lnb = torch.zeros(programs, size, dtype=compute, device=device)
+    partial_w2 = torch.zeros(programs, gate_size, dtype=compute, device=device)
+    partial_b2 = torch.zeros(programs, dtype=compute, device=device)
+    if num_rows > 0:
+        with device_context(attended):
+            _gated_residual_bwd_kernel[(programs,)](
+                dout, o, u, gate_out_weight.reshape(-1), gate_out_bias, ln_weight, ln_bias,
+                d_attended.view(-1, size), d_gate_hidden.view(-1, gate_size),
+                partial_lnw, partial_lnb, partial_w2, partial_b2,
+                dout.stride(0), o.stride(0), u.stride(0), size, gate_size, num_rows, size, gate_size, eps,
+                rows_per_program, COMPUTE=_TL_COMPUTE[compute],
+                ROUND_DO=_round_on_store(attended.dtype, compute), ROUND_DU=_round_on_store(gate_hidden.dtype, compute),
+                **_launch(size, gate_size),
+            )
+    return (
+        d_attended,
+        d_gate_hidden,
+        partial_w2.sum(0).reshape(gate_out_weight.shape).to(gate_out_weight.dtype),
+        partial_b2.sum(0).reshape(gate_out_bias.shape).to(gate_out_bias.dtype),
+        partial_lnw.sum(0).to(ln_weight.dtype),
+        partial_lnb.sum(0).to(ln_bias.dtype),
+    )
 
 
 @torch.library.custom_op("orca_kernels::gated_residual", mutates_args=())
@@ -154,19 +211,7 @@ def _gated_residual_op(
     eps: float,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    size, gate_size = hidden.shape[-1], gate_hidden.shape[-1]
-    out = new_output(hidden.shape, dtype=out_dtype, device=hidden.device)
-    h, o, u = _rows(hidden), _rows(attended), _rows(gate_hidden)
-    if h.shape[0] == 0:
-        return out
-    compute = _compute_dtype(hidden, attended, gate_hidden)
-    with device_context(hidden):
-        _gated_residual_fwd_kernel[(h.shape[0],)](
-            h, o, u, gate_out_weight.reshape(-1), gate_out_bias, ln_weight, ln_bias, out,
-            h.stride(0), o.stride(0), u.stride(0), size, size, gate_size, eps,
-            COMPUTE=_TL_COMPUTE[compute], ROUND_OUT=_round_on_store(out_dtype, compute), **_blocks(size, gate_size),
-        )
-    return out
+    return _forward(hidden, attended, gate_hidden, gate_out_weight, gate_out_bias, ln_weight, ln_bias, eps, out_dtype)
 
 
 @_gated_residual_op.register_fake
@@ -187,40 +232,7 @@ def _gated_residual_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of (attended, gate_hidden, gate_out_weight, gate_out_bias, ln_weight, ln_bias);
     the hidden state's gradient is grad_out itself."""
-    size, gate_size = attended.shape[-1], gate_hidden.shape[-1]
-    device = attended.device
-    dout, o, u = _rows(grad_out), _rows(attended), _rows(gate_hidden)
-    num_rows = o.shape[0]
-    d_attended = new_output(attended.shape, dtype=attended.dtype, device=device)
-    d_gate_hidden = new_output(gate_hidden.shape, dtype=gate_hidden.dtype, device=device)
-    # Few programs under the interpreter (its cost is per program); on a GPU enough to fill it.
-    target = 4 if triton_interpret() or device.type != "cuda" else 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    programs = max(1, min(num_rows, target))
-    rows_per_program = triton.cdiv(max(num_rows, 1), programs)
-    compute = _compute_dtype(grad_out, attended, gate_hidden)
-    partial_lnw = torch.zeros(programs, size, dtype=compute, device=device)
-    partial_lnb = torch.zeros(programs, size, dtype=compute, device=device)
-    partial_w2 = torch.zeros(programs, gate_size, dtype=compute, device=device)
-    partial_b2 = torch.zeros(programs, dtype=compute, device=device)
-    if num_rows > 0:
-        with device_context(attended):
-            _gated_residual_bwd_kernel[(programs,)](
-                dout, o, u, gate_out_weight.reshape(-1), gate_out_bias, ln_weight, ln_bias,
-                d_attended.view(-1, size), d_gate_hidden.view(-1, gate_size),
-                partial_lnw, partial_lnb, partial_w2, partial_b2,
-                dout.stride(0), o.stride(0), u.stride(0), size, gate_size, num_rows, size, gate_size, eps,
-                rows_per_program, COMPUTE=_TL_COMPUTE[compute],
-                ROUND_DO=_round_on_store(attended.dtype, compute), ROUND_DU=_round_on_store(gate_hidden.dtype, compute),
-                **_blocks(size, gate_size),
-            )
-    return (
-        d_attended,
-        d_gate_hidden,
-        partial_w2.sum(0).reshape(gate_out_weight.shape).to(gate_out_weight.dtype),
-        partial_b2.sum(0).reshape(gate_out_bias.shape).to(gate_out_bias.dtype),
-        partial_lnw.sum(0).to(ln_weight.dtype),
-        partial_lnb.sum(0).to(ln_bias.dtype),
-    )
+    return _backward(grad_out, attended, gate_hidden, gate_out_weight, gate_out_bias, ln_weight, ln_bias, eps)
 
 
 @_gated_residual_backward_op.register_fake
@@ -237,12 +249,12 @@ def _setup_context(ctx, inputs, output):
     ctx.eps, ctx.hidden_dtype = eps, hidden.dtype
 
 
-def _backward(ctx, grad_out):
+def _residual_backward(ctx, grad_out):
     grads = _gated_residual_backward_op(grad_out, *ctx.saved_tensors, ctx.eps)
     return (grad_out.to(ctx.hidden_dtype), *grads, None, None)
 
 
-_gated_residual_op.register_autograd(_backward, setup_context=_setup_context)
+_gated_residual_op.register_autograd(_residual_backward, setup_context=_setup_context)
 
 
 def gated_residual(

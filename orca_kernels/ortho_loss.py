@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from orca_kernels import reference
-from orca_kernels._triton_helpers import cast_for_store, kernel_dtypes, round_bf16_on_store
+from orca_kernels._triton_helpers import cast_for_store, kernel_dtypes, register_cap, round_bf16_on_store
 from orca_kernels._utils import (
     autocast_fp32_normalisations,
     autocast_lower_precision,
@@ -100,7 +100,8 @@ def _similarities(
         x = _load_tokens(g_ptr, l_ptr, idx_ptr, b, rows, h, K, n, H, sgb, sgk, sgh, slb, slt, slh, ROWS_LOCAL, SUBSAMPLE)
         y = _load_tokens(g_ptr, l_ptr, idx_ptr, b, cols, h, K, n, H, sgb, sgk, sgh, slb, slt, slh, True, SUBSAMPLE)
         # fp16/bf16 products are exact in fp32; "ieee" keeps fp32 inputs off TF32.
-        dots = tl.dot(x.to(DOT_DTYPE), tl.trans(y.to(DOT_DTYPE)), dots, input_precision="ieee")
+        # out_dtype: triton 3.6 asserts it equals a non-fp32 accumulator's dtype (no default from acc).
+        dots = tl.dot(x.to(DOT_DTYPE), tl.trans(y.to(DOT_DTYPE)), dots, input_precision="ieee", out_dtype=ACC_DTYPE)
         xa = x.to(ACC_DTYPE)
         ya = y.to(ACC_DTYPE)
         row_sq += tl.sum(xa * xa, 1)
@@ -257,7 +258,7 @@ def _ortho_losses_bwd_kernel(
             offsets = tl.arange(0, BLOCK_M)[:, None] * scratch_cols + (c0 - col_start + tl.arange(0, BLOCK_N))[None, :]
             w = tl.load(scratch + offsets)
             y = _load_tokens(g_ptr, l_ptr, idx_ptr, b, cols, h, K, n, H, sgb, sgk, sgh, slb, slt, slh, True, SUBSAMPLE)
-            acc = tl.dot(w, y.to(ACC_DTYPE), acc, input_precision=GRAD_PRECISION)
+            acc = tl.dot(w, y.to(ACC_DTYPE), acc, input_precision=GRAD_PRECISION, out_dtype=ACC_DTYPE)  # for triton 3.6
         x = _load_tokens(g_ptr, l_ptr, idx_ptr, b, rows, h, K, n, H, sgb, sgk, sgh, slb, slt, slh, WITH_CROSS, SUBSAMPLE)
         grad = acc / row_norm[:, None] - radial[:, None] * x.to(ACC_DTYPE)
         h_ok = (h < H)[None, :]
@@ -317,8 +318,10 @@ def _forward(
     dot_dtype, acc_dtype = kernel_dtypes(g.dtype)
     col_start = 0 if kernel_div else K
     col_end = K + n if kernel_cross else K
-    # Sizes that compile without register spills on sm_90 in every dtype (8 warps).
-    block_m, block_n, block_h = _block(K, 16, 64), _block(col_end - col_start, 16, 64), _block(H, 16, 32)
+    # Sizes that compile without register spills on sm_80 and sm_90 in every dtype (8 warps;
+    # benchmarks/compile_audit.py checks it): fp32/fp64 tiles take twice the registers.
+    widest = 64 if g.dtype in (torch.float16, torch.bfloat16) else 32
+    block_m, block_n, block_h = _block(K, 16, 64), _block(col_end - col_start, 16, widest), _block(H, 16, 32)
     num_row_blocks = triton.cdiv(K, block_m)
     num_col_blocks = triton.cdiv(col_end - col_start, block_n)
     num_programs = B * num_row_blocks * num_col_blocks
@@ -345,6 +348,14 @@ def _forward(
     return div, cross
 
 
+def _backward_warps(dtype: torch.dtype) -> dict:
+    """fp16/bf16 tiles fit 4 warps; fp32/fp64 ones need 8 and a block's worth of registers (no
+    spills on sm_80 or sm_90; benchmarks/compile_audit.py checks it)."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return {"num_warps": 4}
+    return {"num_warps": 8, "maxnreg": register_cap(8, 1)}
+
+
 def _backward(
     g: torch.Tensor,
     l: torch.Tensor | None,
@@ -368,7 +379,7 @@ def _backward(
     dot_dtype, acc_dtype = kernel_dtypes(g.dtype)
     global_col_start = 0 if with_div else K
     global_col_end = K + n if with_cross else K
-    block_m = _block(max(K, n), 16, 32)  # no register spills on sm_90 in any dtype (8 warps)
+    block_m = _block(max(K, n), 16, 32)
     block_n = _block(global_col_end - global_col_start, 16, 32)
     block_h = _block(H, 16, 32)
     num_global_blocks = triton.cdiv(K, block_m)
@@ -391,7 +402,8 @@ def _backward(
             DOT_DTYPE=dot_dtype, ACC_DTYPE=acc_dtype,
             # fp16/bf16: TF32 holds the input values exactly and the weights to 2^-11.
             GRAD_PRECISION="ieee" if g.dtype in (torch.float32, torch.float64) else "tf32",
-            ROUND_BF16=round_bf16_on_store(g.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_H=block_h, num_warps=8,
+            ROUND_BF16=round_bf16_on_store(g.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_H=block_h,
+            **_backward_warps(g.dtype),
         )
     return [dg] if l is None else [dg, dl]
 

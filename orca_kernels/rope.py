@@ -78,8 +78,8 @@ def _audio_rope_fwd_kernel(
     tl.store(out_tile + HALF, cast_for_store(second, out_ptr, ROUND_BF16), mask=mask)
 
 
-@torch.library.custom_op("orca_kernels::audio_rope", mutates_args=())
-def _rope_op(x: torch.Tensor, position_scale: float, rope_theta: float, inverse: bool) -> torch.Tensor:
+def _rotate(x: torch.Tensor, position_scale: float, rope_theta: float, inverse: bool) -> torch.Tensor:
+    """Launch the kernel: x [B, T, H] rotated (by the opposite angle when `inverse`), contiguous."""
     batch, length, dim = x.shape
     out = new_output((batch, length, dim), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
@@ -99,6 +99,11 @@ def _rope_op(x: torch.Tensor, position_scale: float, rope_theta: float, inverse:
             BLOCK_ROWS=block_rows, BLOCK=block,
         )
     return out
+
+
+@torch.library.custom_op("orca_kernels::audio_rope", mutates_args=())
+def _rope_op(x: torch.Tensor, position_scale: float, rope_theta: float, inverse: bool) -> torch.Tensor:
+    return _rotate(x, position_scale, rope_theta, inverse)
 
 
 @_rope_op.register_fake
