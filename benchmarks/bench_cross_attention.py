@@ -8,7 +8,7 @@ import functools
 
 import torch
 
-from benchmarks.harness import Case, Provider
+from benchmarks.harness import Case, Provider, targets_gpu
 from orca_kernels import flash_cross_attention, reference
 from orca_kernels._utils import triton_interpret
 from orca_kernels.flash_cross_attention import flash_cross_attention_reference
@@ -53,9 +53,9 @@ def _sdpa_flash(q, k, v):
 
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
-    if device.type != "cuda" and not triton_interpret():
+    if not targets_gpu(device) and not triton_interpret():
         return []  # the fused path runs on CUDA (or the CPU interpreter, far too slow to time)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = torch.bfloat16 if targets_gpu(device) else torch.float32
     result = []
     for label, batch, t_x, size, heads, t_a, theta in QUICK_SHAPES if quick else FULL_SHAPES:
         eager, fused = _modules(size, heads, theta, dtype, device)
@@ -78,7 +78,7 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
             return make(t_x), make(t_a), make(t_a)
 
         core = [Provider("eager", flash_cross_attention_reference), Provider("compiled", torch.compile(flash_cross_attention_reference))]
-        if device.type == "cuda":
+        if targets_gpu(device):
             core += [Provider("sdpa-flash", _sdpa_flash), *_flash_attn_provider()]
         core.append(Provider("orca", functools.partial(flash_cross_attention, backend="triton")))
         result.append(Case(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.harness import Case, Provider
+from benchmarks.harness import Case, Provider, targets_gpu
 from orca_kernels import ortho_losses, reference
 from orca_kernels._utils import triton_interpret
 
@@ -27,9 +27,9 @@ def _fused(global_tokens, local_tokens):
 
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
-    if device.type != "cuda" and not triton_interpret():
+    if not targets_gpu(device) and not triton_interpret():
         return []  # Triton kernels: CUDA (or the CPU interpreter, far too slow to time)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = torch.bfloat16 if targets_gpu(device) else torch.float32
     result = []
     for label, batch, tokens, size in QUICK_SHAPES if quick else FULL_SHAPES:
 

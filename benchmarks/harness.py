@@ -64,6 +64,12 @@ class Result:
         return asdict(self)
 
 
+def targets_gpu(device: torch.device) -> bool:
+    """Whether cases are built for a GPU: CUDA, or the meta device that stands in for it when
+    `run.py --list` rehearses the GPU workload on a machine without one."""
+    return device.type in ("cuda", "meta")
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

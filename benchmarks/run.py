@@ -16,6 +16,7 @@ import platform
 import re
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -43,7 +44,8 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+        # --list may name a CUDA device on a machine without one (gpu_check.sh --dry-run)
+        return torch.cuda.get_device_name(device) if torch.cuda.is_available() else "cuda (no device here)"
     return f"cpu {platform.machine()} x{os.cpu_count()}"
 
 
@@ -133,6 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=os.environ.get("OUT_DIR", RESULTS_DIR), help="folder for JSON/CSV/PNG")
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--list", action="store_true", help="list the cases with a rough time estimate; run nothing")
+    parser.add_argument(
+        "--budget-s", type=float, default=None,
+        help="stop starting new cases after this many seconds, and say which were skipped (results so far are kept)",
+    )
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -143,16 +150,60 @@ def main(argv: list[str] | None = None) -> int:
     print(f"orca-kernels benchmarks on {meta['device']} ({meta['workload']} workload), torch {meta['torch']}, "
           f"triton {meta['triton']}, git {meta['git_sha']}", flush=True)
 
-    cases = [case for name, suite in SUITES.items() if not args.ops or name in args.ops for case in suite.cases(device, quick)]
-    results: list[Result] = []
-    for i, case in enumerate(cases, 1):
-        print(f"[{i}/{len(cases)}] {case.op} {case.shape} {str(case.dtype).removeprefix('torch.')}", flush=True)
-        results += run_case(case, device, warmup, repeats)
-    print(format_table(results))
+    build_on = device
+    if args.list and device.type == "cuda" and not torch.cuda.is_available():
+        # Rehearsal without a GPU: the CUDA cases are built on the meta device (no memory, no
+        # kernels), which lists them with their shapes and providers.
+        build_on = torch.device("meta")
+        print("no CUDA device here: listing the CUDA cases as built on the meta device")
+    cases = [case for name, suite in SUITES.items() if not args.ops or name in args.ops for case in suite.cases(build_on, quick)]
+    if args.list:
+        total = 0.0
+        for i, case in enumerate(cases, 1):
+            seconds = estimated_seconds(case, device)
+            total += seconds
+            print(f"[{i}/{len(cases)}] {case_label(case)}  ~{seconds:.0f} s")
+        print(f"{len(cases)} cases, roughly {total / 60:.1f} min (an estimate: compile time dominates and is not measured)")
+        return 0
 
     os.makedirs(args.out, exist_ok=True)
     slug = re.sub(r"[^a-z0-9]+", "-", meta["device"].lower()).strip("-")
     stem = os.path.join(args.out, f"{slug}-{datetime.date.today().isoformat()}")
+    results: list[Result] = []
+    start = time.perf_counter()
+    skipped: list[str] = []
+    for i, case in enumerate(cases, 1):
+        if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
+            skipped = [case_label(c) for c in cases[i - 1 :]]
+            break
+        print(f"[{i}/{len(cases)}] {case_label(case)}", flush=True)
+        results += run_case(case, device, warmup, repeats)
+        write_results(results, meta, stem)  # case by case: a run cut short keeps what it measured
+    print(format_table(results))
+    if skipped:
+        meta["skipped"] = skipped
+        write_results(results, meta, stem)
+        print(f"time budget of {args.budget_s:.0f} s spent: skipped {len(skipped)} of {len(cases)} cases:")
+        print("\n".join(f"  {label}" for label in skipped))
+    written = [f"{stem}.json", f"{stem}.csv"] + (plot(results, meta, stem) if results else [])
+    print("wrote " + ", ".join(written))
+    return 0
+
+
+def case_label(case) -> str:
+    return f"{case.op} {case.shape} {str(case.dtype).removeprefix('torch.')}"
+
+
+def estimated_seconds(case, device: torch.device) -> float:
+    """A rough time for one case: torch.compile of a provider takes ~20 s on a GPU (~40 s on the
+    CPU) and dominates; the timed calls themselves take a few seconds."""
+    compiles = sum(1 for provider in case.providers if provider.name.startswith("compiled"))
+    per_compile = 20.0 if device.type == "cuda" else 40.0
+    return compiles * per_compile * (2 if case.backward else 1) + 3.0 * len(case.providers)
+
+
+def write_results(results: list[Result], meta: dict, stem: str) -> None:
+    """JSON and CSV of the results so far, tagged with the run's metadata."""
     with open(f"{stem}.json", "w") as f:
         json.dump({"metadata": meta, "results": [r.row() for r in results]}, f, indent=2)
     with open(f"{stem}.csv", "w", newline="") as f:
@@ -160,9 +211,6 @@ def main(argv: list[str] | None = None) -> int:
         writer.writeheader()
         for r in results:
             writer.writerow({**meta, **r.row()})
-    written = [f"{stem}.json", f"{stem}.csv"] + (plot(results, meta, stem) if results else [])
-    print("wrote " + ", ".join(written))
-    return 0
 
 
 if __name__ == "__main__":
