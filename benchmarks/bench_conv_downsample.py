@@ -12,7 +12,7 @@ from orca_kernels import reference, strided_conv1d
 KERNEL_SIZE, STRIDE, PADDING = 5, 4, 2
 FRAMES = 1500  # Whisper frames per 30 s clip
 
-# (label, batch, hidden): the local branch's conv runs on [B, 1500, H] (DESIGN.md)
+# (label, batch, hidden): the local branch's conv runs on [B, 1500, H] (docs/model-shapes.md#training-shapes)
 FULL_SHAPES = [("llama3.1-8b", 12, 4096), ("qwen3-4b", 12, 2560), ("qwen3-0.6b", 32, 1024)]
 QUICK_SHAPES = [("quick", 2, 128)]
 

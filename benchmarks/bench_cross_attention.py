@@ -14,7 +14,7 @@ from orca_kernels._utils import triton_interpret
 from orca_kernels.flash_cross_attention import flash_cross_attention_reference
 from orca_model.cross_attention import AudioMemoryCache, OrcaGatedCrossAttention
 
-# (label, batch, T_x, hidden, heads, T_a, rope θ): DESIGN.md's training shapes
+# (label, batch, T_x, hidden, heads, T_a, rope θ): the training shapes of docs/model-shapes.md#training-shapes
 FULL_SHAPES = [
     ("llama3.1-8b", 12, 300, 4096, 32, 383, 5e5),
     ("qwen3-4b", 12, 300, 2560, 32, 439, 1e6),

@@ -24,7 +24,7 @@ from orca_model import DeepInjection, OrcaGatedCrossAttention, rope_theta_from_c
 
 LAYER_CLASSES = {"qwen3": (Qwen3DecoderLayer, Qwen3RotaryEmbedding), "llama": (LlamaDecoderLayer, LlamaRotaryEmbedding)}
 
-# (label, LLM config, batch, T_x, T_a, with "compiled"): DESIGN.md's training shapes (T_a = K
+# (label, LLM config, batch, T_x, T_a, with "compiled"): the training shapes of docs/model-shapes.md#training-shapes (T_a = K
 # global + 375 local tokens). torch.compile of a layer takes an estimated ~20 s per shape (a
 # forward and a forward+backward graph) of the suite's few GPU minutes, so "compiled" runs for one
 # shape of each layer class; the op suite compiles the qwen3-4b cross-attention.

@@ -19,7 +19,7 @@ from benchmarks.harness import Case, Provider
 from orca_kernels import reference, strided_conv1d
 
 NUM_LAYERS, FRAMES, KERNEL_SIZE, STRIDE = 4, 1500, 5, 4
-# (label, batch, Whisper width D, LLM width H): Whisper large-v3 into DESIGN.md's LLMs
+# (label, batch, Whisper width D, LLM width H): Whisper large-v3 into the LLMs of docs/model-shapes.md#training-shapes
 FULL_SHAPES = [("llama3.1-8b", 12, 1280, 4096), ("qwen3-4b", 12, 1280, 2560), ("qwen3-0.6b", 32, 1280, 1024)]
 QUICK_SHAPES = [("quick", 2, 64, 128)]
 

@@ -53,7 +53,7 @@ class ModelShape:
     config_file: str  # the committed training config (configs/)
     llm_config: Callable[..., PretrainedConfig]  # a model_configs function of num_layers
     num_layers: int  # decoder layers built
-    batch: int  # training batch (DESIGN.md); generation uses min(DECODE_BATCH, batch)
+    batch: int  # training batch (docs/model-shapes.md#training-configurations); generation uses min(DECODE_BATCH, batch)
     seq_len: int  # T_x, the prompt with its K audio tokens
     overrides: tuple[tuple[str, object], ...] = ()  # DeSTA25Config fields changed from the file
 

@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     workload = parser.add_mutually_exclusive_group()
     workload.add_argument("--quick", action="store_true", help="small shapes (the default on the CPU)")
-    workload.add_argument("--full", action="store_true", help="the model shapes of DESIGN.md (the default on a GPU)")
+    workload.add_argument("--full", action="store_true", help="the model shapes of docs/model-shapes.md (the default on a GPU)")
     parser.add_argument("--ops", nargs="*", choices=sorted(SUITES), help="only these ops")
     parser.add_argument("--out", default=os.environ.get("OUT_DIR", RESULTS_DIR), help="folder for JSON/CSV/PNG")
     parser.add_argument("--warmup", type=int, default=None)

@@ -68,7 +68,7 @@ def autocast_fp32_normalisations(device_type: str) -> bool:
     """Whether an autocast region is active on `device_type` whose fp32 list holds layer_norm,
     norm and pow, so that a bf16/fp16 input gives an fp32 result: CUDA's does; the CPU's does not
     (there a bf16 LayerNorm or normalisation stays bf16). Fused ops use it to give the reference's
-    dtypes under autocast (orca_spec.md Q5)."""
+    dtypes under autocast (docs/reference-behaviour.md#autocast-dtype-regimes)."""
     return device_type == "cuda" and torch.is_autocast_enabled(device_type)
 
 

@@ -1,4 +1,4 @@
-"""The gated residual cross-attention of the audio memory (orca_spec.md §2), fused.
+"""The gated residual cross-attention of the audio memory (docs/ops.md#gated_cross_attention), fused.
 
     rotated = audio_rope(audio)                              one Triton pass, table cached
     kv      = rotated · W_kvᵀ + b_kv        [B, T_a, 2H]     cuBLAS; the per-layer K/V cache
@@ -69,7 +69,7 @@ def residual_dtype(hidden: torch.Tensor, attended: torch.Tensor, gate_hidden: to
     """The dtype the reference's `hidden + gate * ln(attended)` has. The gate has the dtype of its
     GEMMs (gate_hidden's); LayerNorm keeps attended's dtype, except under CUDA autocast, whose fp32
     list holds layer_norm: there LN(bf16) is fp32 and promotes the sum, so the residual stream
-    turns fp32 after the first injected layer (orca_spec.md Q5). CPU autocast has no such rule: a
+    turns fp32 after the first injected layer (docs/reference-behaviour.md#residual-stream-turns-fp32-under-autocast). CPU autocast has no such rule: a
     bf16 LayerNorm stays bf16 there, and so does a bf16 residual stream."""
     norm = torch.float32 if autocast_fp32_normalisations(hidden.device.type) else attended.dtype
     return torch.promote_types(torch.promote_types(hidden.dtype, norm), gate_hidden.dtype)

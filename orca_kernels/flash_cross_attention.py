@@ -1,4 +1,4 @@
-"""Flash cross-attention (the attention core of the gated cross-attention, orca_spec.md §2 Step 3).
+"""Flash cross-attention (the attention core of the gated cross-attention, docs/ops.md#flash_cross_attention).
 
 `flash_cross_attention(q[B, Tx, nh, hd], k[B, Ta, nh, hd], v[B, Ta, nh, hd], key_padding_mask[B, Ta] | None,
 *, scale=None) -> out[B, Tx, nh, hd]` computes, per batch element and head, softmax(q kᵀ · scale) v over the
@@ -24,7 +24,7 @@ Numerics: fp16/bf16 inputs use fp16/bf16 tensor-core dots (P is rounded to the i
 before P·V, as in FlashAttention-2) with fp32 accumulation and softmax statistics; fp32 inputs use
 IEEE fp32 dots (no TF32); fp64 runs entirely in fp64 (for gradcheck). The softmax runs in base 2
 (scores pre-multiplied by scale·log2(e)). Under triton 3.8's interpreter tl.dot on bf16 operands is
-wrong (DESIGN.md), so bf16 dot operands are upcast to fp32 there and fp32 -> bf16 stores are
+wrong (docs/architecture.md#interpreter-workarounds), so bf16 dot operands are upcast to fp32 there and fp32 -> bf16 stores are
 rounded to nearest even by hand (the interpreter truncates); a GPU runs native bf16.
 
 Backward (deterministic: no atomics): a preprocess kernel computes delta = rowsum(dO ∘ O); one

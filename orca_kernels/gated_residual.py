@@ -1,5 +1,4 @@
-"""LayerNorm of the attention output + data-dependent gate + residual, fused (orca_spec.md §2
-Steps 4–6): out = h + σ(GELU(u)·w₂ + b₂) ⊙ LN(o), per row, with u = h·W₁ᵀ + b₁ computed
+"""LayerNorm of the attention output + data-dependent gate + residual, fused (docs/ops.md#gated_residual): out = h + σ(GELU(u)·w₂ + b₂) ⊙ LN(o), per row, with u = h·W₁ᵀ + b₁ computed
 outside (a cuBLAS GEMM, H -> H/4).
 
 One Triton program per row in the forward; the backward recomputes the LayerNorm statistics and

@@ -1,4 +1,4 @@
-"""Fused orthogonality losses of ORCA-DeSTA (orca_spec.md §4), forward and backward in Triton.
+"""Fused orthogonality losses of ORCA-DeSTA (docs/ops.md#ortho_losses), forward and backward in Triton.
 
 - `ortho_diversity_loss(global_tokens[B, Kg, H])` = mean over [B, Kg, Kg] of (ĝ ĝᵀ − I)².
 - `ortho_cross_loss(global_tokens[B, Kg, H], local_tokens[B, Tl, H], max_local_samples=100)`
@@ -496,7 +496,7 @@ def _autocast_tokens(global_tokens, local_tokens=None) -> tuple:
     """The tokens as the kernels take them inside an autocast region, where the kernels (one
     dtype for both inputs) must give the reference's dtypes although the tokens may differ in
     dtype (under CUDA autocast the global tokens come from a Linear, bf16, and the local tokens
-    from a LayerNorm, fp32: orca_spec.md Q5).
+    from a LayerNorm, fp32: docs/reference-behaviour.md#autocast-dtypes-of-the-losses).
     - CUDA autocast runs norm and pow in fp32, so the reference normalises in fp32 and both of
       its losses are fp32: the tokens go to fp32.
     - CPU autocast runs the reference's normalisation in the input dtype and its einsum on

@@ -2,7 +2,7 @@
 and the CPU path where no compiled kernel exists.
 
 Each function reproduces the reference implementation (voidful/DeSTA2.5-Audio at bf7f21f,
-written out in shared/orca_spec.md) operation for operation, including its dtype behaviour, so
+described in docs/reference-behaviour.md) operation for operation, including its dtype behaviour, so
 that results match it bit for bit in every dtype. Where the reference has a known quirk it is
 kept and named in the docstring.
 """
@@ -24,7 +24,7 @@ def local_sample_indices(num_local: int, max_local_samples: int | None, device: 
     """Rows of the local tokens the cross loss reads: None (all rows) when `max_local_samples` is
     None or num_local <= max_local_samples, else exactly
     `torch.linspace(0, num_local - 1, max_local_samples, dtype=torch.long, device=device)`
-    (values truncated toward zero; the device's own formula, see orca_spec.md §4)."""
+    (values truncated toward zero; the device's own formula, see docs/ops.md#sampled-local-rows)."""
     if max_local_samples is None or num_local <= max_local_samples:
         return None
     return torch.linspace(0, num_local - 1, max_local_samples, dtype=torch.long, device=device)

@@ -1,4 +1,4 @@
-"""Full-width audio RoPE (orca_spec.md §2 Step 2) in one Triton pass.
+"""Full-width audio RoPE (docs/ops.md#audio_rope) in one Triton pass.
 
 `audio_rope(audio[B, T, H], position_scale, rope_theta)` rotates [x1, x2] (the halves of the
 whole hidden vector, not per head) by the angle (t / scale)·θ^(−i / (H/2)):

@@ -1,4 +1,4 @@
-"""DeSTA25Config: the reference's configuration (orca_spec.md §5) plus `use_fused_orca`."""
+"""DeSTA25Config: the reference's configuration (docs/model-shapes.md#desta25config-fields) plus `use_fused_orca`."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def rope_theta_from_config(llm_config: PretrainedConfig) -> float:
     transformers 5.x keeps it in `rope_parameters["rope_theta"]` (per layer type for models with
     several attention kinds; the full-attention one is taken), 4.x in `rope_theta`. The
     reference reads `rope_theta` only, so under 5.x it silently falls back to 10000
-    (orca_spec.md Q3); here either layout gives the model's θ. Rope scaling (llama3) is ignored,
+    (docs/reference-behaviour.md#rope-theta-under-transformers-5); here either layout gives the model's θ. Rope scaling (llama3) is ignored,
     as in the reference.
     """
     theta, source = None, None
@@ -58,7 +58,7 @@ class DeSTA25Config(PretrainedConfig):
     Reference fields and defaults: `llm_model_id`, `encoder_model_id`, `connector_mode`
     ("qformer_1"; this package builds "orca_hybrid"), `qformer_num_hidden_layers` (2),
     `prompt_size`, `use_lora`, `audio_locator`, `placeholder_token`, and the `orca_*` fields of
-    orca_spec.md §5 (`orca_local_downsample=4`, `orca_audio_position_scale=2.5`, the loss
+    docs/model-shapes.md#desta25config-fields (`orca_local_downsample=4`, `orca_audio_position_scale=2.5`, the loss
     weights, ...; `orca_ortho_weight_global` is kept but unused, as in the reference).
 
     Additions:

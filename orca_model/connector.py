@@ -29,7 +29,7 @@ def qformer_config(config: DeSTA25Config) -> BertConfig:
 
 
 class ORCAHybridConnector(nn.Module):
-    """The reference's ORCAHybridConnector (orca_spec.md §1), parameter for parameter.
+    """The reference's ORCAHybridConnector (docs/ops.md#connector), parameter for parameter.
 
     Global branch: per target layer l, a learnable query set `global_queries[l]` [1, K, D] runs
     through one shared BertEncoder `global_qformer` over that layer's states [B, T, D]; the L

@@ -16,7 +16,7 @@ from orca_kernels.rope import audio_rope
 class AudioMemoryCache:
     """What every injection layer would otherwise recompute from the same audio memory: the
     rotated memory and its pooled, normalised mean (shared by all layers; kept per dtype, since
-    under CUDA autocast the residual stream turns fp32 after the first layer, orca_spec.md Q5),
+    under CUDA autocast the residual stream turns fp32 after the first layer, docs/reference-behaviour.md#residual-stream-turns-fp32-under-autocast),
     and each fused layer's packed K/V projection (per layer). During generation one cache serves
     every decode step of a request, so RoPE and the K/V GEMM run once per request instead of once
     per step and layer.

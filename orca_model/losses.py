@@ -21,7 +21,7 @@ def compute_orca_losses(
     text_hidden: torch.Tensor | None = None,
     layer_align_losses: Sequence[torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The reference's `compute_orca_losses` (orca_spec.md §4), already weighted.
+    """The reference's `compute_orca_losses` (docs/ops.md#compute_orca_losses), already weighted.
 
     global_tokens [B, K, H], local_tokens [B, T_l, H] (the local tokens only, not the memory),
     layer_align_losses the non-None per-layer losses of the cross-attention modules.
@@ -65,7 +65,7 @@ class DeSTA25Output(CausalLMOutputWithPast):
     installed transformers names them) plus the ORCA results, all declared fields.
 
     The reference attaches `orca_losses` as a plain attribute, which accelerate's fp32 output
-    conversion and DDP's pytree round trip drop (orca_spec.md Q1), so training there sees the LM
+    conversion and DDP's pytree round trip drop (docs/reference-behaviour.md#silent-orca-losses), so training there sees the LM
     loss only. As fields they survive both.
 
     Attributes added:

@@ -83,7 +83,7 @@ class WhisperPerception(nn.Module):
 
 
 class DeSTA25AudioModel(nn.Module):
-    """The reference's DeSTA25AudioModel in ORCAHybrid mode (orca_spec.md §1–§4).
+    """The reference's DeSTA25AudioModel in ORCAHybrid mode (docs/architecture.md#model-package).
 
     Modules (the reference's names, so trainable state-dict keys match): `llm_model` (frozen,
     loaded with `from_pretrained` in `config.llm_dtype`), `perception.whisper` (frozen encoder),
@@ -91,10 +91,12 @@ class DeSTA25AudioModel(nn.Module):
     layer, applied after it through forward hooks). The connector and the cross-attention
     modules are cast to the LLM's dtype and device, as in the reference.
 
-    Differences from the reference, each a fix of orca_spec.md §7: the ORCA losses are a field
-    of the output (Q1), θ is read under transformers 5.x too (Q3), `num_beams` /
-    `num_return_sequences` > 1 work in `generate` (Q9), and LLM gradient checkpointing, which
-    the reference silently breaks (Q8), is refused. Whisper is loaded in fp32 explicitly, the
+    Differences from the reference, each a deliberate fix (docs/reference-behaviour.md, section
+    named in brackets): the ORCA losses are a field of the output (silent-orca-losses), θ is read
+    under transformers 5.x too (rope-theta-under-transformers-5), `num_beams` /
+    `num_return_sequences` > 1 work in `generate` (batch-alignment-and-beam-search), and LLM
+    gradient checkpointing, which the reference silently breaks (gradient-checkpointing), is
+    refused. Whisper is loaded in fp32 explicitly, the
     LLM in `config.llm_dtype` (the reference hardcodes bf16). `generate` takes the prepared
     tensors (the reference's `_generate_step`); the chat-message front end with VAD and ASR is
     not part of this package. `use_fused_orca` swaps in the fused ops and changes nothing else.
@@ -291,7 +293,7 @@ class DeSTA25AudioModel(nn.Module):
         """
         if self._injection is not None and self.training and self._llm_checkpointing():
             # The backward pass would recompute the decoder layers after the memory is gone,
-            # without the injection: wrong gradients (orca_spec.md Q8). Refuse instead.
+            # without the injection: wrong gradients (docs/reference-behaviour.md#gradient-checkpointing). Refuse instead.
             raise NotImplementedError("gradient checkpointing of the LLM is not supported with deep injection")
         inputs_embeds, global_tokens, local_tokens, spans = self._prepare_inputs_for_llm(
             input_ids, batch_features, batch_transcription_ids, batch_start_positions

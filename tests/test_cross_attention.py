@@ -114,9 +114,9 @@ def run_layers(layers, hidden, audio, spans, grad_out, autocast):
 )
 def test_autocast_follows_the_reference_module(triton_device, hidden_dtype, dtype):
     """Under bf16 autocast (how users train), with the residual stream in `hidden_dtype`, the
-    parameters in `dtype` (bf16: the reference's LLM and modules, orca_spec.md Q6; an fp32 stream
+    parameters in `dtype` (bf16: the reference's LLM and modules, docs/reference-behaviour.md#bf16-parameters-without-master-weights; an fp32 stream
     over bf16 modules is what CUDA autocast makes of it after the first injected layer,
-    orca_spec.md Q5) and an fp32 audio memory: the fused layers give the reference layers'
+    docs/reference-behaviour.md#residual-stream-turns-fp32-under-autocast) and an fp32 audio memory: the fused layers give the reference layers'
     dtypes -- each layer's output (under CPU autocast a bf16 stream stays bf16; under CUDA
     autocast LayerNorm runs in fp32 and the stream turns fp32), the alignment losses and every
     gradient -- and are no further from an fp64 run than the reference is (the bf16 rule of

@@ -1,5 +1,5 @@
 """Flash cross-attention (orca_kernels.flash_cross_attention) against the PyTorch reference and the
-reference module's own path, F.multi_head_attention_forward (orca_spec.md §2 Step 3).
+reference module's own path, F.multi_head_attention_forward (docs/ops.md#flash_cross_attention).
 
 Kernel tests run where the kernels run (the `triton_device` fixture of conftest.py): CPU tensors
 through the interpreter under TRITON_INTERPRET=1, CUDA tensors otherwise. Shapes are small; each listed value of B {1, 2}, Tx {1, 7, 33}, Ta {1, 13, 65},

@@ -16,7 +16,7 @@ from tiny_models import llm_config, whisper_config
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
-# orca_spec.md §5 (bf7f21f), plus use_fused_orca.
+# The reference's fields and defaults (docs/model-shapes.md#desta25config-fields), plus use_fused_orca.
 REFERENCE_DEFAULTS = {
     "llm_model_id": "DeSTA-ntu/Llama-3.1-8B-Instruct",
     "encoder_model_id": "openai/whisper-large-v3",

@@ -184,9 +184,9 @@ def record_layer_dtypes(model: DeSTA25AudioModel) -> list[torch.dtype]:
 
 def test_bf16_autocast_agrees_with_unfused(checkpoints, triton_device, fused_calls):
     """How users train: the LLM, connector and cross-attention in bf16 (the configs' llm_dtype,
-    orca_spec.md Q6) under bf16 autocast. The fused model gives the unfused model's dtypes
-    everywhere (audio tokens, each injected layer's output -- the residual stream, orca_spec.md
-    Q5 --, logits, every ORCA loss, every gradient) and, against an fp32 run of the same weights
+    docs/reference-behaviour.md#bf16-parameters-without-master-weights) under bf16 autocast. The fused model gives the unfused model's dtypes
+    everywhere (audio tokens, each injected layer's output -- the residual stream, docs/reference-behaviour.md#residual-stream-turns-fp32-under-autocast
+    --, logits, every ORCA loss, every gradient) and, against an fp32 run of the same weights
     without autocast, is no further off than the unfused model (tolerances.BF16_RESOLUTION).
     Qwen3 only, to keep the interpreter's time down: the fused layers do not depend on the LLM.
 

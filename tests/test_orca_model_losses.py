@@ -1,6 +1,6 @@
 """compute_orca_losses against the reference's formulas, and `orca_losses` as a declared output
 field: it survives a pytree round trip (DDP) and accelerate-style fp32 conversion, where the
-reference's plain attribute is lost (orca_spec.md Q1)."""
+reference's plain attribute is lost (docs/reference-behaviour.md#silent-orca-losses)."""
 
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ def test_losses_survive_accelerate_fp32_conversion():
     output.reference_style_losses = dict(output.orca_losses)  # how the reference attaches them
     converted = accelerate_convert_to_fp32(output)
     assert isinstance(converted, DeSTA25Output)
-    assert not hasattr(converted, "reference_style_losses")  # Q1: a plain attribute is dropped
+    assert not hasattr(converted, "reference_style_losses")  # silent-orca-losses: a plain attribute is dropped
     assert converted.orca_losses.keys() == output.orca_losses.keys()
     assert all(v.dtype == torch.float32 and v.requires_grad for v in converted.orca_losses.values())
     assert converted.audio_global.dtype == torch.float32

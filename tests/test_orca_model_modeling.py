@@ -91,7 +91,7 @@ def test_losses_and_gradients_reach_every_trainable_parameter(checkpoints, kind)
 
 
 def test_training_prompts_without_transcription_have_no_alignment_loss(checkpoints):
-    # orca_spec.md Q2, reproduced: empty transcriptions give empty spans and no layer loss.
+    # docs/reference-behaviour.md#alignment-loss-is-dead-in-training, reproduced: empty transcriptions give empty spans and no layer loss.
     out = build(checkpoints).train()(**make_batch())
     assert set(out.orca_losses) == {"L_ortho_diversity", "L_ortho_qformer_local"}
 

@@ -1,4 +1,4 @@
-"""Fused orthogonality losses (orca_kernels.ortho_loss) against the reference (orca_spec.md §4).
+"""Fused orthogonality losses (orca_kernels.ortho_loss) against the reference (docs/ops.md#ortho_losses).
 
 Kernel tests run where the kernels run (the `triton_device` fixture of conftest.py): CPU tensors
 through the interpreter under TRITON_INTERPRET=1, CUDA tensors otherwise. Shapes are small and each listed value of Kg, Tl, H, B and max_local_samples
@@ -294,7 +294,7 @@ def test_auto_uses_the_kernels_where_they_run(monkeypatch, device):
 def test_autocast_follows_the_reference_dtypes(device, local_dtype):
     """Inside bf16 autocast the losses take what the model gives them: bf16 global tokens (a
     Linear) and local tokens from a LayerNorm, fp32 under CUDA autocast and bf16 under the CPU's
-    (orca_spec.md Q5). Mixed dtypes are not refused there, the loss and gradient dtypes are the
+    (docs/reference-behaviour.md#autocast-dtypes-of-the-losses). Mixed dtypes are not refused there, the loss and gradient dtypes are the
     reference's under the same autocast, and the values are at most 2x the reference's error
     against fp64. (On the CPU the bf16 dot operands are upcast under the interpreter.)"""
     g, l = _tokens((2, 8, 32), torch.bfloat16, device), _tokens((2, 40, 32), local_dtype, device)

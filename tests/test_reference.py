@@ -1,4 +1,4 @@
-"""orca_kernels.reference against direct transcriptions of orca_spec.md's formulas (loops over
+"""orca_kernels.reference against direct transcriptions of the formulas in docs/ops.md (loops over
 elements in fp64) and against the reference's own building blocks (nn.MultiheadAttention,
 nn.Conv1d, ...) bit for bit."""
 
@@ -22,7 +22,7 @@ def test_local_sample_indices(num_local):
     if num_local <= 100:
         assert indices is None
         return
-    # For these lengths the device formula equals the exact integer floor(i (n-1) / 99) (§4).
+    # For these lengths the device formula equals the exact integer floor(i (n-1) / 99) (docs/ops.md#sampled-local-rows).
     assert indices.tolist() == [i * (num_local - 1) // 99 for i in range(100)]
     assert indices.dtype == torch.long and indices[0] == 0 and indices[-1] == num_local - 1
 

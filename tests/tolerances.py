@@ -2,7 +2,7 @@
 
 fp64 and fp32 results are compared with the fp64 truth by relative max error (max |a - b| over
 max |b|). A fp16/bf16 result may be at most LOW_PRECISION_FACTOR times further from the fp64
-truth than the same-dtype PyTorch reference is (DESIGN.md).
+truth than the same-dtype PyTorch reference is (docs/architecture.md#tolerance-policy).
 """
 
 from __future__ import annotations
