@@ -11,7 +11,6 @@ import torch
 from benchmarks.harness import Case, Provider, targets_gpu
 from orca_kernels import flash_cross_attention, reference
 from orca_kernels._utils import triton_interpret
-from orca_kernels.flash_cross_attention import flash_cross_attention_reference
 from orca_model.cross_attention import AudioMemoryCache, OrcaGatedCrossAttention
 
 # (label, batch, T_x, hidden, heads, T_a, rope θ): the training shapes of docs/model-shapes.md#training-shapes
@@ -49,7 +48,7 @@ def _sdpa_flash(q, k, v):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        return flash_cross_attention_reference(q, k, v)
+        return reference.flash_cross_attention(q, k, v)
 
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
@@ -77,13 +76,13 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
             make = lambda length: torch.randn(batch, length, heads, head_dim, device=device, dtype=dtype, requires_grad=True)  # noqa: E731
             return make(t_x), make(t_a), make(t_a)
 
-        core = [Provider("eager", flash_cross_attention_reference), Provider("compiled", torch.compile(flash_cross_attention_reference))]
+        core = [Provider("eager", reference.flash_cross_attention), Provider("compiled", torch.compile(reference.flash_cross_attention))]
         if targets_gpu(device):
             core += [Provider("sdpa-flash", _sdpa_flash), *_flash_attn_provider()]
         core.append(Provider("orca", functools.partial(flash_cross_attention, backend="triton")))
         result.append(Case(
             op="attention_core", shape=f"{label} B{batch} Tx{t_x} Ta{t_a} h{heads} d{head_dim}", dtype=dtype,
-            make_inputs=attention_inputs, providers=core, reference_fp64=flash_cross_attention_reference,
+            make_inputs=attention_inputs, providers=core, reference_fp64=reference.flash_cross_attention,
         ))
 
         decode_batch = min(DECODE_BATCH, batch)

@@ -298,7 +298,7 @@ def specialise(launch: Launch) -> dict:
             if _aligned(value):
                 divisible.append(index)
         elif isinstance(value, bool):
-            signature[param.name] = "i1"
+            signature[param.name] = "u1"  # as the JIT types a Python bool
         elif isinstance(value, int):
             if value == 1 and not param.do_not_specialize:
                 signature[param.name], constexprs[param.name] = "constexpr", 1

@@ -1,8 +1,14 @@
-"""Pieces shared by the Triton kernels: operand dtypes and the interpreter's bf16 workarounds.
+"""The kernels' one dtype policy and one interpreter policy, and their launch-setting rules.
 
-triton 3.8's interpreter (how CPU CI runs the kernels) gets `tl.dot` on bf16 operands wrong and
-truncates fp32 -> bf16 casts instead of rounding them; a GPU does both right. Under the
-interpreter bf16 dot operands are therefore upcast to fp32 and bf16 stores rounded by hand.
+- Dtypes: fp16/bf16/fp32 inputs accumulate in fp32, fp64 in fp64 (`accumulator_dtype`); dots take
+  the input dtype (`kernel_dtypes`).
+- The interpreter: triton 3.8's interpreter (how CPU CI runs the kernels) gets `tl.dot` on bf16
+  operands wrong and truncates fp32 -> bf16 casts instead of rounding them; a GPU does both right.
+  Under the interpreter bf16 dot operands are upcast to fp32 (`kernel_dtypes`), and every store
+  and every rounding to the data's dtype goes through `cast_for_store` / `round_like`, which
+  round by hand when the target is bf16 (decided at compile time from the pointer's or value's
+  element type, so kernels carry no flag for it). See docs/architecture.md#interpreter-workarounds.
+- Launch settings: `row_warps` and `register_cap`, checked by benchmarks/compile_audit.py.
 """
 
 from __future__ import annotations
@@ -38,16 +44,19 @@ if KERNELS_INTERPRETED and tuple(int(p) for p in triton.__version__.split(".")[:
     _patch_interpreter_index()
 
 
+# Kernels read it as a compile-time constant: the rounding below vanishes from GPU builds.
+INTERPRETED = tl.constexpr(KERNELS_INTERPRETED)
+
+
+def accumulator_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """What the kernels accumulate in for inputs of these dtypes: fp64 if any is fp64, else fp32."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
 def kernel_dtypes(dtype: torch.dtype) -> tuple:
-    """(dot operand dtype, accumulator dtype) of the kernels for inputs of `dtype`."""
-    accumulator = tl.float64 if dtype == torch.float64 else tl.float32
+    """(dot operand dtype, accumulator dtype) of the kernels for inputs of `dtype`, as tl dtypes."""
     operand = tl.float32 if (dtype == torch.bfloat16 and KERNELS_INTERPRETED) else TL_DTYPES[dtype]
-    return operand, accumulator
-
-
-def round_bf16_on_store(dtype: torch.dtype) -> bool:
-    """Whether `cast_for_store` must round fp32 -> bf16 by hand (the interpreter truncates)."""
-    return dtype == torch.bfloat16 and KERNELS_INTERPRETED
+    return operand, TL_DTYPES[accumulator_dtype(dtype)]
 
 
 def row_warps(block: int) -> int:
@@ -75,8 +84,20 @@ def round_bf16_bits(x):
 
 
 @triton.jit
-def cast_for_store(x, ptr, ROUND_BF16: tl.constexpr):
-    """`x` in `ptr`'s element type; ROUND_BF16: fp32 -> bf16 rounded to nearest even on the bits."""
-    if ROUND_BF16:
+def round_like(x, like):
+    """fp32/fp64 `x` rounded to `like`'s dtype and kept in x's dtype (every op of a sequence that
+    the reference runs in the data's dtype rounds there); by hand for bf16 under the interpreter."""
+    if INTERPRETED and like.dtype == tl.bfloat16 and x.dtype == tl.float32:
+        y = round_bf16_bits(x)
+    else:
+        y = x.to(like.dtype).to(x.dtype)
+    return y
+
+
+@triton.jit
+def cast_for_store(x, ptr):
+    """`x` in `ptr`'s element type, rounded to nearest even (by hand for fp32 -> bf16 under the
+    interpreter, whose cast truncates)."""
+    if INTERPRETED and ptr.dtype.element_ty == tl.bfloat16 and x.dtype == tl.float32:
         x = round_bf16_bits(x)
     return x.to(ptr.dtype.element_ty)

@@ -44,7 +44,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from orca_kernels._triton_helpers import cast_for_store, kernel_dtypes, register_cap, round_bf16_on_store
+from orca_kernels import reference
+from orca_kernels._triton_helpers import accumulator_dtype, cast_for_store, kernel_dtypes, register_cap
 from orca_kernels._utils import KERNELS_INTERPRETED, check_backend, check_tensor, device_context, new_output, use_triton
 
 OP = "flash_cross_attention"
@@ -84,7 +85,7 @@ def _flash_cross_attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, lse_ptr,
     Tx, Ta, num_heads, head_dim, qk_scale_hi, qk_scale_lo,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sbb, sbt, sob, sot, soh,
-    HAS_MASK: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """out[b, rows, h] and lse[b, h, rows] (base 2, of the scores · scale·log2e) for BLOCK_M query rows."""
@@ -122,7 +123,7 @@ def _flash_cross_attention_fwd_kernel(
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.log2(l_safe))
     o_offsets = b * sob + h * soh + rows.to(tl.int64)[:, None] * sot + d[None, :]
-    tl.store(out_ptr + o_offsets, cast_for_store(out, out_ptr, ROUND_BF16), mask=(rows < Tx)[:, None] & (d < head_dim)[None, :])
+    tl.store(out_ptr + o_offsets, cast_for_store(out, out_ptr), mask=(rows < Tx)[:, None] & (d < head_dim)[None, :])
     tl.store(lse_ptr + (b * num_heads + h) * Tx + rows, lse, mask=rows < Tx)
 
 
@@ -147,7 +148,7 @@ def _flash_cross_attention_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, bias_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
     Tx, Ta, num_heads, head_dim, qk_scale_hi, qk_scale_lo, scale_hi, scale_lo,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sbb, sbt, sdob, sdot, sdoh, sgb, sgt, sgh,
-    HAS_MASK: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dK, dV [B, Ta, nh, hd] (strides sg*) of BLOCK_N keys, accumulated over every query block:
@@ -183,8 +184,8 @@ def _flash_cross_attention_bwd_dkdv_kernel(
 
     g_offsets = b * sgb + h * sgh + cols.to(tl.int64)[:, None] * sgt + d[None, :]
     g_mask = (cols < Ta)[:, None] & (d < head_dim)[None, :]
-    tl.store(dk_ptr + g_offsets, cast_for_store(dk, dk_ptr, ROUND_BF16), mask=g_mask)
-    tl.store(dv_ptr + g_offsets, cast_for_store(dv, dv_ptr, ROUND_BF16), mask=g_mask)
+    tl.store(dk_ptr + g_offsets, cast_for_store(dk, dk_ptr), mask=g_mask)
+    tl.store(dv_ptr + g_offsets, cast_for_store(dv, dv_ptr), mask=g_mask)
 
 
 @triton.jit
@@ -192,7 +193,7 @@ def _flash_cross_attention_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, bias_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     Tx, Ta, num_heads, head_dim, qk_scale_hi, qk_scale_lo, scale_hi, scale_lo,
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sbb, sbt, sdob, sdot, sdoh, sgb, sgt, sgh,
-    HAS_MASK: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dQ [B, Tx, nh, hd] (strides sg*) of BLOCK_M query rows: scale · dS K over every key block."""
@@ -223,14 +224,10 @@ def _flash_cross_attention_bwd_dq_kernel(
     dq = dq * _scalar(scale_hi, scale_lo, ACC_DTYPE)
 
     g_offsets = b * sgb + h * sgh + rows.to(tl.int64)[:, None] * sgt + d[None, :]
-    tl.store(dq_ptr + g_offsets, cast_for_store(dq, dq_ptr, ROUND_BF16), mask=(rows < Tx)[:, None] & (d < head_dim)[None, :])
+    tl.store(dq_ptr + g_offsets, cast_for_store(dq, dq_ptr), mask=(rows < Tx)[:, None] & (d < head_dim)[None, :])
 
 
 # ----------------------------------------------------------------------------- launchers
-
-
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _to_fp32(x: float) -> float:
@@ -289,7 +286,7 @@ def _bias_args(mask: torch.Tensor | None, dtype: torch.dtype, fallback: torch.Te
     lowering rejects on sm90. The tensor is [B, Ta], negligible next to K and V."""
     if mask is None:
         return fallback, 0, 0
-    bias = torch.zeros(mask.shape, dtype=_stats_dtype(dtype), device=mask.device).masked_fill_(mask, float("-inf"))
+    bias = torch.zeros(mask.shape, dtype=accumulator_dtype(dtype), device=mask.device).masked_fill_(mask, float("-inf"))
     return bias, bias.stride(0), bias.stride(1)
 
 
@@ -298,7 +295,7 @@ def _forward(q, k, v, mask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     B, Tx, nh, hd = q.shape
     Ta = k.shape[1]
     out = new_output((B, Tx, nh, hd), dtype=q.dtype, device=q.device)
-    lse = new_output((B, nh, Tx), dtype=_stats_dtype(q.dtype), device=q.device)
+    lse = new_output((B, nh, Tx), dtype=accumulator_dtype(q.dtype), device=q.device)
     if out.numel() == 0:
         return out, lse
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
@@ -314,7 +311,7 @@ def _forward(q, k, v, mask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), sbb, sbt, out.stride(0), out.stride(1), out.stride(2),
             HAS_MASK=mask is not None, DOT_DTYPE=dot_dtype, ACC_DTYPE=acc_dtype,
-            ROUND_BF16=round_bf16_on_store(q.dtype), BLOCK_D=block_d, **cfg,
+            BLOCK_D=block_d, **cfg,
         )
     return out, lse
 
@@ -336,11 +333,11 @@ def _backward(q, k, v, mask, out, lse, grad_out, scale: float) -> tuple[torch.Te
     dot_dtype, acc_dtype = kernel_dtypes(q.dtype)
     block_d = max(16, triton.next_power_of_2(hd))
     cfgs = _configs(q.dtype, Tx, block_d)
-    delta = new_output((B, nh, Tx), dtype=_stats_dtype(q.dtype), device=q.device)
+    delta = new_output((B, nh, Tx), dtype=accumulator_dtype(q.dtype), device=q.device)
     bias, sbb, sbt = _bias_args(mask, q.dtype, q)
     common = dict(
         HAS_MASK=mask is not None, DOT_DTYPE=dot_dtype, ACC_DTYPE=acc_dtype,
-        ROUND_BF16=round_bf16_on_store(q.dtype), BLOCK_D=block_d,
+        BLOCK_D=block_d,
     )
     strides = (
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -397,7 +394,7 @@ def _backward_op(
 @_attention_op.register_fake
 def _(q, k, v, key_padding_mask, scale):
     B, Tx, nh, hd = q.shape
-    return q.new_empty((B, Tx, nh, hd)), q.new_empty((B, nh, Tx), dtype=_stats_dtype(q.dtype))
+    return q.new_empty((B, Tx, nh, hd)), q.new_empty((B, nh, Tx), dtype=accumulator_dtype(q.dtype))
 
 
 @_backward_op.register_fake
@@ -423,30 +420,6 @@ _attention_op.register_autograd(_attention_backward, setup_context=_setup_contex
 
 
 # ----------------------------------------------------------------------------- public functions
-
-
-def flash_cross_attention_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_padding_mask: torch.Tensor | None = None,
-    *,
-    scale: float | None = None,
-) -> torch.Tensor:
-    """The same attention in PyTorch (SDPA, as F.multi_head_attention_forward calls it) -> [B, Tx, nh, hd].
-
-    Fully masked rows give 0 with zero gradients on every device and SDPA backend: their mask is
-    lifted (so the softmax stays finite) and their output replaced by 0, which is what the CPU
-    reference's safe softmax gives.
-    """
-    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if key_padding_mask is None:
-        out = F.scaled_dot_product_attention(qt, kt, vt, scale=scale)
-        return out.transpose(1, 2).contiguous()
-    empty = key_padding_mask.all(dim=-1)  # [B]
-    keep = (~key_padding_mask | empty[:, None])[:, None, None, :]  # [B, 1, 1, Ta], True = attend
-    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=keep, scale=scale)
-    return out.masked_fill(empty[:, None, None, None], 0).transpose(1, 2).contiguous()
 
 
 def _check_inputs(q, k, v, key_padding_mask, scale) -> None:
@@ -500,13 +473,13 @@ def flash_cross_attention(
     read in place); fp16/bf16/fp32/fp64, accumulation in fp32 (fp64 for fp64). Empty batches,
     Tx = 0 and Ta = 0 are allowed. backend: "auto" (Triton on CUDA tensors, and on CPU tensors
     under TRITON_INTERPRET=1; else the PyTorch reference), "triton", or "torch"
-    (`flash_cross_attention_reference`). The Triton kernels take head dims up to 256.
+    (`orca_kernels.reference.flash_cross_attention`). The Triton kernels take head dims up to 256.
     """
     check_backend(OP, backend, BACKENDS)
     _check_inputs(q, k, v, key_padding_mask, scale)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if not use_triton(OP, q, backend):
-        return flash_cross_attention_reference(q, k, v, key_padding_mask, scale=scale)
+        return reference.flash_cross_attention(q, k, v, key_padding_mask, scale=scale)
     if q.shape[-1] > MAX_HEAD_DIM:
         raise ValueError(f"{OP}: head dim {q.shape[-1]} > {MAX_HEAD_DIM} is not supported by the Triton kernels; use backend='torch'")
     return _attention_op(q, k, v, key_padding_mask, scale)[0]

@@ -15,10 +15,10 @@ import triton
 import triton.language as tl
 
 from orca_kernels import _utils
-from orca_kernels._triton_helpers import cast_for_store, round_bf16_on_store, row_warps
+from orca_kernels.reference import LAYER_NORM_EPS
+from orca_kernels._triton_helpers import TL_DTYPES, accumulator_dtype, cast_for_store, row_warps
 from orca_kernels._utils import device_context, new_output
 
-LAYER_NORM_EPS = 1e-5
 
 
 @triton.jit
@@ -60,7 +60,7 @@ def _layer_norm_and_gate(
 def _gated_residual_fwd_kernel(
     h_ptr, o_ptr, u_ptr, w2_ptr, b2_ptr, lnw_ptr, lnb_ptr, out_ptr,
     stride_h, stride_o, stride_u, stride_out, H, G, eps,
-    COMPUTE: tl.constexpr, ROUND_OUT: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_G: tl.constexpr,
+    COMPUTE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     _, _, _, y, _, _, _, gate = _layer_norm_and_gate(
@@ -70,7 +70,7 @@ def _gated_residual_fwd_kernel(
     h_ok = cols < H
     h = tl.load(h_ptr + row * stride_h + cols, mask=h_ok, other=0.0).to(COMPUTE)
     out = h + gate * y
-    tl.store(out_ptr + row * stride_out + cols, cast_for_store(out, out_ptr, ROUND_OUT), mask=h_ok)
+    tl.store(out_ptr + row * stride_out + cols, cast_for_store(out, out_ptr), mask=h_ok)
 
 
 @triton.jit
@@ -78,8 +78,7 @@ def _gated_residual_bwd_kernel(
     dout_ptr, o_ptr, u_ptr, w2_ptr, b2_ptr, lnw_ptr, lnb_ptr, do_ptr, du_ptr,
     partial_lnw_ptr, partial_lnb_ptr, partial_w2_ptr, partial_b2_ptr,
     stride_dout, stride_o, stride_u, stride_do, stride_du, N, H, G, eps, ROWS_PER_PROGRAM,
-    COMPUTE: tl.constexpr, ROUND_DO: tl.constexpr, ROUND_DU: tl.constexpr, BLOCK_H: tl.constexpr,
-    BLOCK_G: tl.constexpr,
+    COMPUTE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
     """Rows [pid·R, (pid+1)·R): writes ∂o and ∂u per row, and this program's partial sums of the
     LayerNorm weight/bias and gate w₂/b₂ gradients."""
@@ -105,14 +104,14 @@ def _gated_residual_bwd_kernel(
         mean_dx_hat = tl.sum(dx_hat, axis=0) / H
         mean_dx_hat_x_hat = tl.sum(dx_hat * x_hat, axis=0) / H
         do = (dx_hat - mean_dx_hat - x_hat * mean_dx_hat_x_hat) * rstd
-        tl.store(do_ptr + row * stride_do + cols, cast_for_store(do, do_ptr, ROUND_DO), mask=h_ok)
+        tl.store(do_ptr + row * stride_do + cols, cast_for_store(do, do_ptr), mask=h_ok)
         acc_lnw += dy * x_hat
         acc_lnb += dy
         d_pre = d_gate * gate * (1.0 - gate)
         acc_w2 += d_pre * act
         acc_b2 += tl.where(g_cols == 0, d_pre, 0.0)
         du = d_pre * w2 * act_grad
-        tl.store(du_ptr + row * stride_du + g_cols, cast_for_store(du, du_ptr, ROUND_DU), mask=g_ok)
+        tl.store(du_ptr + row * stride_du + g_cols, cast_for_store(du, du_ptr), mask=g_ok)
     tl.store(partial_lnw_ptr + pid * H + cols, acc_lnw, mask=h_ok)
     tl.store(partial_lnb_ptr + pid * H + cols, acc_lnb, mask=h_ok)
     tl.store(partial_w2_ptr + pid * G + g_cols, acc_w2, mask=g_ok)
@@ -123,19 +122,6 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     """[..., C] as [N, C] with unit column stride (a view when possible)."""
     rows = x.reshape(-1, x.shape[-1])
     return rows if rows.stride(-1) == 1 else rows.contiguous()
-
-
-_TL_COMPUTE = {torch.float32: tl.float32, torch.float64: tl.float64}
-
-
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """fp64 when any input is fp64, else fp32."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-def _round_on_store(stored: torch.dtype, compute: torch.dtype) -> bool:
-    """Round fp32 -> bf16 stores by hand under the interpreter (it truncates; see _triton_helpers)."""
-    return compute == torch.float32 and round_bf16_on_store(stored)
 
 
 def _launch(hidden_size: int, gate_size: int) -> dict:
@@ -151,12 +137,12 @@ def _forward(hidden, attended, gate_hidden, gate_out_weight, gate_out_bias, ln_w
     h, o, u = _rows(hidden), _rows(attended), _rows(gate_hidden)
     if h.shape[0] == 0:
         return out
-    compute = _compute_dtype(hidden, attended, gate_hidden)
+    compute = accumulator_dtype(hidden.dtype, attended.dtype, gate_hidden.dtype)
     with device_context(hidden):
         _gated_residual_fwd_kernel[(h.shape[0],)](
             h, o, u, gate_out_weight.reshape(-1), gate_out_bias, ln_weight, ln_bias, out,
             h.stride(0), o.stride(0), u.stride(0), size, size, gate_size, eps,
-            COMPUTE=_TL_COMPUTE[compute], ROUND_OUT=_round_on_store(out_dtype, compute), **_launch(size, gate_size),
+            COMPUTE=TL_DTYPES[compute], **_launch(size, gate_size),
         )
     return out
 
@@ -172,7 +158,7 @@ def _backward(grad_out, attended, gate_hidden, gate_out_weight, gate_out_bias, l
     d_gate_hidden = new_output(gate_hidden.shape, dtype=gate_hidden.dtype, device=device)
     programs = max(1, min(num_rows, _utils.persistent_programs(device)))
     rows_per_program = triton.cdiv(max(num_rows, 1), programs)
-    compute = _compute_dtype(grad_out, attended, gate_hidden)
+    compute = accumulator_dtype(grad_out.dtype, attended.dtype, gate_hidden.dtype)
     partial_lnw = torch.zeros(programs, size, dtype=compute, device=device)
     partial_lnb = torch.zeros(programs, size, dtype=compute, device=device)
     partial_w2 = torch.zeros(programs, gate_size, dtype=compute, device=device)
@@ -184,8 +170,7 @@ def _backward(grad_out, attended, gate_hidden, gate_out_weight, gate_out_bias, l
                 d_attended.view(-1, size), d_gate_hidden.view(-1, gate_size),
                 partial_lnw, partial_lnb, partial_w2, partial_b2,
                 dout.stride(0), o.stride(0), u.stride(0), size, gate_size, num_rows, size, gate_size, eps,
-                rows_per_program, COMPUTE=_TL_COMPUTE[compute],
-                ROUND_DO=_round_on_store(attended.dtype, compute), ROUND_DU=_round_on_store(gate_hidden.dtype, compute),
+                rows_per_program, COMPUTE=TL_DTYPES[compute],
                 **_launch(size, gate_size),
             )
     return (

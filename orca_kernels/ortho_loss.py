@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from orca_kernels import reference
-from orca_kernels._triton_helpers import cast_for_store, kernel_dtypes, register_cap, round_bf16_on_store
+from orca_kernels._triton_helpers import accumulator_dtype, cast_for_store, kernel_dtypes, register_cap
 from orca_kernels._utils import (
     autocast_fp32_normalisations,
     autocast_lower_precision,
@@ -143,8 +143,7 @@ def _ortho_losses_fwd_kernel(
 @triton.jit
 def _ortho_losses_reduce_kernel(
     partial_ptr, div_ptr, cross_ptr, num_partials, div_count, cross_count,
-    WITH_DIV: tl.constexpr, WITH_CROSS: tl.constexpr, ACC_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr,
-    BLOCK: tl.constexpr,
+    WITH_DIV: tl.constexpr, WITH_CROSS: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """The two losses: partial sums added in a fixed order, divided by the element counts."""
     div_acc = tl.zeros((BLOCK,), ACC_DTYPE)
@@ -158,7 +157,7 @@ def _ortho_losses_reduce_kernel(
         tl.store(div_ptr, div.to(div_ptr.dtype.element_ty))
     if WITH_CROSS:
         cross = tl.sum(cross_acc, 0) / tl.cast(cross_count, ACC_DTYPE)
-        tl.store(cross_ptr, cast_for_store(cross, cross_ptr, ROUND_BF16))
+        tl.store(cross_ptr, cast_for_store(cross, cross_ptr))
 
 
 @triton.jit
@@ -167,7 +166,7 @@ def _ortho_losses_bwd_kernel(
     B, K, n, T_local, H, global_col_start, global_col_end, num_global_blocks, num_blocks, scratch_cols,
     sgb, sgk, sgh, slb, slt, slh,
     WITH_DIV: tl.constexpr, WITH_CROSS: tl.constexpr, SUBSAMPLE: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, GRAD_PRECISION: tl.constexpr, ROUND_BF16: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, GRAD_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """Gradients of BLOCK_M token-list rows: global rows write dg [B, K, H], local rows dl [B, T_local, H]
@@ -262,10 +261,10 @@ def _ortho_losses_bwd_kernel(
         x = _load_tokens(g_ptr, l_ptr, idx_ptr, b, rows, h, K, n, H, sgb, sgk, sgh, slb, slt, slh, WITH_CROSS, SUBSAMPLE)
         grad = acc / row_norm[:, None] - radial[:, None] * x.to(ACC_DTYPE)
         h_ok = (h < H)[None, :]
-        dg = cast_for_store(grad, dg_ptr, ROUND_BF16)
+        dg = cast_for_store(grad, dg_ptr)
         tl.store(dg_ptr + dg_rows[:, None] + h[None, :], dg, mask=is_global[:, None] & h_ok)
         if WITH_CROSS:
-            dl = cast_for_store(grad, dl_ptr, ROUND_BF16)
+            dl = cast_for_store(grad, dl_ptr)
             tl.store(dl_ptr + dl_rows[:, None] + h[None, :], dl, mask=is_local[:, None] & h_ok)
 
 
@@ -291,10 +290,6 @@ def _sample_indices(num_local: int, max_local_samples: int | None, device: torch
 
 def _block(size: int, low: int, high: int) -> int:
     return max(low, min(high, triton.next_power_of_2(max(size, 1))))
-
-
-def _torch_acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _diversity_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -325,7 +320,7 @@ def _forward(
     num_row_blocks = triton.cdiv(K, block_m)
     num_col_blocks = triton.cdiv(col_end - col_start, block_n)
     num_programs = B * num_row_blocks * num_col_blocks
-    partials = new_output((2, num_programs), dtype=_torch_acc(g.dtype), device=g.device)
+    partials = new_output((2, num_programs), dtype=accumulator_dtype(g.dtype), device=g.device)
     if kernel_div:
         div = new_output((), dtype=_diversity_dtype(g.dtype), device=g.device)
     if kernel_cross:
@@ -342,7 +337,7 @@ def _forward(
         _ortho_losses_reduce_kernel[(1,)](
             partials, div if kernel_div else partials, cross if kernel_cross else partials,
             num_programs, B * K * K, B * K * n,
-            WITH_DIV=kernel_div, WITH_CROSS=kernel_cross, ACC_DTYPE=acc_dtype, ROUND_BF16=round_bf16_on_store(g.dtype),
+            WITH_DIV=kernel_div, WITH_CROSS=kernel_cross, ACC_DTYPE=acc_dtype,
             BLOCK=_block(num_programs, 16, 1024),
         )
     return div, cross
@@ -387,7 +382,7 @@ def _backward(
     span = max(global_col_end - global_col_start, K if with_cross else 0)
     scratch_cols = triton.cdiv(span, block_n) * block_n
     num_programs = B * num_blocks
-    scratch = new_output((num_programs * block_m * scratch_cols,), dtype=_torch_acc(g.dtype), device=g.device)
+    scratch = new_output((num_programs * block_m * scratch_cols,), dtype=accumulator_dtype(g.dtype), device=g.device)
     dg = new_output(g.shape, dtype=g.dtype, device=g.device)
     dl = new_output(l.shape, dtype=l.dtype, device=l.device) if l is not None else None  # [B, 0, H] if not with_cross
     lt = l if with_cross else g  # pointers the kernel does not read stand in for absent ones
@@ -402,7 +397,7 @@ def _backward(
             DOT_DTYPE=dot_dtype, ACC_DTYPE=acc_dtype,
             # fp16/bf16: TF32 holds the input values exactly and the weights to 2^-11.
             GRAD_PRECISION="ieee" if g.dtype in (torch.float32, torch.float64) else "tf32",
-            ROUND_BF16=round_bf16_on_store(g.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_H=block_h,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_H=block_h,
             **_backward_warps(g.dtype),
         )
     return [dg] if l is None else [dg, dl]

@@ -128,6 +128,51 @@ def gated_cross_attention(
     )
 
 
+def flash_cross_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention core of the gated cross-attention in PyTorch (SDPA, as F.multi_head_attention_forward
+    calls it): q [B, Tx, nh, hd] over k, v [B, Ta, nh, hd] -> [B, Tx, nh, hd] (contiguous).
+
+    key_padding_mask [B, Ta] bool, True = ignore; scale defaults to 1/sqrt(hd).
+
+    Fully masked rows give 0 with zero gradients on every device and SDPA backend: their mask is
+    lifted (so the softmax stays finite) and their output replaced by 0, which is what the CPU
+    reference's safe softmax gives.
+    """
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if key_padding_mask is None:
+        out = F.scaled_dot_product_attention(qt, kt, vt, scale=scale)
+        return out.transpose(1, 2).contiguous()
+    empty = key_padding_mask.all(dim=-1)  # [B]
+    keep = (~key_padding_mask | empty[:, None])[:, None, None, :]  # [B, 1, 1, Ta], True = attend
+    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=keep, scale=scale)
+    return out.masked_fill(empty[:, None, None, None], 0).transpose(1, 2).contiguous()
+
+
+def gated_residual(
+    hidden: torch.Tensor,
+    attended: torch.Tensor,
+    gate_hidden: torch.Tensor,
+    gate_out_weight: torch.Tensor,
+    gate_out_bias: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    eps: float = LAYER_NORM_EPS,
+) -> torch.Tensor:
+    """The module's last three steps: hidden + σ(GELU(gate_hidden)·w₂ + b₂) ⊙ LayerNorm(attended)
+    -> [B, T, H]; hidden, attended [B, T, H], gate_hidden [B, T, G] (the gate's first Linear, before
+    GELU), gate_out_weight [1, G], gate_out_bias [1], ln_weight and ln_bias [H]."""
+    normed = F.layer_norm(attended, (attended.shape[-1],), ln_weight, ln_bias, eps)
+    gate = torch.sigmoid(F.linear(F.gelu(gate_hidden), gate_out_weight, gate_out_bias))
+    return hidden + gate * normed
+
+
 def attend_rotated(
     hidden: torch.Tensor,
     memory: torch.Tensor,

@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 
 from orca_kernels import reference
-from orca_kernels._triton_helpers import cast_for_store, round_bf16_bits, round_bf16_on_store
-from orca_kernels._utils import check_backend, check_tensor, device_context, new_output, triton_interpret, use_triton
+from orca_kernels._triton_helpers import TL_DTYPES, accumulator_dtype, cast_for_store, round_like
+from orca_kernels._utils import KERNELS_INTERPRETED, check_backend, check_tensor, device_context, new_output, use_triton
 
 OP = "audio_rope"
 BACKENDS = ("auto", "triton", "torch")
@@ -34,21 +34,9 @@ def rope_half_tables(length: int, dim: int, position_scale: float, rope_theta: f
 
 
 @triton.jit
-def _rounded(x, like, ROUND_BF16: tl.constexpr):
-    """`x` (in the compute dtype) rounded to `like`'s dtype and kept in x's dtype. ROUND_BF16:
-    round fp32 -> bf16 on the bits (the interpreter truncates casts; see _triton_helpers)."""
-    if ROUND_BF16:
-        y = round_bf16_bits(x)
-    else:
-        y = x.to(like.dtype).to(x.dtype)
-    return y
-
-
-@triton.jit
 def _audio_rope_fwd_kernel(
     x_ptr, cos_ptr, sin_ptr, out_ptr, ROWS, T, HALF, stride_xb, stride_xt, stride_xh, stride_ob, stride_ot,
-    INVERSE: tl.constexpr, COMPUTE: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_ROWS: tl.constexpr,
-    BLOCK: tl.constexpr,
+    INVERSE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """One program per tile of BLOCK_ROWS rows (b*T + t) x BLOCK columns of the first half.
 
@@ -65,17 +53,17 @@ def _audio_rope_fwd_kernel(
     x2 = tl.load(x_tile + HALF * stride_xh, mask=mask)
     # The fp32 table is cast to the data's dtype before multiplying, as the reference does.
     table = t * HALF + cols[None, :]
-    c = _rounded(tl.load(cos_ptr + table, mask=mask).to(COMPUTE), data, ROUND_BF16)
-    s = _rounded(tl.load(sin_ptr + table, mask=mask).to(COMPUTE), data, ROUND_BF16)
+    c = round_like(tl.load(cos_ptr + table, mask=mask).to(COMPUTE), data)
+    s = round_like(tl.load(sin_ptr + table, mask=mask).to(COMPUTE), data)
     if INVERSE:
         s = -s
     x1 = data.to(COMPUTE)
     x2 = x2.to(COMPUTE)
-    first = _rounded(x1 * c, data, ROUND_BF16) - _rounded(x2 * s, data, ROUND_BF16)
-    second = _rounded(x1 * s, data, ROUND_BF16) + _rounded(x2 * c, data, ROUND_BF16)
+    first = round_like(x1 * c, data) - round_like(x2 * s, data)
+    second = round_like(x1 * s, data) + round_like(x2 * c, data)
     out_tile = out_ptr + b * stride_ob + t * stride_ot + cols[None, :]
-    tl.store(out_tile, cast_for_store(first, out_ptr, ROUND_BF16), mask=mask)
-    tl.store(out_tile + HALF, cast_for_store(second, out_ptr, ROUND_BF16), mask=mask)
+    tl.store(out_tile, cast_for_store(first, out_ptr), mask=mask)
+    tl.store(out_tile + HALF, cast_for_store(second, out_ptr), mask=mask)
 
 
 def _rotate(x: torch.Tensor, position_scale: float, rope_theta: float, inverse: bool) -> torch.Tensor:
@@ -89,13 +77,13 @@ def _rotate(x: torch.Tensor, position_scale: float, rope_theta: float, inverse: 
     block = min(1024, triton.next_power_of_2(half))
     # Rows per program: a few on a GPU (one row is already a wide tile); many under the
     # interpreter, whose cost is per program.
-    block_rows = 64 if triton_interpret() else max(1, 4096 // (4 * block))
+    block_rows = 64 if KERNELS_INTERPRETED else max(1, 4096 // (4 * block))
     grid = (triton.cdiv(batch * length, block_rows), triton.cdiv(half, block))
     with device_context(x):
         _audio_rope_fwd_kernel[grid](
             x, cos, sin, out, batch * length, length, half, x.stride(0), x.stride(1), x.stride(2),
             out.stride(0), out.stride(1), INVERSE=inverse,
-            COMPUTE=tl.float64 if x.dtype == torch.float64 else tl.float32, ROUND_BF16=round_bf16_on_store(x.dtype),
+            COMPUTE=TL_DTYPES[accumulator_dtype(x.dtype)],
             BLOCK_ROWS=block_rows, BLOCK=block,
         )
     return out

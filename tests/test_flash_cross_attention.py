@@ -16,7 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from orca_kernels.flash_cross_attention import flash_cross_attention, flash_cross_attention_reference
+from orca_kernels import reference
+from orca_kernels.flash_cross_attention import flash_cross_attention
 from orca_kernels import _utils
 from tolerances import assert_matches_truth
 
@@ -79,7 +80,7 @@ class Inputs:
     def truth(self, mask, grad_out):
         """fp64 reference output and gradients of the leaves for upstream gradient grad_out."""
         leaves = [t.detach().double().requires_grad_() for t in self.leaves]
-        out = flash_cross_attention_reference(*self.views(leaves), mask)
+        out = reference.flash_cross_attention(*self.views(leaves), mask)
         return out, torch.autograd.grad(out, leaves, grad_out.double())
 
 
@@ -243,7 +244,7 @@ def test_custom_scale(device):
     grad_out = torch.randn(2, 7, 2, 16, dtype=torch.float64, device=device)
     out = flash_cross_attention(*inputs.views(), mask, scale=0.37, backend="triton")
     grads = torch.autograd.grad(out, inputs.leaves, grad_out)
-    out_ref = flash_cross_attention_reference(*inputs.views(), mask, scale=0.37)
+    out_ref = reference.flash_cross_attention(*inputs.views(), mask, scale=0.37)
     grads_ref = torch.autograd.grad(out_ref, inputs.leaves, grad_out)
     assert_matches_truth(out, out_ref, name="out")
     for grad, grad_ref in zip(grads, grads_ref):
@@ -385,7 +386,7 @@ def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
         flash_cross_attention(*_qkv(), backend="triton")
     q, k, v = _qkv()  # auto without the interpreter: the reference, bit for bit
     mask = _partial_mask(2, 9, "cpu")
-    assert torch.equal(flash_cross_attention(q, k, v, mask), flash_cross_attention_reference(q, k, v, mask))
+    assert torch.equal(flash_cross_attention(q, k, v, mask), reference.flash_cross_attention(q, k, v, mask))
 
 
 def test_interpreter_set_after_import_raises(monkeypatch):
@@ -399,7 +400,7 @@ def test_auto_uses_the_kernels_where_they_run(monkeypatch, device):
     def fail(*args, **kwargs):
         raise AssertionError("the reference ran instead of the Triton kernels")
 
-    monkeypatch.setattr(fca, "flash_cross_attention_reference", fail)
+    monkeypatch.setattr(reference, "flash_cross_attention", fail)
     flash_cross_attention(*_qkv(device))
     with pytest.raises(AssertionError, match="the reference ran"):
         flash_cross_attention(*_qkv(device), backend="torch")

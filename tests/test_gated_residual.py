@@ -1,4 +1,4 @@
-"""gated_residual (Triton LayerNorm + gate + residual) against its PyTorch composition."""
+"""gated_residual (Triton LayerNorm + gate + residual) against orca_kernels.reference.gated_residual."""
 
 from __future__ import annotations
 
@@ -6,17 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from orca_kernels import reference
 from orca_kernels.gated_residual import gated_residual
 from tolerances import assert_matches_truth
 
 NAMES = ["hidden", "attended", "gate_hidden", "gate_out_weight", "gate_out_bias", "ln_weight", "ln_bias"]
-
-
-def composed(hidden, attended, gate_hidden, gate_out_weight, gate_out_bias, ln_weight, ln_bias):
-    """The reference module's Steps 4-6 (LayerNorm, gate on the pre-GELU activations, residual)."""
-    normed = F.layer_norm(attended, (attended.shape[-1],), ln_weight, ln_bias, 1e-5)
-    gate = torch.sigmoid(F.linear(F.gelu(gate_hidden), gate_out_weight, gate_out_bias))
-    return hidden + gate * normed
 
 
 def make_inputs(batch, length, size, dtype, triton_device, contiguous=True):
@@ -48,8 +42,8 @@ def test_matches_composition(triton_device, dtype, batch, length, size, contiguo
     inputs = make_inputs(batch, length, size, dtype, triton_device, contiguous)
     grad_out = torch.randn(batch, length, size, device=triton_device).to(dtype).double()
     got = grads(gated_residual, inputs, grad_out)
-    truth = grads(composed, [t.double() for t in inputs], grad_out)
-    same_dtype = grads(composed, inputs, grad_out)
+    truth = grads(reference.gated_residual, [t.double() for t in inputs], grad_out)
+    same_dtype = grads(reference.gated_residual, inputs, grad_out)
     for name, a, t, r in zip(["out", *NAMES], got, truth, same_dtype):
         assert a.dtype == dtype, name
         assert_matches_truth(a, t, same_dtype_reference=r, name=name)
@@ -63,7 +57,7 @@ def test_mixed_dtypes_follow_the_caller(triton_device):
     leaves = [t.detach().requires_grad_() for t in inputs]
     out = gated_residual(*leaves, out_dtype=torch.float32)
     assert out.dtype == torch.float32
-    expected = composed(*[t.double() for t in inputs])
+    expected = reference.gated_residual(*[t.double() for t in inputs])
     assert_matches_truth(out, expected)
     out.sum().backward()
     assert [t.grad.dtype for t in leaves] == [t.dtype for t in inputs]
@@ -73,7 +67,7 @@ def test_expanded_gradient_and_zero_rows(triton_device):
     inputs = [t.requires_grad_() for t in make_inputs(2, 3, 12, torch.float64, triton_device)]
     gated_residual(*inputs).sum().backward()  # an expanded (stride-0) upstream gradient
     reference_leaves = [t.detach().clone().requires_grad_() for t in inputs]
-    composed(*reference_leaves).sum().backward()
+    reference.gated_residual(*reference_leaves).sum().backward()
     for name, a, r in zip(NAMES, inputs, reference_leaves):
         assert_matches_truth(a.grad, r.grad, name=name)
 
@@ -101,7 +95,7 @@ def test_torch_compile_fullgraph(triton_device):
     inputs = [t.requires_grad_() for t in make_inputs(2, 3, 12, torch.float32, triton_device)]
     compiled = torch.compile(gated_residual, backend="aot_eager", fullgraph=True)
     out = compiled(*inputs)
-    assert_matches_truth(out.detach(), composed(*[t.detach().double() for t in inputs]))
+    assert_matches_truth(out.detach(), reference.gated_residual(*[t.detach().double() for t in inputs]))
     out.square().sum().backward()
     assert all(t.grad is not None for t in inputs)
 
@@ -110,5 +104,5 @@ def test_batch_of_rows_spread_over_programs(triton_device):
     """More rows than backward programs: every program's partial sums are added."""
     inputs = make_inputs(3, 11, 8, torch.float64, triton_device)
     grad_out = torch.randn(3, 11, 8, dtype=torch.float64, device=triton_device)
-    for name, a, t in zip(["out", *NAMES], grads(gated_residual, inputs, grad_out), grads(composed, inputs, grad_out)):
+    for name, a, t in zip(["out", *NAMES], grads(gated_residual, inputs, grad_out), grads(reference.gated_residual, inputs, grad_out)):
         assert_matches_truth(a, t, name=name)
