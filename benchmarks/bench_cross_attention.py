@@ -10,7 +10,7 @@ import torch
 
 from benchmarks.harness import Case, Provider, targets_gpu
 from orca_kernels import flash_cross_attention, reference
-from orca_kernels._utils import triton_interpret
+from orca_kernels import kernels_available
 from orca_model.cross_attention import AudioMemoryCache, OrcaGatedCrossAttention
 
 # (label, batch, T_x, hidden, heads, T_a, rope θ): the training shapes of docs/model-shapes.md#training-shapes
@@ -52,7 +52,7 @@ def _sdpa_flash(q, k, v):
 
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
-    if not targets_gpu(device) and not triton_interpret():
+    if not (targets_gpu(device) or kernels_available(device)):
         return []  # the fused path runs on CUDA (or the CPU interpreter, far too slow to time)
     dtype = torch.bfloat16 if targets_gpu(device) else torch.float32
     result = []

@@ -19,7 +19,7 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer, Qwen3Rot
 
 from benchmarks import model_configs
 from benchmarks.harness import Case, Provider, targets_gpu
-from orca_kernels._utils import triton_interpret
+from orca_kernels import kernels_available
 from orca_model import DeepInjection, OrcaGatedCrossAttention, rope_theta_from_config
 
 LAYER_CLASSES = {"qwen3": (Qwen3DecoderLayer, Qwen3RotaryEmbedding), "llama": (LlamaDecoderLayer, LlamaRotaryEmbedding)}
@@ -94,7 +94,7 @@ def _reference_fp64(eager: InjectedDecoderLayer, llm_config: PretrainedConfig, s
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    fused_runs = targets_gpu(device) or triton_interpret()
+    fused_runs = targets_gpu(device) or kernels_available(device)
     result = []
     for label, make_config, batch, t_x, t_a, compiled in QUICK_SHAPES if quick else FULL_SHAPES:
         llm_config = make_config(num_layers=1)

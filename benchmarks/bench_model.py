@@ -37,7 +37,7 @@ from transformers.optimization import Adafactor
 
 from benchmarks import model_configs
 from benchmarks.harness import Case, Provider, targets_gpu
-from orca_kernels._utils import triton_interpret
+from orca_kernels import kernels_available
 from orca_model import DeSTA25AudioModel, DeSTA25Config, modeling, total_training_loss
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -205,7 +205,7 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     encoder_config = model_configs.tiny_whisper() if quick else model_configs.whisper_large_v3()
     pair = ModelPair(device, dtype, encoder_config)
-    runs = [(False, "eager")] + ([(True, "orca")] if targets_gpu(device) or triton_interpret() else [])
+    runs = [(False, "eager")] + ([(True, "orca")] if targets_gpu(device) or kernels_available(device) else [])
     local_tokens = (encoder_config.max_source_positions + 2 * 2 - 5) // 4 + 1  # Conv1d k5, s4, padding 2
     result = []
     for shape in QUICK_SHAPES if quick else FULL_SHAPES:

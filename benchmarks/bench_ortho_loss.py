@@ -6,7 +6,7 @@ import torch
 
 from benchmarks.harness import Case, Provider, targets_gpu
 from orca_kernels import ortho_losses, reference
-from orca_kernels._utils import triton_interpret
+from orca_kernels import kernels_available
 
 LOCAL_TOKENS = 375  # Whisper's 1500 frames after the stride-4 conv
 # (label, batch, global tokens K, hidden)
@@ -27,7 +27,7 @@ def _fused(global_tokens, local_tokens):
 
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
-    if not targets_gpu(device) and not triton_interpret():
+    if not (targets_gpu(device) or kernels_available(device)):
         return []  # Triton kernels: CUDA (or the CPU interpreter, far too slow to time)
     dtype = torch.bfloat16 if targets_gpu(device) else torch.float32
     result = []

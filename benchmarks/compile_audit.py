@@ -131,6 +131,7 @@ def recorded_launches(target: Target) -> Iterator[list[Launch]]:
     with (
         mock.patch.object(JITFunction, "__getitem__", getitem),
         mock.patch.object(_utils, "persistent_programs", lambda device: 4 * target.multiprocessors),
+        mock.patch.object(_utils, "cuda_capability", lambda device: divmod(target.capability, 10)),
     ):
         yield launches
 

@@ -26,6 +26,8 @@ def latest_gpu_run() -> tuple[str, dict] | None:
     for path in glob.glob(os.path.join(RESULTS, "*.json")):
         with open(path) as f:
             run = json.load(f)
+        if "metadata" not in run:  # not a benchmark run (the compile audit's reports live here too)
+            continue
         if not run["metadata"]["device"].lower().startswith("cpu"):
             runs.append((run["metadata"]["date"], path, run))
     if not runs:

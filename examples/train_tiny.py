@@ -12,34 +12,31 @@ cross-attention modules train on LM loss + the ORCA losses; each step prints the
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
-from transformers import Qwen3Config, Qwen3ForCausalLM, WhisperConfig, WhisperForConditionalGeneration
+from transformers import Qwen3ForCausalLM, WhisperForConditionalGeneration
 from transformers.utils import logging as hf_logging
 
 from orca_model import DeSTA25AudioModel, DeSTA25Config, total_training_loss
 
-VOCAB, MEL_BINS, FRAMES, NUM_GLOBAL_TOKENS = 128, 16, 32, 4
+# The tiny configs' one home is benchmarks/model_configs.py, which is not installed: this script
+# runs from a checkout, so its root is put on the path.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import model_configs  # noqa: E402
+
+# Twice the tests' encoder frames and a larger vocabulary than theirs.
+VOCAB, MEL_BINS, FRAMES, NUM_GLOBAL_TOKENS = 128, model_configs.TINY_MEL_BINS, 32, 4
 
 
 def save_tiny_checkpoints(directory: str) -> tuple[str, str]:
     """Random tiny Whisper (4 encoder layers, d_model 32) and Qwen3 (2 layers, hidden 64)."""
-    whisper = WhisperConfig(
-        d_model=32, encoder_layers=4, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
-        encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=MEL_BINS, max_source_positions=FRAMES,
-        max_target_positions=16, vocab_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-        decoder_start_token_id=1,
-    )
-    llm = Qwen3Config(
-        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_hidden_layers=2,
-        intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=256, pad_token_id=0, bos_token_id=1,
-        eos_token_id=2, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
-    )
     whisper_path, llm_path = f"{directory}/whisper", f"{directory}/qwen3"
-    WhisperForConditionalGeneration(whisper).save_pretrained(whisper_path)
-    Qwen3ForCausalLM(llm).save_pretrained(llm_path)
+    WhisperForConditionalGeneration(model_configs.tiny_whisper(frames=FRAMES)).save_pretrained(whisper_path)
+    Qwen3ForCausalLM(model_configs.tiny_qwen3(vocab_size=VOCAB)).save_pretrained(llm_path)
     return whisper_path, llm_path
 
 
@@ -57,7 +54,8 @@ def synthetic_batch(batch_size: int, generator: torch.Generator) -> dict:
     # embedding drowns small inputs).
     time_axis = torch.arange(2 * FRAMES, dtype=torch.float)
     patterns = torch.stack([torch.sin(time_axis / 3), torch.sign(torch.sin(time_axis / 7))])
-    features = 100 * (patterns[classes, None, :] + 0.1 * torch.randn(batch_size, MEL_BINS, 2 * FRAMES, generator=generator))
+    noise = torch.randn(batch_size, MEL_BINS, 2 * FRAMES, generator=generator)
+    features = 100 * (patterns[classes, None, :] + 0.1 * noise)
     return {
         "input_ids": input_ids,
         "attention_mask": torch.ones_like(input_ids),

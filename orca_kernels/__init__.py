@@ -4,12 +4,15 @@ Functional ops (differentiable, each with a `backend=` argument) and the pure-Py
 `orca_kernels.reference`, which is also the CPU path where no compiled kernel exists.
 """
 
+from importlib import metadata as _metadata
+
 from orca_kernels import reference
+from orca_kernels._utils import kernels_available
 from orca_kernels.conv_downsample import strided_conv1d
-from orca_kernels.cross_attention import gated_cross_attention
+from orca_kernels.cross_attention import attend_audio_kv, gated_cross_attention, project_audio_kv
 from orca_kernels.flash_cross_attention import flash_cross_attention
-from orca_kernels.rope import audio_rope
 from orca_kernels.ortho_loss import ortho_cross_loss, ortho_diversity_loss, ortho_losses
+from orca_kernels.rope import audio_rope
 
 __all__ = [
     "reference",
@@ -20,5 +23,11 @@ __all__ = [
     "audio_rope",
     "flash_cross_attention",
     "gated_cross_attention",
+    "project_audio_kv",
+    "attend_audio_kv",
+    "kernels_available",
 ]
-__version__ = "0.1.0"
+try:  # the version has one home, pyproject.toml; an uninstalled source tree has none
+    __version__ = _metadata.version("orca-kernels")
+except _metadata.PackageNotFoundError:
+    __version__ = "0+unknown"

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
+import threading
 import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -25,18 +28,32 @@ def triton_interpret() -> bool:
 KERNELS_INTERPRETED = triton_interpret()
 
 
+def kernels_available(device: torch.device | str) -> bool:
+    """Whether the fused Triton kernels run for tensors on `device`: CUDA devices (when a GPU is
+    present), and the CPU when TRITON_INTERPRET=1 was set before importing orca_kernels. Raises
+    when TRITON_INTERPRET=1 was set only after the import (the kernels were compiled for a GPU)."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return False
+    return _kernels_run_on("kernels_available", device)
+
+
+def _kernels_run_on(op: str, device: torch.device) -> bool:
+    if device.type == "cpu" and triton_interpret() and not KERNELS_INTERPRETED:
+        raise RuntimeError(
+            f"{op}: TRITON_INTERPRET=1 was set after orca_kernels was imported, so its Triton kernels were "
+            "compiled for the GPU; set it before the import to run them on CPU tensors"
+        )
+    return device.type == "cuda" or (device.type == "cpu" and KERNELS_INTERPRETED)
+
+
 def use_triton(op: str, tensor: torch.Tensor, backend: str) -> bool:
     """Resolve `backend` ("auto" | "triton" | "torch") for a Triton op: auto runs Triton on CUDA
     tensors, and on CPU tensors when the kernels were imported under TRITON_INTERPRET=1 (else the
     reference); an explicit "triton" that cannot run raises instead of falling back."""
     if backend == "torch":
         return False
-    if tensor.device.type == "cpu" and triton_interpret() and not KERNELS_INTERPRETED:
-        raise RuntimeError(
-            f"{op}: TRITON_INTERPRET=1 was set after orca_kernels was imported, so its Triton kernels were "
-            "compiled for the GPU; set it before the import to run them on CPU tensors"
-        )
-    runnable = tensor.device.type == "cuda" or (tensor.device.type == "cpu" and KERNELS_INTERPRETED)
+    runnable = _kernels_run_on(op, tensor.device)
     if backend == "triton" and not runnable:
         raise RuntimeError(
             f"{op}: backend='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before "
@@ -80,6 +97,12 @@ def persistent_programs(device: torch.device) -> int:
     return 4
 
 
+def cuda_capability(device: torch.device) -> tuple[int, int]:
+    """The compute capability launch settings are chosen for ((0, 0) off CUDA, where the
+    interpreter ignores them)."""
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
+
+
 def device_context(tensor: torch.Tensor):
     """Triton launches on the current CUDA device: make it the tensor's."""
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
@@ -116,6 +139,46 @@ def check_int(op: str, name: str, value, minimum: int) -> None:
         raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{op}: {name} must be >= {minimum}, got {value}")
+
+
+class TableCache:
+    """A bounded, thread-safe cache of small tensors derived from their key alone (RoPE tables,
+    sample indices), shared by every layer and request.
+
+    - Bounded: least recently used entries go beyond `max_entries` (a server sees many lengths).
+    - Thread-safe: one lock around lookups and inserts; a racing miss may compute an entry twice,
+      never store a half-built one.
+    - CUDA-graph aware: a hit during capture returns the cached tensor (allocated before the
+      capture, so replays read it); a miss during capture computes a tensor that lives in the
+      graph's memory pool and is not kept, so nothing outside the graph ever holds it.
+    """
+
+    def __init__(self, max_entries: int):
+        self.max_entries = max_entries
+        self._entries: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key, device: torch.device, build: Callable[[], object]):
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return self._entries[key]
+        value = build()
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return value
+        with self._lock:
+            self._entries[key] = value
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+        return value
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
 
 
 _warned: set[str] = set()

@@ -10,7 +10,8 @@
 
 The GEMMs (~93% of the FLOPs) stay in cuBLAS; everything between them is fused. K and V are
 column views of one packed projection, read in place by the attention kernel. During generation
-`project_audio_kv` runs once per request and layer and `attend_audio_kv` at every step.
+`project_audio_kv` runs once per request and layer and `attend_audio_kv` at every step: the public,
+validated pair; `gated_cross_attention` validates once and calls their unchecked cores.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from orca_kernels.gated_residual import gated_residual
 from orca_kernels.rope import audio_rope
 
 OP = "gated_cross_attention"
+PROJECT_OP = "project_audio_kv"
+ATTEND_OP = "attend_audio_kv"
 BACKENDS = ("auto", "triton", "torch")
 PARAMETER_NAMES = (
     "in_proj_weight", "in_proj_bias", "out_proj_weight", "out_proj_bias", "gate_hidden_weight",
@@ -32,35 +35,60 @@ PARAMETER_NAMES = (
 )
 
 
-def check_parameters(hidden_size: int, parameters: tuple[torch.Tensor, ...], like: torch.Tensor) -> None:
-    """The ten module parameters have the reference module's shapes (G = H // 4)."""
+def check_parameters(hidden_size: int, parameters: tuple[torch.Tensor, ...], like: torch.Tensor, op: str = OP) -> None:
+    """The module parameters have the reference module's shapes (G = H // 4) and `like`'s device:
+    all ten, or the first ones of PARAMETER_NAMES (the in-projection alone for `project_audio_kv`)."""
     gate = hidden_size // 4
     shapes = [
         (3 * hidden_size, hidden_size), (3 * hidden_size,), (hidden_size, hidden_size), (hidden_size,),
         (gate, hidden_size), (gate,), (1, gate), (1,), (hidden_size,), (hidden_size,),
     ]
-    for name, value, shape in zip(PARAMETER_NAMES, parameters, shapes):
-        check_tensor(OP, name, value, len(shape))
+    count = len(parameters)
+    for name, value, shape in zip(PARAMETER_NAMES[:count], parameters, shapes[:count], strict=True):
+        check_tensor(op, name, value, len(shape))
         if tuple(value.shape) != shape:
-            raise ValueError(f"{OP}: {name} has shape {tuple(value.shape)} but expected {shape} for H = {hidden_size}")
+            raise ValueError(f"{op}: {name} has shape {tuple(value.shape)} but expected {shape} for H = {hidden_size}")
         if value.device != like.device:
-            raise ValueError(f"{OP}: {name} is on {value.device} but expected {like.device}")
+            raise ValueError(f"{op}: {name} is on {value.device} but expected {like.device}")
 
 
-def check_key_padding_mask(mask: torch.Tensor | None, batch: int, length: int, like: torch.Tensor) -> None:
+def check_key_padding_mask(
+    mask: torch.Tensor | None, batch: int, length: int, like: torch.Tensor, op: str = OP
+) -> None:
     if mask is None:
         return
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        raise ValueError(f"{OP}: key_padding_mask must be a bool tensor (True = ignore), got {getattr(mask, 'dtype', type(mask))}")
+        raise ValueError(
+            f"{op}: key_padding_mask must be a bool tensor (True = ignore), got {getattr(mask, 'dtype', type(mask))}"
+        )
     if tuple(mask.shape) != (batch, length):
-        raise ValueError(f"{OP}: key_padding_mask has shape {tuple(mask.shape)} but expected [B, T_a] = {(batch, length)}")
+        raise ValueError(
+            f"{op}: key_padding_mask has shape {tuple(mask.shape)} but expected [B, T_a] = {(batch, length)}"
+        )
     if mask.device != like.device:
-        raise ValueError(f"{OP}: key_padding_mask is on {mask.device} but expected {like.device}")
+        raise ValueError(f"{op}: key_padding_mask is on {mask.device} but expected {like.device}")
+
+
+def check_num_heads(op: str, num_heads: int, hidden_size: int) -> None:
+    check_int(op, "num_heads", num_heads, 1)
+    if hidden_size % num_heads:
+        raise ValueError(f"{op}: num_heads={num_heads} does not divide the hidden size {hidden_size}")
 
 
 def project_audio_kv(rotated: torch.Tensor, in_proj_weight: torch.Tensor, in_proj_bias: torch.Tensor) -> torch.Tensor:
     """Packed [K | V] = rotated · W_kvᵀ + b_kv -> [B, T_a, 2H], one GEMM as in
-    nn.MultiheadAttention when key is value (rows H..3H of the packed in-projection)."""
+    nn.MultiheadAttention when key is value (rows H..3H of the packed in-projection).
+
+    rotated [B, T_a, H] is the RoPE-rotated audio memory (`audio_rope`); in_proj_weight [3H, H]
+    and in_proj_bias [3H] are the module's packed in-projection. The result is what
+    `attend_audio_kv` takes, and can be cached: it depends on the audio only, not on the query.
+    """
+    check_tensor(PROJECT_OP, "rotated", rotated, 3)
+    check_parameters(rotated.shape[2], (in_proj_weight, in_proj_bias), rotated, PROJECT_OP)
+    return _project_audio_kv(rotated, in_proj_weight, in_proj_bias)
+
+
+def _project_audio_kv(rotated: torch.Tensor, in_proj_weight: torch.Tensor, in_proj_bias: torch.Tensor) -> torch.Tensor:
     size = in_proj_weight.shape[1]
     return F.linear(rotated, in_proj_weight[size:], in_proj_bias[size:])
 
@@ -69,8 +97,9 @@ def residual_dtype(hidden: torch.Tensor, attended: torch.Tensor, gate_hidden: to
     """The dtype the reference's `hidden + gate * ln(attended)` has. The gate has the dtype of its
     GEMMs (gate_hidden's); LayerNorm keeps attended's dtype, except under CUDA autocast, whose fp32
     list holds layer_norm: there LN(bf16) is fp32 and promotes the sum, so the residual stream
-    turns fp32 after the first injected layer (docs/reference-behaviour.md#residual-stream-turns-fp32-under-autocast). CPU autocast has no such rule: a
-    bf16 LayerNorm stays bf16 there, and so does a bf16 residual stream."""
+    turns fp32 after the first injected layer
+    (docs/reference-behaviour.md#residual-stream-turns-fp32-under-autocast). CPU autocast has no
+    such rule: a bf16 LayerNorm stays bf16 there, and so does a bf16 residual stream."""
     norm = torch.float32 if autocast_fp32_normalisations(hidden.device.type) else attended.dtype
     return torch.promote_types(torch.promote_types(hidden.dtype, norm), gate_hidden.dtype)
 
@@ -92,8 +121,58 @@ def attend_audio_kv(
     key_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """hidden [B, T_x, H] attends over a projected audio memory audio_kv [B, T_a, 2H] (from
-    `project_audio_kv`, possibly cached), then LayerNorm, gate and residual -> [B, T_x, H].
-    Runs the Triton kernels; callers resolve the backend and validate (`gated_cross_attention`)."""
+    `project_audio_kv`, possibly cached), then LayerNorm, gate and residual -> [B, T_x, H]: the
+    rest of `gated_cross_attention` once the memory is rotated and projected (one decode step).
+
+    The parameters are `gated_cross_attention`'s; key_padding_mask [B, T_a] bool, True = ignore.
+    An empty memory (T_a = 0) returns `hidden`. There is no reference backend: this runs the
+    Triton kernels, so the tensors must be where they can run (`orca_kernels.kernels_available`).
+    """
+    check_tensor(ATTEND_OP, "hidden", hidden, 3)
+    check_tensor(ATTEND_OP, "audio_kv", audio_kv, 3)
+    batch, _, size = hidden.shape
+    if audio_kv.shape[0] != batch or audio_kv.shape[2] != 2 * size:
+        raise ValueError(
+            f"{ATTEND_OP}: audio_kv has shape {tuple(audio_kv.shape)} but hidden is {tuple(hidden.shape)}: "
+            f"expected [{batch}, T_a, {2 * size}]"
+        )
+    if audio_kv.device != hidden.device:
+        raise ValueError(f"{ATTEND_OP}: audio_kv is on {audio_kv.device} but hidden is on {hidden.device}")
+    check_num_heads(ATTEND_OP, num_heads, size)
+    parameters = (
+        in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, gate_hidden_weight, gate_hidden_bias,
+        gate_out_weight, gate_out_bias, ln_weight, ln_bias,
+    )
+    check_parameters(size, parameters, hidden, ATTEND_OP)
+    check_key_padding_mask(key_padding_mask, batch, audio_kv.shape[1], hidden, ATTEND_OP)
+    if not use_triton(ATTEND_OP, hidden, "auto"):
+        raise RuntimeError(
+            f"{ATTEND_OP}: the Triton kernels cannot run on {hidden.device} (they need CUDA, or the CPU with "
+            "TRITON_INTERPRET=1 set before importing orca_kernels); gated_cross_attention(backend='torch') runs "
+            "the reference"
+        )
+    if audio_kv.shape[1] == 0:
+        return hidden
+    return _attend_audio_kv(hidden, audio_kv, *parameters, num_heads, key_padding_mask)
+
+
+def _attend_audio_kv(
+    hidden: torch.Tensor,
+    audio_kv: torch.Tensor,
+    in_proj_weight: torch.Tensor,
+    in_proj_bias: torch.Tensor,
+    out_proj_weight: torch.Tensor,
+    out_proj_bias: torch.Tensor,
+    gate_hidden_weight: torch.Tensor,
+    gate_hidden_bias: torch.Tensor,
+    gate_out_weight: torch.Tensor,
+    gate_out_bias: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    num_heads: int,
+    key_padding_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """`attend_audio_kv` on inputs its callers have validated, with T_a > 0."""
     size = hidden.shape[-1]
     head_dim = size // num_heads
     q = F.linear(hidden, in_proj_weight[:size], in_proj_bias[:size]).unflatten(-1, (num_heads, head_dim))
@@ -142,12 +221,13 @@ def gated_cross_attention(
     check_tensor(OP, "audio", audio, 3)
     batch, _, size = hidden.shape
     if audio.shape[0] != batch or audio.shape[2] != size:
-        raise ValueError(f"{OP}: audio has shape {tuple(audio.shape)} but hidden is {tuple(hidden.shape)}: expected [{batch}, T_a, {size}]")
+        raise ValueError(
+            f"{OP}: audio has shape {tuple(audio.shape)} but hidden is {tuple(hidden.shape)}: "
+            f"expected [{batch}, T_a, {size}]"
+        )
     if audio.device != hidden.device:
         raise ValueError(f"{OP}: audio is on {audio.device} but hidden is on {hidden.device}")
-    check_int(OP, "num_heads", num_heads, 1)
-    if size % num_heads:
-        raise ValueError(f"{OP}: num_heads={num_heads} does not divide the hidden size {size}")
+    check_num_heads(OP, num_heads, size)
     parameters = (
         in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, gate_hidden_weight, gate_hidden_bias,
         gate_out_weight, gate_out_bias, ln_weight, ln_bias,
@@ -162,5 +242,5 @@ def gated_cross_attention(
     if audio.shape[1] == 0:
         return hidden
     rotated = audio_rope(audio.to(hidden.dtype), position_scale, rope_theta, backend="triton")
-    audio_kv = project_audio_kv(rotated, in_proj_weight, in_proj_bias)
-    return attend_audio_kv(hidden, audio_kv, *parameters, num_heads, key_padding_mask)
+    audio_kv = _project_audio_kv(rotated, in_proj_weight, in_proj_bias)
+    return _attend_audio_kv(hidden, audio_kv, *parameters, num_heads, key_padding_mask)

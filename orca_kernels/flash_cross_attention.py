@@ -44,7 +44,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from orca_kernels import reference
+from orca_kernels import _utils, reference
 from orca_kernels._triton_helpers import accumulator_dtype, cast_for_store, kernel_dtypes, register_cap
 from orca_kernels._utils import KERNELS_INTERPRETED, check_backend, check_tensor, device_context, new_output, use_triton
 
@@ -245,7 +245,7 @@ def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
-def _configs(dtype: torch.dtype, Tx: int, block_d: int) -> dict[str, dict[str, int]]:
+def _configs(dtype: torch.dtype, Tx: int, block_d: int, capability: tuple[int, int]) -> dict[str, dict[str, int]]:
     """Launch parameters of the forward ("fwd"), dK/dV ("dkdv") and dQ ("dq") kernels."""
     if KERNELS_INTERPRETED:
         # The interpreter's cost is per op, not per element: few, mid-sized blocks (two of them
@@ -272,9 +272,12 @@ def _configs(dtype: torch.dtype, Tx: int, block_d: int) -> dict[str, dict[str, i
         fwd = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
     else:
         fwd = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3 if block_d <= 128 else 2}
-    # Backward: two [64, BLOCK_D] fp32 accumulators per program (dK and dV) bound the tiles; 8
-    # warps and one block per SM's registers keep both kernels free of spills on sm_80 and sm_90.
-    bwd = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2, "maxnreg": register_cap(8, 1)}
+    # Backward: two [BLOCK_N, BLOCK_D] fp32 accumulators per program (dK and dV) bound the tiles;
+    # 8 warps and one block per SM's registers keep both kernels free of spills. 64-key blocks
+    # feed Hopper's wgmma (two warpgroups); Ampere's mma.sync spills there with triton 3.6 at
+    # head dim 64, so it takes 32.
+    keys = 64 if capability >= (9, 0) else 32
+    bwd = {"BLOCK_M": 64, "BLOCK_N": keys, "num_warps": 8, "num_stages": 2, "maxnreg": register_cap(8, 1)}
     return {"fwd": fwd, "dkdv": bwd, "dq": bwd}
 
 
@@ -301,7 +304,7 @@ def _forward(q, k, v, mask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     dot_dtype, acc_dtype = kernel_dtypes(q.dtype)
     block_d = max(16, triton.next_power_of_2(hd))
-    cfg = _configs(q.dtype, Tx, block_d)["fwd"]
+    cfg = _configs(q.dtype, Tx, block_d, _utils.cuda_capability(q.device))["fwd"]
     grid = (triton.cdiv(Tx, cfg["BLOCK_M"]), nh, B)
     bias, sbb, sbt = _bias_args(mask, q.dtype, q)
     with device_context(q):
@@ -332,7 +335,7 @@ def _backward(q, k, v, mask, out, lse, grad_out, scale: float) -> tuple[torch.Te
     lse = lse.contiguous()  # indexed as [B, nh, Tx]; the forward's own lse already is
     dot_dtype, acc_dtype = kernel_dtypes(q.dtype)
     block_d = max(16, triton.next_power_of_2(hd))
-    cfgs = _configs(q.dtype, Tx, block_d)
+    cfgs = _configs(q.dtype, Tx, block_d, _utils.cuda_capability(q.device))
     delta = new_output((B, nh, Tx), dtype=accumulator_dtype(q.dtype), device=q.device)
     bias, sbb, sbt = _bias_args(mask, q.dtype, q)
     common = dict(

@@ -44,6 +44,7 @@ import triton.language as tl
 from orca_kernels import reference
 from orca_kernels._triton_helpers import accumulator_dtype, cast_for_store, kernel_dtypes, register_cap
 from orca_kernels._utils import (
+    TableCache,
     autocast_fp32_normalisations,
     autocast_lower_precision,
     check_backend,
@@ -270,22 +271,19 @@ def _ortho_losses_bwd_kernel(
 
 # ----------------------------------------------------------------------------- launchers
 
-_indices_cache: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+# (T_local, max_local_samples, device) -> the sampled rows; saves a launch per call.
+_indices_cache = TableCache(max_entries=64)
 
 
 def _sample_indices(num_local: int, max_local_samples: int | None, device: torch.device) -> torch.Tensor | None:
-    """`reference.local_sample_indices`, cached per (Tl, max_local_samples, device) to save a
-    launch per call; not cached while a CUDA graph is being captured (the tensor would live in the
-    graph's pool)."""
+    """`reference.local_sample_indices`, cached (None: every row is used)."""
     if max_local_samples is None or num_local <= max_local_samples:
         return None
-    key = (num_local, max_local_samples, device)
-    indices = _indices_cache.get(key)
-    if indices is None:
-        indices = reference.local_sample_indices(num_local, max_local_samples, device)
-        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            _indices_cache[key] = indices
-    return indices
+    return _indices_cache.get(
+        (num_local, max_local_samples, device),
+        device,
+        lambda: reference.local_sample_indices(num_local, max_local_samples, device),
+    )
 
 
 def _block(size: int, low: int, high: int) -> int:
@@ -343,14 +341,6 @@ def _forward(
     return div, cross
 
 
-def _backward_warps(dtype: torch.dtype) -> dict:
-    """fp16/bf16 tiles fit 4 warps; fp32/fp64 ones need 8 and a block's worth of registers (no
-    spills on sm_80 or sm_90; benchmarks/compile_audit.py checks it)."""
-    if dtype in (torch.float16, torch.bfloat16):
-        return {"num_warps": 4}
-    return {"num_warps": 8, "maxnreg": register_cap(8, 1)}
-
-
 def _backward(
     g: torch.Tensor,
     l: torch.Tensor | None,
@@ -398,7 +388,9 @@ def _backward(
             # fp16/bf16: TF32 holds the input values exactly and the weights to 2^-11.
             GRAD_PRECISION="ieee" if g.dtype in (torch.float32, torch.float64) else "tf32",
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_H=block_h,
-            **_backward_warps(g.dtype),
+            # 8 warps with a block's worth of registers: no spills on sm_80 or sm_90, with triton
+            # 3.6 or 3.8, in any dtype (benchmarks/compile_audit.py checks it).
+            num_warps=8, maxnreg=register_cap(8, 1),
         )
     return [dg] if l is None else [dg, dl]
 

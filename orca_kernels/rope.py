@@ -16,21 +16,23 @@ import triton.language as tl
 
 from orca_kernels import reference
 from orca_kernels._triton_helpers import TL_DTYPES, accumulator_dtype, cast_for_store, round_like
-from orca_kernels._utils import KERNELS_INTERPRETED, check_backend, check_tensor, device_context, new_output, use_triton
+from orca_kernels._utils import KERNELS_INTERPRETED, TableCache, check_backend, check_tensor, device_context, new_output, use_triton
 
 OP = "audio_rope"
 BACKENDS = ("auto", "triton", "torch")
 
-_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+# (length, width, scale, θ, device) -> fp32 cos, sin [length, width/2]; every layer shares them.
+_tables = TableCache(max_entries=64)
 
 
 def rope_half_tables(length: int, dim: int, position_scale: float, rope_theta: float, device: torch.device):
     """fp32 cos and sin [length, dim/2], cached: the reference rebuilds them in every layer."""
-    key = (length, dim, float(position_scale), float(rope_theta), device)
-    if key not in _tables:
+
+    def build():
         cos, sin = reference.rope_cos_sin(length, dim, position_scale, rope_theta, device)
-        _tables[key] = (cos[0, :, : dim // 2].contiguous(), sin[0, :, : dim // 2].contiguous())
-    return _tables[key]
+        return cos[0, :, : dim // 2].contiguous(), sin[0, :, : dim // 2].contiguous()
+
+    return _tables.get((length, dim, float(position_scale), float(rope_theta), device), device, build)
 
 
 @triton.jit

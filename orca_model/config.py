@@ -30,8 +30,8 @@ def rope_theta_from_config(llm_config: PretrainedConfig) -> float:
     transformers 5.x keeps it in `rope_parameters["rope_theta"]` (per layer type for models with
     several attention kinds; the full-attention one is taken), 4.x in `rope_theta`. The
     reference reads `rope_theta` only, so under 5.x it silently falls back to 10000
-    (docs/reference-behaviour.md#rope-theta-under-transformers-5); here either layout gives the model's θ. Rope scaling (llama3) is ignored,
-    as in the reference.
+    (docs/reference-behaviour.md#rope-theta-under-transformers-5); here either layout gives the
+    model's θ. Rope scaling (llama3) is ignored, as in the reference.
     """
     theta, source = None, None
     parameters = getattr(llm_config, "rope_parameters", None)

@@ -9,7 +9,7 @@ from torch import nn
 from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertEncoder
 
-from orca_kernels.conv_downsample import strided_conv1d
+import orca_kernels
 from orca_model.config import DeSTA25Config
 
 
@@ -39,15 +39,15 @@ class ORCAHybridConnector(nn.Module):
     Local branch (when `orca_local_enabled`): softmax(`local_layer_weights` [L]) mixes the L
     layers, `local_proj_in` (Linear D -> H), `local_conv` (Conv1d(H, H, k, stride s, padding
     k//2)), `local_ln` (LayerNorm(H)) give local tokens [B, T_l, H], T_l = (T + 2·(k//2) − k)//s + 1.
-    With `config.use_fused_orca` the Conv1d runs through `orca_kernels.strided_conv1d` on the
-    channels-last activations, with the same `local_conv.weight` [H, H, k] and bias.
+    While `config.use_fused_orca` is set (read at every call, so flipping it takes effect at once)
+    the Conv1d runs through `orca_kernels.strided_conv1d` on the channels-last activations, with the
+    same `local_conv.weight` [H, H, k] and bias.
     """
 
     def __init__(self, config: DeSTA25Config):
         super().__init__()
         self.config = config
         self.target_layer_ids = config.target_layer_ids()
-        self.use_fused = config.use_fused_orca
         num_layers = len(self.target_layer_ids)
         d_encoder = config.encoder_config.d_model
         d_llm = config.llm_config.hidden_size
@@ -87,7 +87,7 @@ class ORCAHybridConnector(nn.Module):
         batch_size = states[0].size(0)
 
         outputs = []
-        for queries, state in zip(self.global_queries, states):
+        for queries, state in zip(self.global_queries, states, strict=True):
             queries = queries.expand(batch_size, -1, -1).to(dtype=weight.dtype, device=weight.device)
             outputs.append(self.global_qformer(hidden_states=queries, encoder_hidden_states=state).last_hidden_state)
         stacked = torch.stack(outputs, dim=0).permute(1, 2, 0, 3)  # [B, K, L, D]
@@ -97,11 +97,12 @@ class ORCAHybridConnector(nn.Module):
         if not self.local_enabled:
             return global_tokens, None
         layers = torch.stack(states, dim=0).permute(1, 2, 0, 3)  # [B, T, L, D]
-        local_mix = torch.softmax(self.local_layer_weights, dim=-1).unsqueeze(-1).to(dtype=weight.dtype, device=weight.device)
+        local_mix = torch.softmax(self.local_layer_weights, dim=-1).unsqueeze(-1)
+        local_mix = local_mix.to(dtype=weight.dtype, device=weight.device)
         features = self.local_proj_in((layers * local_mix).sum(dim=2))  # [B, T, H]
         conv = self.local_conv
-        if self.use_fused:
-            features = strided_conv1d(features, conv.weight, conv.bias, conv.stride[0], conv.padding[0])
+        if self.config.use_fused_orca:
+            features = orca_kernels.strided_conv1d(features, conv.weight, conv.bias, conv.stride[0], conv.padding[0])
         else:
             features = conv(features.transpose(1, 2)).transpose(1, 2)
         return global_tokens, self.local_ln(features)

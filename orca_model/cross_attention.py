@@ -7,19 +7,18 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from orca_kernels import cross_attention as fused
+import orca_kernels
 from orca_kernels import reference
-from orca_kernels._utils import use_triton
-from orca_kernels.rope import audio_rope
+from orca_model.config import DeSTA25Config
 
 
 class AudioMemoryCache:
     """What every injection layer would otherwise recompute from the same audio memory: the
     rotated memory and its pooled, normalised mean (shared by all layers; kept per dtype, since
-    under CUDA autocast the residual stream turns fp32 after the first layer, docs/reference-behaviour.md#residual-stream-turns-fp32-under-autocast),
-    and each fused layer's packed K/V projection (per layer). During generation one cache serves
-    every decode step of a request, so RoPE and the K/V GEMM run once per request instead of once
-    per step and layer.
+    under CUDA autocast the residual stream turns fp32 after the first layer,
+    docs/reference-behaviour.md#residual-stream-turns-fp32-under-autocast), and each fused layer's
+    packed K/V projection (per layer). During generation one cache serves every decode step of a
+    request, so RoPE and the K/V GEMM run once per request instead of once per step and layer.
 
     Make a new cache for each audio memory (each forward in training, each request in generation):
     it is keyed by nothing but the layers that fill it.
@@ -45,9 +44,13 @@ class OrcaGatedCrossAttention(nn.Module):
         gate_init: bias of the gate's last Linear (its weight starts at zero).
         rope_theta: θ of the audio RoPE.
         audio_position_scale: audio token t sits at position t / scale.
-        use_fused: run the fused kernels (orca_kernels.cross_attention) where they can run: on
-            CUDA, and on the CPU under TRITON_INTERPRET=1; elsewhere the reference path. False
-            always runs the reference path (the reference's own operations).
+        use_fused: run the fused kernels (`orca_kernels.project_audio_kv` / `attend_audio_kv`)
+            where they can run (`orca_kernels.kernels_available`: CUDA, and the CPU under
+            TRITON_INTERPRET=1); elsewhere the reference path. False always runs the reference
+            path (the reference's own operations).
+        config: the owning model's config (how `DeSTA25AudioModel` builds its modules). Then
+            `config.use_fused_orca`, read at every call, decides instead of `use_fused`, so that
+            the model has one switch; pass one or the other.
     """
 
     def __init__(
@@ -58,10 +61,18 @@ class OrcaGatedCrossAttention(nn.Module):
         rope_theta: float = 10000.0,
         audio_position_scale: float = 2.5,
         use_fused: bool = False,
+        *,
+        config: DeSTA25Config | None = None,
     ):
         super().__init__()
+        if config is not None and use_fused:
+            raise ValueError(
+                "OrcaGatedCrossAttention: pass use_fused or config, not both "
+                "(with config, config.use_fused_orca decides)"
+            )
         self.cross_attn = nn.MultiheadAttention(embed_dim=hidden_size, num_heads=num_heads, batch_first=True)
-        self.gate_proj = nn.Sequential(nn.Linear(hidden_size, hidden_size // 4), nn.GELU(), nn.Linear(hidden_size // 4, 1))
+        gate = hidden_size // 4
+        self.gate_proj = nn.Sequential(nn.Linear(hidden_size, gate), nn.GELU(), nn.Linear(gate, 1))
         nn.init.zeros_(self.gate_proj[-1].weight)
         nn.init.constant_(self.gate_proj[-1].bias, gate_init)
         self.ln = nn.LayerNorm(hidden_size)
@@ -69,8 +80,16 @@ class OrcaGatedCrossAttention(nn.Module):
         self.num_heads = num_heads
         self.rope_theta = rope_theta
         self.audio_position_scale = audio_position_scale
-        self.use_fused = use_fused
+        self.config = config
+        self._use_fused = use_fused
         self.layer_align_loss: torch.Tensor | None = None
+
+    @property
+    def use_fused(self) -> bool:
+        """Whether `forward` takes the fused path where the kernels can run: `config.use_fused_orca`
+        when built with a config, else the constructor's flag. Read-only: a model's modules follow
+        its config (`DeSTA25AudioModel.set_use_fused_orca`)."""
+        return self.config.use_fused_orca if self.config is not None else self._use_fused
 
     def parameters_in_order(self) -> tuple[torch.Tensor, ...]:
         """The ten parameters in the order of `orca_kernels.gated_cross_attention`."""
@@ -96,13 +115,13 @@ class OrcaGatedCrossAttention(nn.Module):
         if audio_local is None or audio_local.shape[1] == 0:
             self.layer_align_loss = None
             return hidden_states
-        fused_path = self.use_fused and use_triton(type(self).__name__, hidden_states, "auto")
+        fused_path = self.use_fused and orca_kernels.kernels_available(hidden_states.device)
         cache = audio_cache if audio_cache is not None else AudioMemoryCache()
         dtype = hidden_states.dtype
         if dtype not in cache.rotated:
             audio = audio_local.to(dtype=dtype, device=hidden_states.device)
             cache.rotated[dtype] = (
-                audio_rope(audio, self.audio_position_scale, self.rope_theta, backend="triton")
+                orca_kernels.audio_rope(audio, self.audio_position_scale, self.rope_theta, backend="triton")
                 if fused_path
                 else reference.audio_rope(audio, self.audio_position_scale, self.rope_theta)
             )
@@ -111,14 +130,17 @@ class OrcaGatedCrossAttention(nn.Module):
         parameters = self.parameters_in_order()
         if fused_path:
             if id(self) not in cache.kv:
-                cache.kv[id(self)] = fused.project_audio_kv(rotated, parameters[0], parameters[1])
-            out = fused.attend_audio_kv(hidden_states, cache.kv[id(self)], *parameters, self.num_heads, key_padding_mask)
+                cache.kv[id(self)] = orca_kernels.project_audio_kv(rotated, parameters[0], parameters[1])
+            kv = cache.kv[id(self)]
+            out = orca_kernels.attend_audio_kv(hidden_states, kv, *parameters, self.num_heads, key_padding_mask)
         else:
             out = reference.attend_rotated(hidden_states, rotated, *parameters, self.num_heads, key_padding_mask)
         if self.training:
             if dtype not in cache.pooled:
                 cache.pooled[dtype] = reference.pool_rotated_audio(rotated)
-            self.layer_align_loss = reference.layer_align_loss(hidden_states, cache.pooled[dtype], transcription_positions)
+            self.layer_align_loss = reference.layer_align_loss(
+                hidden_states, cache.pooled[dtype], transcription_positions
+            )
         else:
             self.layer_align_loss = None
         return out

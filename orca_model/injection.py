@@ -80,7 +80,9 @@ class DeepInjection:
             raise ValueError(f"{len(layers)} decoder layers but {len(cross_attns)} cross-attention modules")
         self.context = InjectionContext()
         self.cross_attns = cross_attns
-        self._handles = [layer.register_forward_hook(self._hook(xattn)) for layer, xattn in zip(layers, cross_attns)]
+        self._handles = [
+            layer.register_forward_hook(self._hook(xattn)) for layer, xattn in zip(layers, cross_attns, strict=True)
+        ]
 
     def _hook(self, cross_attn: OrcaGatedCrossAttention):
         context = self.context

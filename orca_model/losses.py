@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+import orca_kernels
 from orca_kernels import reference
 from orca_model.config import DeSTA25Config
 
@@ -32,18 +33,18 @@ def compute_orca_losses(
         L_ortho_qformer_local: orca_ortho_weight_qformer_local · mean((ĝ l̂[:, idx]ᵀ)²), idx the
             100 linspace rows when T_l > 100
         L_align_layerwise: orca_align_weight_local · mean(layer_align_losses)
-    With `config.use_fused_orca` the two orthogonality losses come from one fused call.
+    With `config.use_fused_orca` (read at every call) the two orthogonality losses come from one
+    fused call.
     """
     diversity = cross = None
     if global_tokens is not None:
         if config.use_fused_orca:
-            # Imported here: the fused module is optional for the unfused path.
-            from orca_kernels.ortho_loss import ortho_diversity_loss, ortho_losses
-
             if local_tokens is not None:
-                diversity, cross = ortho_losses(global_tokens, local_tokens, max_local_samples=MAX_LOCAL_SAMPLES)
+                diversity, cross = orca_kernels.ortho_losses(
+                    global_tokens, local_tokens, max_local_samples=MAX_LOCAL_SAMPLES
+                )
             else:
-                diversity = ortho_diversity_loss(global_tokens)
+                diversity = orca_kernels.ortho_diversity_loss(global_tokens)
         else:
             diversity = reference.ortho_diversity_loss(global_tokens)
             if local_tokens is not None:
@@ -65,8 +66,8 @@ class DeSTA25Output(CausalLMOutputWithPast):
     installed transformers names them) plus the ORCA results, all declared fields.
 
     The reference attaches `orca_losses` as a plain attribute, which accelerate's fp32 output
-    conversion and DDP's pytree round trip drop (docs/reference-behaviour.md#silent-orca-losses), so training there sees the LM
-    loss only. As fields they survive both.
+    conversion and DDP's pytree round trip drop (docs/reference-behaviour.md#silent-orca-losses),
+    so training there sees the LM loss only. As fields they survive both.
 
     Attributes added:
         orca_losses: the weighted losses of `compute_orca_losses` (name -> scalar).

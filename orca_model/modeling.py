@@ -14,7 +14,6 @@ import transformers
 from packaging.version import Version
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.nn.modules.module import _IncompatibleKeys
 from transformers import AutoModelForCausalLM, WhisperModel
 
 from orca_model.config import DeSTA25Config
@@ -49,7 +48,8 @@ class WhisperPerception(nn.Module):
     def __init__(self, config: DeSTA25Config):
         super().__init__()
         self.config = config
-        self.whisper = WhisperModel.from_pretrained(config.encoder_model_id, **_dtype_kwargs(torch.float32)).get_encoder()
+        whisper = WhisperModel.from_pretrained(config.encoder_model_id, **_dtype_kwargs(torch.float32))
+        self.whisper = whisper.get_encoder()
         self.connector = ORCAHybridConnector(config)
         # transformers 4.x encoder layers require `layer_head_mask`; 5.x has none.
         self._layer_head_mask = "layer_head_mask" in inspect.signature(self.whisper.layers[0].forward).parameters
@@ -99,7 +99,9 @@ class DeSTA25AudioModel(nn.Module):
     refused. Whisper is loaded in fp32 explicitly, the
     LLM in `config.llm_dtype` (the reference hardcodes bf16). `generate` takes the prepared
     tensors (the reference's `_generate_step`); the chat-message front end with VAD and ASR is
-    not part of this package. `use_fused_orca` swaps in the fused ops and changes nothing else.
+    not part of this package. `config.use_fused_orca` swaps in the fused ops and changes nothing
+    else; every fused part reads it at each call, so `set_use_fused_orca` (or assigning the config
+    field) switches the whole model at once.
     """
 
     # forward takes **kwargs only to ignore collator extras, as the reference does; it does not
@@ -131,8 +133,7 @@ class DeSTA25AudioModel(nn.Module):
             self.orca_cross_attns = nn.ModuleList(
                 OrcaGatedCrossAttention(
                     llm_config.hidden_size, llm_config.num_attention_heads, gate_init=config.orca_gate_init,
-                    rope_theta=rope_theta, audio_position_scale=config.orca_audio_position_scale,
-                    use_fused=config.use_fused_orca,
+                    rope_theta=rope_theta, audio_position_scale=config.orca_audio_position_scale, config=config,
                 )
                 for _ in range(llm_config.num_hidden_layers)
             )
@@ -140,6 +141,15 @@ class DeSTA25AudioModel(nn.Module):
             self.orca_cross_attns.to(dtype=self.llm_model.dtype, device=self.llm_model.device)
         self.perception.connector.to(dtype=self.llm_model.dtype, device=self.llm_model.device)
         self.configure_trainable_parameters()
+
+    def set_use_fused_orca(self, enabled: bool) -> None:
+        """Run the fused ops (True) or the reference's (False) from the next call on, in every part
+        at once: the connector's Conv1d, each cross-attention module and the ORCA losses. They all
+        read `config.use_fused_orca` at each call, so this equals assigning it; here the value is
+        checked."""
+        if not isinstance(enabled, bool):
+            raise TypeError(f"set_use_fused_orca: enabled must be a bool, got {type(enabled).__name__}")
+        self.config.use_fused_orca = enabled
 
     # ------------------------------------------------------------------ parameters and checkpoints
 
@@ -173,19 +183,21 @@ class DeSTA25AudioModel(nn.Module):
         older reference checkpoints map to `orca_cross_attns.*`). Missing keys are the trainable
         parameters the checkpoint lacks (frozen ones come from the pretrained models); with
         `strict`, missing or unexpected keys raise."""
+        legacy = LEGACY_CROSS_ATTN_PREFIX
         renamed = OrderedDict(
-            (CROSS_ATTN_PREFIX + key[len(LEGACY_CROSS_ATTN_PREFIX):] if key.startswith(LEGACY_CROSS_ATTN_PREFIX) else key, value)
+            (CROSS_ATTN_PREFIX + key[len(legacy):] if key.startswith(legacy) else key, value)
             for key, value in state_dict.items()
         )
         result = super().load_state_dict(renamed, strict=False, assign=assign)
         trainable = self._trainable_keys()
         missing = [key for key in result.missing_keys if key in trainable]
-        unexpected = list(result.unexpected_keys)
-        if strict and (missing or unexpected):
+        if strict and (missing or result.unexpected_keys):
             raise RuntimeError(
-                f"Error loading a DeSTA25AudioModel checkpoint: missing keys {missing}, unexpected keys {unexpected}"
+                f"Error loading a DeSTA25AudioModel checkpoint: missing keys {missing}, unexpected keys "
+                f"{result.unexpected_keys}"
             )
-        return _IncompatibleKeys(missing, unexpected)
+        # torch's own named tuple, without the frozen parameters among the missing keys.
+        return result._replace(missing_keys=missing)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """config.json and model.safetensors (trainable parameters), the reference's layout."""
@@ -242,7 +254,9 @@ class DeSTA25AudioModel(nn.Module):
             inputs_embeds[row, start : start + audio_embeddings.size(0)] = audio_embeddings
         return inputs_embeds, global_tokens, local_tokens, spans
 
-    def _audio_memory(self, global_tokens: torch.Tensor | None, local_tokens: torch.Tensor | None) -> torch.Tensor | None:
+    def _audio_memory(
+        self, global_tokens: torch.Tensor | None, local_tokens: torch.Tensor | None
+    ) -> torch.Tensor | None:
         """The cross-attention memory [N, T_a, H]: the local tokens, or with
         `orca_global_cross_attn` cat(global, local) along T (whichever exists)."""
         if self._injection is None:
@@ -261,7 +275,8 @@ class DeSTA25AudioModel(nn.Module):
             yield
             return
         try:
-            with self._injection.context.active(memory, None, transcription_positions) if memory is not None else nullcontext():
+            active = memory is not None
+            with self._injection.context.active(memory, None, transcription_positions) if active else nullcontext():
                 yield
         finally:
             # A failed forward must not leave per-layer losses behind for the next one.
@@ -293,7 +308,8 @@ class DeSTA25AudioModel(nn.Module):
         """
         if self._injection is not None and self.training and self._llm_checkpointing():
             # The backward pass would recompute the decoder layers after the memory is gone,
-            # without the injection: wrong gradients (docs/reference-behaviour.md#gradient-checkpointing). Refuse instead.
+            # without the injection: wrong gradients (docs/reference-behaviour.md#gradient-checkpointing).
+            # Refuse instead.
             raise NotImplementedError("gradient checkpointing of the LLM is not supported with deep injection")
         inputs_embeds, global_tokens, local_tokens, spans = self._prepare_inputs_for_llm(
             input_ids, batch_features, batch_transcription_ids, batch_start_positions
@@ -361,4 +377,6 @@ class DeSTA25AudioModel(nn.Module):
         # No transcription spans: they index the unexpanded batch, and the alignment loss is
         # only for training.
         with self._injecting(memory, None):
-            return self.llm_model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs)
+            return self.llm_model.generate(
+                inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs
+            )

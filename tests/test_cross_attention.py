@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import orca_kernels
-from orca_kernels import reference
+from orca_kernels import _utils, cross_attention, reference
 from orca_model.cross_attention import AudioMemoryCache, OrcaGatedCrossAttention
 from tolerances import MODULE_RELATIVE_TOLERANCE, assert_matches_truth, assert_no_worse_than_unfused
 
@@ -227,3 +227,96 @@ def test_functional_op_bad_inputs():
         op(hidden, audio, *params, 2, backend="cuda")
     with pytest.raises(ValueError, match="hidden must have 3 dimensions"):
         op(hidden[0], audio, *params, 2)
+
+
+def test_cached_kv_pair_is_gated_cross_attention_checked_once(triton_device, monkeypatch):
+    """The public pair behind a K/V cache (project once, attend per step) gives exactly what
+    `gated_cross_attention` gives, which validates once and calls their unchecked cores."""
+    _, module = make_pair(16, 2, torch.float32, triton_device)
+    params = module.parameters_in_order()
+    hidden = torch.randn(2, 3, 16, device=triton_device)
+    audio = torch.randn(2, 5, 16, device=triton_device)
+    mask = torch.zeros(2, 5, dtype=torch.bool, device=triton_device)
+    mask[0, 3:] = True
+    rotated = orca_kernels.audio_rope(audio, 2.5, 1e6, backend="triton")
+    kv = orca_kernels.project_audio_kv(rotated, params[0], params[1])
+    assert kv.shape == (2, 5, 32)
+    pair = orca_kernels.attend_audio_kv(hidden, kv, *params, 2, mask)
+
+    checks = {"check_parameters": 0, "check_key_padding_mask": 0}
+    for name in checks:
+        original = getattr(cross_attention, name)
+
+        def counting(*args, name=name, original=original, **kwargs):
+            checks[name] += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(cross_attention, name, counting)
+    fused = orca_kernels.gated_cross_attention(
+        hidden, audio, *params, 2, key_padding_mask=mask, rope_theta=1e6, backend="triton"
+    )
+    assert checks == {"check_parameters": 1, "check_key_padding_mask": 1}
+    assert torch.equal(pair, fused)
+    assert orca_kernels.attend_audio_kv(hidden, kv[:, :0], *params, 2) is hidden  # no memory, as gated_cross_attention
+
+
+def test_cached_kv_pair_bad_inputs():
+    """project_audio_kv and attend_audio_kv check their inputs as gated_cross_attention does, and
+    each error names the op and the argument."""
+    _, module = make_pair(16, 2, torch.float32, "cpu")
+    params = module.parameters_in_order()
+    hidden, rotated, kv = torch.randn(2, 3, 16), torch.randn(2, 5, 16), torch.randn(2, 5, 32)
+    project, attend = orca_kernels.project_audio_kv, orca_kernels.attend_audio_kv
+    with pytest.raises(TypeError, match="project_audio_kv: rotated must be a torch.Tensor"):
+        project(rotated.tolist(), *params[:2])
+    with pytest.raises(ValueError, match="project_audio_kv: rotated must have 3 dimensions"):
+        project(rotated[0], *params[:2])
+    with pytest.raises(ValueError, match=r"project_audio_kv: in_proj_weight has shape \(48, 8\)"):
+        project(rotated, params[0][:, :8], params[1])
+    with pytest.raises(ValueError, match=r"project_audio_kv: in_proj_bias has shape \(47,\)"):
+        project(rotated, params[0], params[1][:-1])
+    with pytest.raises(ValueError, match="project_audio_kv: in_proj_weight is on cpu but expected meta"):
+        project(rotated.to("meta"), *params[:2])
+
+    with pytest.raises(ValueError, match="attend_audio_kv: hidden must have 3 dimensions"):
+        attend(hidden[0], kv, *params, 2)
+    with pytest.raises(ValueError, match="attend_audio_kv: audio_kv has dtype torch.int64"):
+        attend(hidden, kv.long(), *params, 2)
+    with pytest.raises(ValueError, match=r"attend_audio_kv: audio_kv has shape \(3, 5, 32\)"):
+        attend(hidden, torch.randn(3, 5, 32), *params, 2)
+    with pytest.raises(ValueError, match=r"audio_kv has shape \(2, 5, 16\).*expected \[2, T_a, 32\]"):
+        attend(hidden, rotated, *params, 2)  # the memory itself instead of its projection
+    with pytest.raises(ValueError, match="attend_audio_kv: audio_kv is on meta but hidden is on cpu"):
+        attend(hidden, kv.to("meta"), *params, 2)
+    with pytest.raises(TypeError, match="attend_audio_kv: num_heads must be an int"):
+        attend(hidden, kv, *params, 2.0)
+    with pytest.raises(ValueError, match="attend_audio_kv: num_heads=3 does not divide"):
+        attend(hidden, kv, *params, 3)
+    for index, name in enumerate(cross_attention.PARAMETER_NAMES):
+        bad = list(params)
+        bad[index] = bad[index][..., :-1]
+        with pytest.raises(ValueError, match=f"attend_audio_kv: {name} has shape"):
+            attend(hidden, kv, *bad, 2)
+    with pytest.raises(ValueError, match="attend_audio_kv: key_padding_mask must be a bool tensor"):
+        attend(hidden, kv, *params, 2, torch.ones(2, 5))
+    with pytest.raises(ValueError, match=r"attend_audio_kv: key_padding_mask has shape \(2, 4\)"):
+        attend(hidden, kv, *params, 2, torch.ones(2, 4, dtype=torch.bool))
+
+
+def test_kernels_available(monkeypatch):
+    """Where the fused kernels run: use_triton's "auto" policy, for a device. attend_audio_kv, which
+    has no reference backend, refuses a device where they cannot run."""
+    _, module = make_pair(16, 2, torch.float32, "cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(_utils, "KERNELS_INTERPRETED", False)
+    assert orca_kernels.kernels_available("cpu") is False
+    assert orca_kernels.kernels_available(torch.device("meta")) is False
+    assert orca_kernels.kernels_available("cuda") is torch.cuda.is_available()
+    with pytest.raises(RuntimeError, match="attend_audio_kv: the Triton kernels cannot run on cpu"):
+        orca_kernels.attend_audio_kv(torch.randn(2, 3, 16), torch.randn(2, 5, 32), *module.parameters_in_order(), 2)
+    monkeypatch.setattr(_utils, "KERNELS_INTERPRETED", True)
+    assert orca_kernels.kernels_available("cpu") is True
+    monkeypatch.setattr(_utils, "KERNELS_INTERPRETED", False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # set after the import: the kernels were compiled for the GPU
+    with pytest.raises(RuntimeError, match="set it before the import"):
+        orca_kernels.kernels_available("cpu")

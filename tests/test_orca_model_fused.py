@@ -1,8 +1,8 @@
 """`use_fused_orca=True` against `False` on the same weights, for the whole DeSTA25AudioModel
 (tiny random Whisper + Qwen3 / Llama checkpoints loaded with from_pretrained): fp32 parity of the
 logits, losses and gradients; bf16 autocast (how users train) against an fp32 run; checkpoints
-moving between the two modes; fused generation with its per-request audio K/V cache; the
-example script's `--use-fused-orca`.
+moving between the two modes; the one switch flipping every fused part at once; fused generation
+with its per-request audio K/V cache; the example script's `--use-fused-orca`.
 
 The fused kernels run on CUDA, and on the CPU under TRITON_INTERPRET=1 (set before importing
 orca_kernels): these tests run on the `triton_device` of conftest.py and are skipped where there
@@ -23,9 +23,9 @@ import pytest
 import torch
 from transformers import Qwen3ForCausalLM, WhisperForConditionalGeneration
 
-import orca_kernels.ortho_loss
-from orca_kernels import cross_attention as fused_cross_attention
-from orca_model import DeSTA25AudioModel, connector, total_training_loss
+import orca_kernels
+from orca_kernels import reference
+from orca_model import DeSTA25AudioModel, OrcaGatedCrossAttention, total_training_loss
 from tiny_models import desta_config, llm_config, make_batch, save_llm, save_whisper, whisper_config
 from tolerances import MODEL_RELATIVE_TOLERANCE, assert_no_worse_than_unfused, relative_error
 
@@ -40,7 +40,9 @@ EXAMPLE = ROOT / "examples" / "train_tiny.py"
 def checkpoints(tmp_path_factory):
     directory = str(tmp_path_factory.mktemp("tiny_fused"))
     return {
-        "whisper": save_whisper(directory), "qwen3": save_llm(directory, "qwen3"), "llama": save_llm(directory, "llama"),
+        "whisper": save_whisper(directory),
+        "qwen3": save_llm(directory, "qwen3"),
+        "llama": save_llm(directory, "llama"),
     }
 
 
@@ -62,8 +64,9 @@ def kind(request):
 
 @pytest.fixture
 def fused_calls(monkeypatch):
-    """Counts of the fused ops' entry points: the connector's Conv1d, the one fused ortho call
-    per forward, and the per-layer audio K/V projection (once per layer and request)."""
+    """Counts of the fused ops' public entry points, which orca_model calls like any user: the
+    connector's Conv1d, the one fused ortho call per forward, and the per-layer audio K/V
+    projection (once per layer and request)."""
     calls = {"strided_conv1d": 0, "ortho_losses": 0, "project_audio_kv": 0}
 
     def counting(module, name):
@@ -75,9 +78,8 @@ def fused_calls(monkeypatch):
 
         monkeypatch.setattr(module, name, wrapper)
 
-    counting(connector, "strided_conv1d")
-    counting(orca_kernels.ortho_loss, "ortho_losses")
-    counting(fused_cross_attention, "project_audio_kv")
+    for name in calls:
+        counting(orca_kernels, name)
     return calls
 
 
@@ -184,8 +186,9 @@ def record_layer_dtypes(model: DeSTA25AudioModel) -> list[torch.dtype]:
 
 def test_bf16_autocast_agrees_with_unfused(checkpoints, triton_device, fused_calls):
     """How users train: the LLM, connector and cross-attention in bf16 (the configs' llm_dtype,
-    docs/reference-behaviour.md#bf16-parameters-without-master-weights) under bf16 autocast. The fused model gives the unfused model's dtypes
-    everywhere (audio tokens, each injected layer's output -- the residual stream, docs/reference-behaviour.md#residual-stream-turns-fp32-under-autocast
+    docs/reference-behaviour.md#bf16-parameters-without-master-weights) under bf16 autocast. The
+    fused model gives the unfused model's dtypes everywhere (audio tokens, each injected layer's
+    output -- the residual stream, docs/reference-behaviour.md#residual-stream-turns-fp32-under-autocast
     --, logits, every ORCA loss, every gradient) and, against an fp32 run of the same weights
     without autocast, is no further off than the unfused model (tolerances.BF16_RESOLUTION).
     Qwen3 only, to keep the interpreter's time down: the fused layers do not depend on the LLM.
@@ -226,7 +229,8 @@ def test_bf16_autocast_agrees_with_unfused(checkpoints, triton_device, fused_cal
     for group, names in gradient_groups(fused.trainable_parameter_names).items():
         assert all(torch.isfinite(got_grads[name]).all() for name in names), group
         a, b, t = (
-            torch.cat([grads[name].flatten().double() for name in names]) for grads in (got_grads, want_grads, truth_grads)
+            torch.cat([grads[name].flatten().double() for name in names])
+            for grads in (got_grads, want_grads, truth_grads)
         )
         assert_no_worse_than_unfused(a, b, t, name=f"gradients of the {group}")
 
@@ -264,6 +268,93 @@ def test_checkpoints_move_between_fused_and_unfused(checkpoints, triton_device, 
         assert set(losses) == set(want_losses) == {"L_ortho_diversity", "L_ortho_qformer_local"}
         for name in losses:
             assert_model_close(losses[name], want_losses[name], name)
+
+
+@pytest.fixture
+def paths_taken(monkeypatch):
+    """Which path each fused part takes: `paths_taken(model, batch)` runs one eval forward and
+    returns {part: [paths]}, part "connector", "cross_attn {i}" or "losses", path "fused" or
+    "reference". Every part's two entry points are spied on, so a part that ran neither or both
+    shows up too."""
+    seen: list[tuple[str, str]] = []
+    model_parts: dict[int, str] = {}
+
+    def spy(module, name, path, part_of):
+        original = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            seen.append((part_of(*args), path))
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapper)
+
+    # The cross-attention ops take the module's in_proj_weight third, after the hidden states and memory.
+    by_in_proj = lambda hidden, memory, in_proj_weight, *rest: model_parts[id(in_proj_weight)]
+    spy(orca_kernels, "strided_conv1d", "fused", lambda *args: "connector")
+    spy(orca_kernels, "attend_audio_kv", "fused", by_in_proj)
+    spy(reference, "attend_rotated", "reference", by_in_proj)
+    spy(orca_kernels, "ortho_losses", "fused", lambda *args: "losses")
+    spy(reference, "ortho_cross_loss", "reference", lambda *args: "losses")
+
+    def run(model: DeSTA25AudioModel, batch: dict) -> dict[str, list[str]]:
+        model_parts.clear()
+        for i, module in enumerate(model.orca_cross_attns):
+            model_parts[id(module.cross_attn.in_proj_weight)] = f"cross_attn {i}"
+        seen.clear()
+        # The unfused Conv1d is the module itself; the fused path only reads its parameters.
+        conv = model.perception.connector.local_conv
+        handle = conv.register_forward_hook(lambda *args: seen.append(("connector", "reference")))
+        try:
+            eval_outputs(model, batch)
+        finally:
+            handle.remove()
+        paths: dict[str, list[str]] = {}
+        for part, path in seen:
+            paths.setdefault(part, []).append(path)
+        return paths
+
+    return run
+
+
+def set_by_method(model: DeSTA25AudioModel, enabled: bool) -> None:
+    model.set_use_fused_orca(enabled)
+
+
+def set_config_field(model: DeSTA25AudioModel, enabled: bool) -> None:
+    model.config.use_fused_orca = enabled
+
+
+@pytest.mark.parametrize("switch", [set_by_method, set_config_field], ids=["set_use_fused_orca", "config field"])
+@pytest.mark.parametrize("built_fused", [False, True], ids=["built unfused", "built fused"])
+def test_one_switch_flips_every_fused_part(checkpoints, triton_device, paths_taken, switch, built_fused):
+    """The model's one switch, flipped after construction either way (by `set_use_fused_orca` or
+    by assigning `config.use_fused_orca`), moves every fused part at once -- the connector's
+    Conv1d, each cross-attention module, the ORCA losses -- and each takes exactly one path."""
+    model = build(checkpoints, "qwen3", use_fused_orca=built_fused).to(triton_device)
+    batch = to_device(make_batch(length=LENGTH), triton_device)
+    parts = ["connector", *(f"cross_attn {i}" for i in range(NUM_LAYERS)), "losses"]
+    for enabled in (not built_fused, built_fused):
+        switch(model, enabled)
+        assert model.config.use_fused_orca is enabled
+        assert all(module.use_fused is enabled for module in model.orca_cross_attns)
+        path = "fused" if enabled else "reference"
+        assert paths_taken(model, batch) == {part: [path] for part in parts}, f"use_fused_orca={enabled}"
+
+
+def test_a_models_parts_have_no_switch_of_their_own(checkpoints):
+    """The config is the only switch: the parts share the model's config, a module's `use_fused`
+    cannot be set apart from it, and the method refuses a non-bool (a truthy string would
+    otherwise read as True)."""
+    model = build(checkpoints, "qwen3")
+    assert model.perception.connector.config is model.config
+    assert all(module.config is model.config for module in model.orca_cross_attns)
+    with pytest.raises(AttributeError):
+        model.orca_cross_attns[0].use_fused = True
+    with pytest.raises(TypeError, match="enabled must be a bool"):
+        model.set_use_fused_orca("False")
+    assert model.config.use_fused_orca is False
+    with pytest.raises(ValueError, match="use_fused or config, not both"):
+        OrcaGatedCrossAttention(64, 4, use_fused=True, config=model.config)
 
 
 def generate(model: DeSTA25AudioModel, batch: dict, **kwargs) -> torch.Tensor:
@@ -336,6 +427,6 @@ def test_readme_model_example_runs(tmp_path, monkeypatch):
     exec(compile(code, "README.md", "exec"), namespace)
     model = namespace["model"]
     assert isinstance(model, DeSTA25AudioModel) and model.config.use_fused_orca
-    assert model.perception.connector.use_fused and all(module.use_fused for module in model.orca_cross_attns)
+    assert all(module.use_fused for module in model.orca_cross_attns)
     assert model.config.orca_global_num_tokens == fields["orca_global_num_tokens"] == 64
     assert model.llm_model.dtype == torch.bfloat16

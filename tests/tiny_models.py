@@ -1,48 +1,31 @@
 """Tiny random Whisper / Qwen3 / Llama checkpoints saved to a directory, loaded back through
-`from_pretrained` by the model, and synthetic DeSTA2.5 batches for them (orca_model tests)."""
+`from_pretrained` by the model, and synthetic DeSTA2.5 batches for them (orca_model tests). The
+configs are benchmarks/model_configs.py's tiny ones."""
 
 from __future__ import annotations
 
 import os
 
 import torch
-from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-    WhisperConfig,
-    WhisperForConditionalGeneration,
-)
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM, WhisperForConditionalGeneration
 
+from benchmarks import model_configs
 from orca_model import DeSTA25Config
 
-VOCAB = 96
-HIDDEN = 64  # LLM width: 4 cross-attention heads of 16
-ROPE_THETA = {"qwen3": 1e6, "llama": 5e5}
-MEL_BINS = 16
-FRAMES = 16  # encoder frames; the features have 2 * FRAMES mel frames
+VOCAB = model_configs.TINY_VOCAB
+HIDDEN = model_configs.TINY_HIDDEN
+ROPE_THETA = {"qwen3": model_configs.QWEN3_ROPE_THETA, "llama": model_configs.LLAMA3_ROPE_THETA}
+MEL_BINS = model_configs.TINY_MEL_BINS
+FRAMES = model_configs.TINY_FRAMES
 NUM_GLOBAL_TOKENS = 4
 
 
-def whisper_config(encoder_layers: int = 4, frames: int = FRAMES) -> WhisperConfig:
-    return WhisperConfig(
-        d_model=32, encoder_layers=encoder_layers, decoder_layers=1, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=MEL_BINS,
-        max_source_positions=frames, max_target_positions=16, vocab_size=64, pad_token_id=0, bos_token_id=1,
-        eos_token_id=2, decoder_start_token_id=1,
-    )
+whisper_config = model_configs.tiny_whisper
 
 
 def llm_config(kind: str, num_layers: int = 2) -> Qwen3Config | LlamaConfig:
-    common = dict(
-        hidden_size=HIDDEN, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=num_layers,
-        intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=256, pad_token_id=0, bos_token_id=1,
-        eos_token_id=2,
-    )
-    if kind == "qwen3":
-        return Qwen3Config(head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA[kind]}, **common)
-    return LlamaConfig(rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA[kind]}, **common)
+    """The tiny "qwen3" or "llama" config."""
+    return {"qwen3": model_configs.tiny_qwen3, "llama": model_configs.tiny_llama}[kind](num_layers)
 
 
 def save_whisper(directory: str) -> str:
