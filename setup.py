@@ -48,7 +48,9 @@ def nvidia_wheel_dirs(subdir: str, pattern: str) -> list[str]:
 
 
 def cublas_link_args(cuda_home: str) -> list[str]:
-    folders = [os.path.join(cuda_home, "lib64"), os.path.join(cuda_home, "lib")] + nvidia_wheel_dirs("lib", "libcublas.so*")
+    folders = [os.path.join(cuda_home, "lib64"), os.path.join(cuda_home, "lib")] + nvidia_wheel_dirs(
+        "lib", "libcublas.so*"
+    )
     for folder in folders:
         libraries = sorted(glob.glob(os.path.join(folder, "libcublas.so*")))
         if libraries:
@@ -64,15 +66,17 @@ def extensions():
     default_environment()
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
-        log(f"no C++ compiler ({compiler}) found: installing without orca_kernels._C (the extension backend will be unavailable)")
+        log(
+            f"no C++ compiler ({compiler}) found: installing without orca_kernels._C "
+            "(the extension backend will be unavailable)"
+        )
         return [], {}
     try:
         import torch
         from torch.utils import cpp_extension
     except ImportError as error:
         raise RuntimeError(
-            "orca-kernels needs torch at build time: `pip install torch`, then "
-            "`pip install --no-build-isolation -e .`"
+            "orca-kernels needs torch at build time: `pip install torch`, then `pip install --no-build-isolation -e .`"
         ) from error
 
     sources = [os.path.join("csrc", name) for name in ("strided_conv1d.cpp", "conv1d_cpu.cpp")]
@@ -82,9 +86,11 @@ def extensions():
     skip = os.environ.get("ORCA_SKIP_CUDA_BUILD", "0") == "1"
     if skip or torch.version.cuda is None or nvcc is None or not os.path.exists(nvcc):
         reason = (
-            "ORCA_SKIP_CUDA_BUILD=1" if skip else
-            "torch is a CPU build" if torch.version.cuda is None else
-            "nvcc not found (set CUDA_HOME)"
+            "ORCA_SKIP_CUDA_BUILD=1"
+            if skip
+            else "torch is a CPU build"
+            if torch.version.cuda is None
+            else "nvcc not found (set CUDA_HOME)"
         )
         log(f"building orca_kernels._C for the CPU only ({reason})")
         extension = cpp_extension.CppExtension("orca_kernels._C", sources, extra_compile_args=cxx_flags)
@@ -101,7 +107,9 @@ def extensions():
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", *arch_flags]},
             extra_link_args=cublas_link_args(cuda_home),
         )
-    return [extension], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
+    return [extension], {
+        "build_ext": cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
+    }
 
 
 ext_modules, cmdclass = extensions()

@@ -9,8 +9,7 @@ import functools
 import torch
 
 from benchmarks.harness import Case, Provider, targets_gpu
-from orca_kernels import flash_cross_attention, reference
-from orca_kernels import kernels_available
+from orca_kernels import flash_cross_attention, kernels_available, reference
 from orca_model.cross_attention import AudioMemoryCache, OrcaGatedCrossAttention
 
 # (label, batch, T_x, hidden, heads, T_a, rope θ): the training shapes of docs/model-shapes.md#training-shapes
@@ -64,26 +63,47 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
             hidden = torch.randn(batch, t_x, size, device=device, dtype=dtype, requires_grad=True)
             return hidden, torch.randn(batch, t_a, size, device=device, dtype=dtype, requires_grad=True)
 
-        result.append(Case(
-            op="gated_cross_attention", shape=shape, dtype=dtype, make_inputs=module_inputs,
-            providers=[Provider("eager", eager), Provider("compiled", torch.compile(eager)), Provider("orca", fused)],
-            reference_fp64=_reference_fp64(eager, heads, theta), parameters=[*eager.parameters(), *fused.parameters()],
-        ))
+        result.append(
+            Case(
+                op="gated_cross_attention",
+                shape=shape,
+                dtype=dtype,
+                make_inputs=module_inputs,
+                providers=[
+                    Provider("eager", eager),
+                    Provider("compiled", torch.compile(eager)),
+                    Provider("orca", fused),
+                ],
+                reference_fp64=_reference_fp64(eager, heads, theta),
+                parameters=[*eager.parameters(), *fused.parameters()],
+            )
+        )
 
         head_dim = size // heads
 
         def attention_inputs(batch=batch, t_x=t_x, t_a=t_a, heads=heads, head_dim=head_dim):
-            make = lambda length: torch.randn(batch, length, heads, head_dim, device=device, dtype=dtype, requires_grad=True)  # noqa: E731
+            make = lambda length: torch.randn(
+                batch, length, heads, head_dim, device=device, dtype=dtype, requires_grad=True
+            )  # noqa: E731
             return make(t_x), make(t_a), make(t_a)
 
-        core = [Provider("eager", reference.flash_cross_attention), Provider("compiled", torch.compile(reference.flash_cross_attention))]
+        core = [
+            Provider("eager", reference.flash_cross_attention),
+            Provider("compiled", torch.compile(reference.flash_cross_attention)),
+        ]
         if targets_gpu(device):
             core += [Provider("sdpa-flash", _sdpa_flash), *_flash_attn_provider()]
         core.append(Provider("orca", functools.partial(flash_cross_attention, backend="triton")))
-        result.append(Case(
-            op="attention_core", shape=f"{label} B{batch} Tx{t_x} Ta{t_a} h{heads} d{head_dim}", dtype=dtype,
-            make_inputs=attention_inputs, providers=core, reference_fp64=reference.flash_cross_attention,
-        ))
+        result.append(
+            Case(
+                op="attention_core",
+                shape=f"{label} B{batch} Tx{t_x} Ta{t_a} h{heads} d{head_dim}",
+                dtype=dtype,
+                make_inputs=attention_inputs,
+                providers=core,
+                reference_fp64=reference.flash_cross_attention,
+            )
+        )
 
         decode_batch = min(DECODE_BATCH, batch)
 
@@ -96,9 +116,19 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
         def cached_step(step, audio, cache=cache, fused=fused):
             return fused(step, audio, audio_cache=cache)  # the cache is filled at the first call
 
-        result.append(Case(
-            op="decode_step", shape=f"{label} B{decode_batch} Tx1 H{size} Ta{t_a}", dtype=dtype, make_inputs=decode_inputs,
-            providers=[Provider("eager", eager), Provider("orca-uncached", fused), Provider("orca-cached", cached_step)],
-            reference_fp64=_reference_fp64(eager, heads, theta), backward=False,
-        ))
+        result.append(
+            Case(
+                op="decode_step",
+                shape=f"{label} B{decode_batch} Tx1 H{size} Ta{t_a}",
+                dtype=dtype,
+                make_inputs=decode_inputs,
+                providers=[
+                    Provider("eager", eager),
+                    Provider("orca-uncached", fused),
+                    Provider("orca-cached", cached_step),
+                ],
+                reference_fp64=_reference_fp64(eager, heads, theta),
+                backward=False,
+            )
+        )
     return result

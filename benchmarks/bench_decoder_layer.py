@@ -24,10 +24,11 @@ from orca_model import DeepInjection, OrcaGatedCrossAttention, rope_theta_from_c
 
 LAYER_CLASSES = {"qwen3": (Qwen3DecoderLayer, Qwen3RotaryEmbedding), "llama": (LlamaDecoderLayer, LlamaRotaryEmbedding)}
 
-# (label, LLM config, batch, T_x, T_a, with "compiled"): the training shapes of docs/model-shapes.md#training-shapes (T_a = K
-# global + 375 local tokens). torch.compile of a layer takes an estimated ~20 s per shape (a
-# forward and a forward+backward graph) of the suite's few GPU minutes, so "compiled" runs for one
-# shape of each layer class; the op suite compiles the qwen3-4b cross-attention.
+# (label, LLM config, batch, T_x, T_a, with "compiled"): the training shapes of
+# docs/model-shapes.md#training-shapes (T_a = K global + 375 local tokens). torch.compile of a layer
+# takes an estimated ~20 s per shape (a forward and a forward+backward graph) of the suite's few GPU
+# minutes, so "compiled" runs for one shape of each layer class; the op suite compiles the qwen3-4b
+# cross-attention.
 FULL_SHAPES = [
     ("llama3.1-8b", model_configs.llama3_1_8b, 12, 300, 383, True),
     ("qwen3-4b", model_configs.qwen3_4b, 12, 300, 439, False),
@@ -44,13 +45,17 @@ class InjectedDecoderLayer(nn.Module):
     audio memory reaches the hook through `injection.context`, set around it by `forward`.
     """
 
-    def __init__(self, llm_config: PretrainedConfig, seq_len: int, use_fused: bool, dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self, llm_config: PretrainedConfig, seq_len: int, use_fused: bool, dtype: torch.dtype, device: torch.device
+    ):
         super().__init__()
         layer_class, rotary_class = LAYER_CLASSES[llm_config.model_type]
         with torch.device(device):  # initialised where they run: a CPU init of 8B-layer weights takes seconds
             self.layer = layer_class(llm_config, layer_idx=0)
             self.cross_attn = OrcaGatedCrossAttention(
-                llm_config.hidden_size, llm_config.num_attention_heads, rope_theta=rope_theta_from_config(llm_config),
+                llm_config.hidden_size,
+                llm_config.num_attention_heads,
+                rope_theta=rope_theta_from_config(llm_config),
                 use_fused=use_fused,
             )
             rotary = rotary_class(llm_config)
@@ -114,10 +119,18 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
             hidden = torch.randn(batch, t_x, size, device=device, dtype=dtype, requires_grad=True)
             return hidden, torch.randn(batch, t_a, size, device=device, dtype=dtype, requires_grad=True)
 
-        result.append(Case(
-            op="decoder_layer+injection",
-            shape=f"{label} {llm_config.model_type} B{batch} Tx{t_x} H{size} h{llm_config.num_attention_heads} Ta{t_a}",
-            dtype=dtype, make_inputs=make_inputs, providers=providers,
-            reference_fp64=_reference_fp64(eager, llm_config, t_x), parameters=parameters,
-        ))
+        result.append(
+            Case(
+                op="decoder_layer+injection",
+                shape=(
+                    f"{label} {llm_config.model_type} B{batch} Tx{t_x} H{size} "
+                    f"h{llm_config.num_attention_heads} Ta{t_a}"
+                ),
+                dtype=dtype,
+                make_inputs=make_inputs,
+                providers=providers,
+                reference_fp64=_reference_fp64(eager, llm_config, t_x),
+                parameters=parameters,
+            )
+        )
     return result

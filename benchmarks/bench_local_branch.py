@@ -53,9 +53,14 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
             parameters += [torch.ones(size, device=device, dtype=dtype), torch.zeros(size, device=device, dtype=dtype)]
             return *states, *(p.detach().requires_grad_() for p in parameters)
 
-        result.append(Case(
-            op="local_branch",
-            shape=f"{label} {NUM_LAYERS}x[{batch},{FRAMES},{encoder_size}]->H{size} k{KERNEL_SIZE} s{STRIDE}",
-            dtype=dtype, make_inputs=make_inputs, providers=providers, reference_fp64=_eager,
-        ))
+        result.append(
+            Case(
+                op="local_branch",
+                shape=f"{label} {NUM_LAYERS}x[{batch},{FRAMES},{encoder_size}]->H{size} k{KERNEL_SIZE} s{STRIDE}",
+                dtype=dtype,
+                make_inputs=make_inputs,
+                providers=providers,
+                reference_fp64=_eager,
+            )
+        )
     return result

@@ -53,7 +53,9 @@ class ModelShape:
     config_file: str  # the committed training config (configs/)
     llm_config: Callable[..., PretrainedConfig]  # a model_configs function of num_layers
     num_layers: int  # decoder layers built
-    batch: int  # training batch (docs/model-shapes.md#training-configurations); generation uses min(DECODE_BATCH, batch)
+    batch: (
+        int  # training batch (docs/model-shapes.md#training-configurations); generation uses min(DECODE_BATCH, batch)
+    )
     seq_len: int  # T_x, the prompt with its K audio tokens
     overrides: tuple[tuple[str, object], ...] = ()  # DeSTA25Config fields changed from the file
 
@@ -64,8 +66,12 @@ class ModelShape:
 
     def config(self, encoder_config: PretrainedConfig, dtype: torch.dtype, use_fused_orca: bool) -> DeSTA25Config:
         return desta_config(
-            self.config_file, self.llm_config(num_layers=self.num_layers), encoder_config,
-            llm_dtype=str(dtype).removeprefix("torch."), use_fused_orca=use_fused_orca, **dict(self.overrides),
+            self.config_file,
+            self.llm_config(num_layers=self.num_layers),
+            encoder_config,
+            llm_dtype=str(dtype).removeprefix("torch."),
+            use_fused_orca=use_fused_orca,
+            **dict(self.overrides),
         )
 
 
@@ -79,13 +85,20 @@ FULL_SHAPES = [
 ]
 QUICK_SHAPES = [
     ModelShape(
-        "quick", "orca_hybrid_qwen3_0.6b.json", model_configs.tiny_qwen3, 2, 2, 12,
+        "quick",
+        "orca_hybrid_qwen3_0.6b.json",
+        model_configs.tiny_qwen3,
+        2,
+        2,
+        12,
         overrides=(("qformer_num_hidden_layers", 1), ("orca_global_num_tokens", 4)),
     )
 ]
 
 
-def desta_config(config_file: str, llm_config: PretrainedConfig, encoder_config: PretrainedConfig, **overrides) -> DeSTA25Config:
+def desta_config(
+    config_file: str, llm_config: PretrainedConfig, encoder_config: PretrainedConfig, **overrides
+) -> DeSTA25Config:
     """The committed training config with the given sub-configs (so nothing is fetched)."""
     with open(os.path.join(CONFIGS, config_file)) as f:
         fields = json.load(f)
@@ -137,8 +150,11 @@ class ModelPair:
                 model = DeSTA25AudioModel(config)
             # Trainer's optim="adafactor": no relative step or parameter scaling, the given lr.
             optimizer = Adafactor(
-                [p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.01,
-                scale_parameter=False, relative_step=False,
+                [p for p in model.parameters() if p.requires_grad],
+                lr=1e-4,
+                weight_decay=0.01,
+                scale_parameter=False,
+                relative_step=False,
             )
             self.models[fused] = model, optimizer
         self.shape = shape
@@ -194,8 +210,15 @@ def _generate(pair: ModelPair, fused: bool, rows: int):
         """Greedy generation of DECODE_TOKENS tokens per row -> ids [rows, DECODE_TOKENS]."""
         model = pair.models[fused][0].eval()
         return model.generate(
-            input_ids, attention_mask, features, transcriptions, starts, max_new_tokens=DECODE_TOKENS,
-            min_new_tokens=DECODE_TOKENS, do_sample=False, pad_token_id=0,
+            input_ids,
+            attention_mask,
+            features,
+            transcriptions,
+            starts,
+            max_new_tokens=DECODE_TOKENS,
+            min_new_tokens=DECODE_TOKENS,
+            do_sample=False,
+            pad_token_id=0,
         )
 
     return generate
@@ -213,16 +236,26 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
         decode_batch = min(DECODE_BATCH, shape.batch)
         result += [
             Case(
-                op="model_train_step", shape=f"{shape.name()} B{shape.batch} Tx{shape.seq_len} Ta{memory} fwd+bwd+Adafactor",
-                dtype=dtype, make_inputs=lambda shape=shape: pair.batch(shape, shape.batch, labels=True),
+                op="model_train_step",
+                shape=f"{shape.name()} B{shape.batch} Tx{shape.seq_len} Ta{memory} fwd+bwd+Adafactor",
+                dtype=dtype,
+                make_inputs=lambda shape=shape: pair.batch(shape, shape.batch, labels=True),
                 providers=[Provider(name, _train_step(pair, fused, shape.batch)) for fused, name in runs],
-                reference_fp64=None, backward=False, max_warmup=MAX_WARMUP, max_repeats=MAX_REPEATS,
+                reference_fp64=None,
+                backward=False,
+                max_warmup=MAX_WARMUP,
+                max_repeats=MAX_REPEATS,
             ),
             Case(
-                op="model_generate", shape=f"{shape.name()} B{decode_batch} Tx{shape.seq_len} Ta{memory} +{DECODE_TOKENS} tokens",
-                dtype=dtype, make_inputs=lambda shape=shape, rows=decode_batch: pair.batch(shape, rows, labels=False),
+                op="model_generate",
+                shape=f"{shape.name()} B{decode_batch} Tx{shape.seq_len} Ta{memory} +{DECODE_TOKENS} tokens",
+                dtype=dtype,
+                make_inputs=lambda shape=shape, rows=decode_batch: pair.batch(shape, rows, labels=False),
                 providers=[Provider(name, _generate(pair, fused, decode_batch)) for fused, name in runs],
-                reference_fp64=None, backward=False, max_warmup=MAX_WARMUP, max_repeats=MAX_REPEATS,
+                reference_fp64=None,
+                backward=False,
+                max_warmup=MAX_WARMUP,
+                max_repeats=MAX_REPEATS,
             ),
         ]
     return result

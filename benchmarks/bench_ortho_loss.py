@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 
 from benchmarks.harness import Case, Provider, targets_gpu
-from orca_kernels import ortho_losses, reference
-from orca_kernels import kernels_available
+from orca_kernels import kernels_available, ortho_losses, reference
 
 LOCAL_TOKENS = 375  # Whisper's 1500 frames after the stride-4 conv
 # (label, batch, global tokens K, hidden)
@@ -37,10 +36,18 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
             global_tokens = torch.randn(batch, tokens, size, device=device, dtype=dtype, requires_grad=True)
             return global_tokens, torch.randn(batch, LOCAL_TOKENS, size, device=device, dtype=dtype, requires_grad=True)
 
-        result.append(Case(
-            op="ortho_losses", shape=f"{label} B{batch} Kg{tokens} Tl{LOCAL_TOKENS} H{size}", dtype=dtype,
-            make_inputs=make_inputs,
-            providers=[Provider("eager", _reference), Provider("compiled", torch.compile(_reference)), Provider("orca", _fused)],
-            reference_fp64=_reference,
-        ))
+        result.append(
+            Case(
+                op="ortho_losses",
+                shape=f"{label} B{batch} Kg{tokens} Tl{LOCAL_TOKENS} H{size}",
+                dtype=dtype,
+                make_inputs=make_inputs,
+                providers=[
+                    Provider("eager", _reference),
+                    Provider("compiled", torch.compile(_reference)),
+                    Provider("orca", _fused),
+                ],
+                reference_fp64=_reference,
+            )
+        )
     return result

@@ -48,9 +48,7 @@ import triton.language as tl
 from triton.runtime.jit import JITFunction
 
 from orca_kernels import _utils, gated_residual, ortho_loss, rope
-
-# The package exports the function flash_cross_attention under its module's name.
-attention = importlib.import_module("orca_kernels.flash_cross_attention")
+from orca_kernels import flash_attention as attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,8 +94,15 @@ MAX_LOCAL_SAMPLES = 100
 LAUNCH_OPTIONS = ("maxnreg", "num_ctas")  # compiler options a launch may pass besides warps and stages
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
 TL_DTYPE_NAMES = {
-    torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
-    torch.bool: "i1", torch.int8: "i8", torch.uint8: "u8", torch.int32: "i32", torch.int64: "i64",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float32: "fp32",
+    torch.float64: "fp64",
+    torch.bool: "i1",
+    torch.int8: "i8",
+    torch.uint8: "u8",
+    torch.int32: "i32",
+    torch.int64: "i64",
 }
 
 
@@ -285,7 +290,7 @@ def specialise(launch: Launch) -> dict:
         if name in kwargs:
             options[name] = kwargs.pop(name)
     names = [p.name for p in kernel.params]
-    values = dict(zip(names, launch.args)) | kwargs
+    values = dict(zip(names[: len(launch.args)], launch.args, strict=True)) | kwargs  # the rest come as kwargs
     missing = [n for n in names if n not in values]
     if missing:
         raise ValueError(f"compile_audit: {kernel.__name__} launched without {missing}")
@@ -342,7 +347,9 @@ def _resource_usage(cubin: bytes) -> dict[str, int]:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
         file.write(cubin)
         file.flush()
-        text = subprocess.run([_cuobjdump(), "-res-usage", file.name], capture_output=True, text=True, check=True).stdout
+        text = subprocess.run(
+            [_cuobjdump(), "-res-usage", file.name], capture_output=True, text=True, check=True
+        ).stdout
     usage = {}
     for line in text.splitlines():
         if line.strip().startswith("REG:"):
@@ -477,24 +484,34 @@ def markdown(report: dict) -> str:
         "prefill and training; every dtype; with and without a key padding mask; the autocast mix),",
         "compiled statically with `python -m benchmarks.compile_audit`. Registers and spills from",
         "`cuobjdump -res-usage`; blocks/SM from registers, shared memory and threads; waves = programs of",
-        f"the largest grid / (blocks/SM x SMs: {', '.join(f'{t.arch} {t.multiprocessors}' for t in TARGETS.values())}).",
+        "the largest grid / (blocks/SM x SMs: "
+        + ", ".join(f"{t.arch} {t.multiprocessors}" for t in TARGETS.values())
+        + ").",
         "",
         f"Failures: {len(report['failures'])}" + "".join(f"\n- {f}" for f in report["failures"]),
         "",
-        "| kernel | arch | dtypes | settings | regs | spill B | smem B | blocks/SM | tensor cores | largest grid | waves | cases |",
+        "| kernel | arch | dtypes | settings | regs | spill B | smem B | blocks/SM | tensor cores | largest grid "
+        "| waves | cases |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
 
     def order(row):
         result = row["result"]
-        return (-(result.get("spill_bytes", 1 << 30)), row["variant"]["kernel"], row["arch"], -result.get("registers", 0))
+        return (
+            -(result.get("spill_bytes", 1 << 30)),
+            row["variant"]["kernel"],
+            row["arch"],
+            -result.get("registers", 0),
+        )
 
     for row in sorted(report["rows"], key=order):
         variant, result = row["variant"], row["result"]
         name = variant["kernel"].split(":")[1]
         dtypes = "/".join(row["precisions"])
         if "error" in result:
-            lines.append(f"| {name} | {row['arch']} | {dtypes} | {settings_label(variant)} | error: {result['error']} |||||||| ")
+            lines.append(
+                f"| {name} | {row['arch']} | {dtypes} | {settings_label(variant)} | error: {result['error']} |||||||| "
+            )
             continue
         grid = "x".join(map(str, row["grid"]))
         lines.append(
@@ -507,7 +524,9 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--arch", nargs="+", choices=sorted(TARGETS), default=["sm_90", "sm_80"])
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiler processes")
     parser.add_argument("--out", help="folder for compile_audit_triton-<version>.{json,md}")
@@ -522,7 +541,10 @@ def main(argv: list[str] | None = None) -> int:
         with open(stem + ".md", "w") as file:
             file.write(table)
     print(table)
-    print(f"{len(report['rows'])} variants compiled in {report['seconds']} s; {len(report['failures'])} failures", file=sys.stderr)
+    print(
+        f"{len(report['rows'])} variants compiled in {report['seconds']} s; {len(report['failures'])} failures",
+        file=sys.stderr,
+    )
     return 1 if report["failures"] else 0
 
 

@@ -101,7 +101,9 @@ def _grad_leaves(inputs: Inputs) -> list[torch.Tensor]:
     return [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
 
 
-def forward_backward(fn, inputs: Inputs, grad_out: torch.Tensor | None, parameters: Sequence[torch.Tensor] = ()) -> None:
+def forward_backward(
+    fn, inputs: Inputs, grad_out: torch.Tensor | None, parameters: Sequence[torch.Tensor] = ()
+) -> None:
     """One forward (+ backward with grad_out unless it is None), gradients cleared afterwards."""
     if grad_out is None:
         with torch.no_grad():
@@ -129,7 +131,10 @@ def peak_memory_mb(fn, inputs: Inputs, grad_out: torch.Tensor | None, device: to
         return tensor
 
     leaf_storages = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), torch.set_grad_enabled(grad_out is not None):
+    with (
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor),
+        torch.set_grad_enabled(grad_out is not None),
+    ):
         out = fn(*inputs)
     saved = sum(size for ptr, size in storages.items() if ptr not in leaf_storages)
     return (saved + out.untyped_storage().nbytes()) / 2**20
@@ -145,7 +150,9 @@ def run_case(case: Case, device: torch.device, warmup: int, repeats: int) -> lis
     truth = None
     if case.reference_fp64 is not None:
         with torch.no_grad():
-            as_fp64 = [t.detach().double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs]
+            as_fp64 = [
+                t.detach().double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs
+            ]
             truth = case.reference_fp64(*as_fp64)
     grad_out = None
     results = []
@@ -162,13 +169,22 @@ def run_case(case: Case, device: torch.device, warmup: int, repeats: int) -> lis
 
         fwd = time_ms(forward, device, warmup, repeats)
         if case.backward:
-            step = lambda fn=provider.fn: forward_backward(fn, inputs, grad_out, case.parameters)  # noqa: E731
+            step = lambda fn=provider.fn, g=grad_out: forward_backward(fn, inputs, g, case.parameters)
             fwd_bwd = time_ms(step, device, warmup, repeats)
         else:
             fwd_bwd = (None, None, None)
         peak = peak_memory_mb(provider.fn, inputs, grad_out, device, case.parameters)
         results.append(
-            Result(case.op, case.shape, str(case.dtype).removeprefix("torch."), provider.name, *fwd, *fwd_bwd, peak, max_error)
+            Result(
+                case.op,
+                case.shape,
+                str(case.dtype).removeprefix("torch."),
+                provider.name,
+                *fwd,
+                *fwd_bwd,
+                peak,
+                max_error,
+            )
         )
     eager = next((r for r in results if r.provider == "eager"), None)
     compiled = next((r for r in results if r.provider == "compiled"), None)

@@ -56,8 +56,9 @@ def render() -> str:
     ]
     for r in run["results"]:
         lines.append(
-            f"| {r['op']} | {r['shape']} | {r['dtype']} | {r['provider']} | {fmt(r['ms_fwd'])} | {fmt(r['ms_fwd_bwd'])} "
-            f"| {fmt(r['peak_mb'])} | {fmt(r['speedup_vs_eager'])} | {fmt(r['speedup_vs_compiled'])} |"
+            f"| {r['op']} | {r['shape']} | {r['dtype']} | {r['provider']} | {fmt(r['ms_fwd'])} "
+            f"| {fmt(r['ms_fwd_bwd'])} | {fmt(r['peak_mb'])} | {fmt(r['speedup_vs_eager'])} "
+            f"| {fmt(r['speedup_vs_compiled'])} |"
         )
     stem = os.path.relpath(path, ROOT)[: -len(".json")]
     for plot in ("speedup", "memory"):

@@ -21,18 +21,18 @@ import time
 import torch
 
 from benchmarks import (
-    bench_conv_downsample,
     bench_cross_attention,
     bench_decoder_layer,
     bench_local_branch,
     bench_model,
     bench_ortho_loss,
+    bench_strided_conv,
 )
 from benchmarks.harness import Result, run_case
 
 # Suites whose fused path has no CPU kernel return no cases, or no "orca" provider, on the CPU.
 SUITES = {
-    "strided_conv1d": bench_conv_downsample,
+    "strided_conv1d": bench_strided_conv,
     "ortho_losses": bench_ortho_loss,
     "gated_cross_attention": bench_cross_attention,
     "local_branch": bench_local_branch,
@@ -52,8 +52,12 @@ def device_name(device: torch.device) -> str:
 def git_sha() -> str:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -83,12 +87,22 @@ def format_table(results: list[Result]) -> str:
     header = ["op", "shape", "dtype", "provider", "ms fwd", "ms fwd+bwd", "peak MB", "x eager", "x compiled", "max err"]
     fmt = lambda v: "-" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
     rows = [
-        [r.op, r.shape, r.dtype, r.provider, fmt(r.ms_fwd), fmt(r.ms_fwd_bwd), fmt(r.peak_mb),
-         fmt(r.speedup_vs_eager), fmt(r.speedup_vs_compiled), "-" if r.max_error is None else f"{r.max_error:.2e}"]
+        [
+            r.op,
+            r.shape,
+            r.dtype,
+            r.provider,
+            fmt(r.ms_fwd),
+            fmt(r.ms_fwd_bwd),
+            fmt(r.peak_mb),
+            fmt(r.speedup_vs_eager),
+            fmt(r.speedup_vs_compiled),
+            "-" if r.max_error is None else f"{r.max_error:.2e}",
+        ]
         for r in results
     ]
-    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows, strict=True)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
@@ -130,14 +144,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     workload = parser.add_mutually_exclusive_group()
     workload.add_argument("--quick", action="store_true", help="small shapes (the default on the CPU)")
-    workload.add_argument("--full", action="store_true", help="the model shapes of docs/model-shapes.md (the default on a GPU)")
+    workload.add_argument(
+        "--full", action="store_true", help="the model shapes of docs/model-shapes.md (the default on a GPU)"
+    )
     parser.add_argument("--ops", nargs="*", choices=sorted(SUITES), help="only these ops")
     parser.add_argument("--out", default=os.environ.get("OUT_DIR", RESULTS_DIR), help="folder for JSON/CSV/PNG")
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--list", action="store_true", help="list the cases with a rough time estimate; run nothing")
     parser.add_argument(
-        "--budget-s", type=float, default=None,
+        "--budget-s",
+        type=float,
+        default=None,
         help="stop starting new cases after this many seconds, and say which were skipped (results so far are kept)",
     )
     args = parser.parse_args(argv)
@@ -147,8 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     warmup = args.warmup if args.warmup is not None else (2 if device.type == "cpu" else 10)
     repeats = args.repeats if args.repeats is not None else (5 if device.type == "cpu" else 30)
     meta = metadata(device, quick)
-    print(f"orca-kernels benchmarks on {meta['device']} ({meta['workload']} workload), torch {meta['torch']}, "
-          f"triton {meta['triton']}, git {meta['git_sha']}", flush=True)
+    print(
+        f"orca-kernels benchmarks on {meta['device']} ({meta['workload']} workload), torch {meta['torch']}, "
+        f"triton {meta['triton']}, git {meta['git_sha']}",
+        flush=True,
+    )
 
     build_on = device
     if args.list and device.type == "cuda" and not torch.cuda.is_available():
@@ -156,14 +177,22 @@ def main(argv: list[str] | None = None) -> int:
         # kernels), which lists them with their shapes and providers.
         build_on = torch.device("meta")
         print("no CUDA device here: listing the CUDA cases as built on the meta device")
-    cases = [case for name, suite in SUITES.items() if not args.ops or name in args.ops for case in suite.cases(build_on, quick)]
+    cases = [
+        case
+        for name, suite in SUITES.items()
+        if not args.ops or name in args.ops
+        for case in suite.cases(build_on, quick)
+    ]
     if args.list:
         total = 0.0
         for i, case in enumerate(cases, 1):
             seconds = estimated_seconds(case, device)
             total += seconds
             print(f"[{i}/{len(cases)}] {case_label(case)}  ~{seconds:.0f} s")
-        print(f"{len(cases)} cases, roughly {total / 60:.1f} min (an estimate: compile time dominates and is not measured)")
+        print(
+            f"{len(cases)} cases, roughly {total / 60:.1f} min "
+            "(an estimate: compile time dominates and is not measured)"
+        )
         return 0
 
     os.makedirs(args.out, exist_ok=True)

@@ -82,10 +82,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as directory:
         whisper_path, llm_path = save_tiny_checkpoints(directory)
         config = DeSTA25Config(
-            llm_model_id=llm_path, encoder_model_id=whisper_path, connector_mode="orca_hybrid", orca_enabled=True,
-            orca_global_cross_attn=True, qformer_num_hidden_layers=1, orca_global_num_tokens=NUM_GLOBAL_TOKENS,
-            orca_ortho_diversity_weight=0.05, orca_ortho_weight_qformer_local=0.05, orca_align_weight_local=0.05,
-            llm_dtype="float32", use_fused_orca=args.use_fused_orca,
+            llm_model_id=llm_path,
+            encoder_model_id=whisper_path,
+            connector_mode="orca_hybrid",
+            orca_enabled=True,
+            orca_global_cross_attn=True,
+            qformer_num_hidden_layers=1,
+            orca_global_num_tokens=NUM_GLOBAL_TOKENS,
+            orca_ortho_diversity_weight=0.05,
+            orca_ortho_weight_qformer_local=0.05,
+            orca_align_weight_local=0.05,
+            llm_dtype="float32",
+            use_fused_orca=args.use_fused_orca,
         )
         model = DeSTA25AudioModel(config).train()
     parameters = [p for p in model.parameters() if p.requires_grad]

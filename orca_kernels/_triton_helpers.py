@@ -19,7 +19,12 @@ import triton.language as tl
 
 from orca_kernels._utils import KERNELS_INTERPRETED
 
-TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
+TL_DTYPES = {
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float32: tl.float32,
+    torch.float64: tl.float64,
+}
 
 
 def _patch_interpreter_index() -> None:

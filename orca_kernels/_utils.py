@@ -77,7 +77,10 @@ def autocast_lower_precision(*tensors: torch.Tensor | None, device_type: str) ->
 def _autocast_eligible(t, device_type: str) -> bool:
     """Autocast's own test (at::autocast::is_eligible): a floating, non-fp64 tensor on its device type."""
     return (
-        isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64 and t.device.type == device_type
+        isinstance(t, torch.Tensor)
+        and t.is_floating_point()
+        and t.dtype != torch.float64
+        and t.device.type == device_type
     )
 
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from orca_kernels import reference
 from orca_kernels._utils import autocast_fp32_normalisations, check_backend, check_int, check_tensor, use_triton
-from orca_kernels.flash_cross_attention import flash_cross_attention
+from orca_kernels.flash_attention import flash_cross_attention
 from orca_kernels.gated_residual import gated_residual
 from orca_kernels.rope import audio_rope
 
@@ -30,8 +30,16 @@ PROJECT_OP = "project_audio_kv"
 ATTEND_OP = "attend_audio_kv"
 BACKENDS = ("auto", "triton", "torch")
 PARAMETER_NAMES = (
-    "in_proj_weight", "in_proj_bias", "out_proj_weight", "out_proj_bias", "gate_hidden_weight",
-    "gate_hidden_bias", "gate_out_weight", "gate_out_bias", "ln_weight", "ln_bias",
+    "in_proj_weight",
+    "in_proj_bias",
+    "out_proj_weight",
+    "out_proj_bias",
+    "gate_hidden_weight",
+    "gate_hidden_bias",
+    "gate_out_weight",
+    "gate_out_bias",
+    "ln_weight",
+    "ln_bias",
 )
 
 
@@ -40,8 +48,16 @@ def check_parameters(hidden_size: int, parameters: tuple[torch.Tensor, ...], lik
     all ten, or the first ones of PARAMETER_NAMES (the in-projection alone for `project_audio_kv`)."""
     gate = hidden_size // 4
     shapes = [
-        (3 * hidden_size, hidden_size), (3 * hidden_size,), (hidden_size, hidden_size), (hidden_size,),
-        (gate, hidden_size), (gate,), (1, gate), (1,), (hidden_size,), (hidden_size,),
+        (3 * hidden_size, hidden_size),
+        (3 * hidden_size,),
+        (hidden_size, hidden_size),
+        (hidden_size,),
+        (gate, hidden_size),
+        (gate,),
+        (1, gate),
+        (1,),
+        (hidden_size,),
+        (hidden_size,),
     ]
     count = len(parameters)
     for name, value, shape in zip(PARAMETER_NAMES[:count], parameters, shapes[:count], strict=True):
@@ -140,8 +156,16 @@ def attend_audio_kv(
         raise ValueError(f"{ATTEND_OP}: audio_kv is on {audio_kv.device} but hidden is on {hidden.device}")
     check_num_heads(ATTEND_OP, num_heads, size)
     parameters = (
-        in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, gate_hidden_weight, gate_hidden_bias,
-        gate_out_weight, gate_out_bias, ln_weight, ln_bias,
+        in_proj_weight,
+        in_proj_bias,
+        out_proj_weight,
+        out_proj_bias,
+        gate_hidden_weight,
+        gate_hidden_bias,
+        gate_out_weight,
+        gate_out_bias,
+        ln_weight,
+        ln_bias,
     )
     check_parameters(size, parameters, hidden, ATTEND_OP)
     check_key_padding_mask(key_padding_mask, batch, audio_kv.shape[1], hidden, ATTEND_OP)
@@ -182,7 +206,13 @@ def _attend_audio_kv(
     attended = F.linear(attn.flatten(-2), out_proj_weight, out_proj_bias)
     gate_hidden = F.linear(hidden, gate_hidden_weight, gate_hidden_bias)
     return gated_residual(
-        hidden, attended, gate_hidden, gate_out_weight, gate_out_bias, ln_weight, ln_bias,
+        hidden,
+        attended,
+        gate_hidden,
+        gate_out_weight,
+        gate_out_bias,
+        ln_weight,
+        ln_bias,
         out_dtype=residual_dtype(hidden, attended, gate_hidden),
     )
 
@@ -229,15 +259,28 @@ def gated_cross_attention(
         raise ValueError(f"{OP}: audio is on {audio.device} but hidden is on {hidden.device}")
     check_num_heads(OP, num_heads, size)
     parameters = (
-        in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, gate_hidden_weight, gate_hidden_bias,
-        gate_out_weight, gate_out_bias, ln_weight, ln_bias,
+        in_proj_weight,
+        in_proj_bias,
+        out_proj_weight,
+        out_proj_bias,
+        gate_hidden_weight,
+        gate_hidden_bias,
+        gate_out_weight,
+        gate_out_bias,
+        ln_weight,
+        ln_bias,
     )
     check_parameters(size, parameters, hidden)
     check_key_padding_mask(key_padding_mask, batch, audio.shape[1], hidden)
     if not use_triton(OP, hidden, backend):
         return reference.gated_cross_attention(
-            hidden, audio, *parameters, num_heads, key_padding_mask=key_padding_mask,
-            position_scale=position_scale, rope_theta=rope_theta,
+            hidden,
+            audio,
+            *parameters,
+            num_heads,
+            key_padding_mask=key_padding_mask,
+            position_scale=position_scale,
+            rope_theta=rope_theta,
         )
     if audio.shape[1] == 0:
         return hidden

@@ -1,5 +1,6 @@
-"""LayerNorm of the attention output + data-dependent gate + residual, fused (docs/ops.md#gated_residual): out = h + σ(GELU(u)·w₂ + b₂) ⊙ LN(o), per row, with u = h·W₁ᵀ + b₁ computed
-outside (a cuBLAS GEMM, H -> H/4).
+"""LayerNorm of the attention output + data-dependent gate + residual, fused
+(docs/ops.md#gated_residual): out = h + σ(GELU(u)·w₂ + b₂) ⊙ LN(o), per row, with u = h·W₁ᵀ + b₁
+computed outside (a cuBLAS GEMM, H -> H/4).
 
 One Triton program per row in the forward; the backward recomputes the LayerNorm statistics and
 the gate from its inputs (nothing but the inputs is saved) and reduces the parameter gradients
@@ -15,10 +16,9 @@ import triton
 import triton.language as tl
 
 from orca_kernels import _utils
-from orca_kernels.reference import LAYER_NORM_EPS
 from orca_kernels._triton_helpers import TL_DTYPES, accumulator_dtype, cast_for_store, row_warps
 from orca_kernels._utils import device_context, new_output
-
+from orca_kernels.reference import LAYER_NORM_EPS
 
 
 @triton.jit
@@ -31,8 +31,21 @@ def _gelu_and_derivative(u):
 
 @triton.jit
 def _layer_norm_and_gate(
-    o_ptr, u_ptr, w2_ptr, b2_ptr, lnw_ptr, lnb_ptr, row, stride_o, stride_u, H, G, eps,
-    COMPUTE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_G: tl.constexpr,
+    o_ptr,
+    u_ptr,
+    w2_ptr,
+    b2_ptr,
+    lnw_ptr,
+    lnb_ptr,
+    row,
+    stride_o,
+    stride_u,
+    H,
+    G,
+    eps,
+    COMPUTE: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_G: tl.constexpr,
 ):
     """For one row: x̂ (normalised o), rstd, LN weight, y = LN(o), u, GELU(u) and its derivative,
     w₂ and the gate σ(GELU(u)·w₂ + b₂). Masked lanes hold zeros."""
@@ -58,9 +71,24 @@ def _layer_norm_and_gate(
 
 @triton.jit
 def _gated_residual_fwd_kernel(
-    h_ptr, o_ptr, u_ptr, w2_ptr, b2_ptr, lnw_ptr, lnb_ptr, out_ptr,
-    stride_h, stride_o, stride_u, stride_out, H, G, eps,
-    COMPUTE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_G: tl.constexpr,
+    h_ptr,
+    o_ptr,
+    u_ptr,
+    w2_ptr,
+    b2_ptr,
+    lnw_ptr,
+    lnb_ptr,
+    out_ptr,
+    stride_h,
+    stride_o,
+    stride_u,
+    stride_out,
+    H,
+    G,
+    eps,
+    COMPUTE: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_G: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     _, _, _, y, _, _, _, gate = _layer_norm_and_gate(
@@ -75,10 +103,32 @@ def _gated_residual_fwd_kernel(
 
 @triton.jit
 def _gated_residual_bwd_kernel(
-    dout_ptr, o_ptr, u_ptr, w2_ptr, b2_ptr, lnw_ptr, lnb_ptr, do_ptr, du_ptr,
-    partial_lnw_ptr, partial_lnb_ptr, partial_w2_ptr, partial_b2_ptr,
-    stride_dout, stride_o, stride_u, stride_do, stride_du, N, H, G, eps, ROWS_PER_PROGRAM,
-    COMPUTE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_G: tl.constexpr,
+    dout_ptr,
+    o_ptr,
+    u_ptr,
+    w2_ptr,
+    b2_ptr,
+    lnw_ptr,
+    lnb_ptr,
+    do_ptr,
+    du_ptr,
+    partial_lnw_ptr,
+    partial_lnb_ptr,
+    partial_w2_ptr,
+    partial_b2_ptr,
+    stride_dout,
+    stride_o,
+    stride_u,
+    stride_do,
+    stride_du,
+    N,
+    H,
+    G,
+    eps,
+    ROWS_PER_PROGRAM,
+    COMPUTE: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_G: tl.constexpr,
 ):
     """Rows [pid·R, (pid+1)·R): writes ∂o and ∂u per row, and this program's partial sums of the
     LayerNorm weight/bias and gate w₂/b₂ gradients."""
@@ -94,8 +144,21 @@ def _gated_residual_bwd_kernel(
     first = pid.to(tl.int64) * ROWS_PER_PROGRAM  # int64 row offsets: rows x stride can pass 2^31
     for row in range(first, tl.minimum(first + ROWS_PER_PROGRAM, N)):
         x_hat, rstd, ln_w, y, act, act_grad, w2, gate = _layer_norm_and_gate(
-            o_ptr, u_ptr, w2_ptr, b2_ptr, lnw_ptr, lnb_ptr, row, stride_o, stride_u, H, G, eps,
-            COMPUTE, BLOCK_H, BLOCK_G,
+            o_ptr,
+            u_ptr,
+            w2_ptr,
+            b2_ptr,
+            lnw_ptr,
+            lnb_ptr,
+            row,
+            stride_o,
+            stride_u,
+            H,
+            G,
+            eps,
+            COMPUTE,
+            BLOCK_H,
+            BLOCK_G,
         )
         dout = tl.load(dout_ptr + row * stride_dout + cols, mask=h_ok, other=0.0).to(COMPUTE)
         d_gate = tl.sum(dout * y, axis=0)
@@ -140,9 +203,23 @@ def _forward(hidden, attended, gate_hidden, gate_out_weight, gate_out_bias, ln_w
     compute = accumulator_dtype(hidden.dtype, attended.dtype, gate_hidden.dtype)
     with device_context(hidden):
         _gated_residual_fwd_kernel[(h.shape[0],)](
-            h, o, u, gate_out_weight.reshape(-1), gate_out_bias, ln_weight, ln_bias, out,
-            h.stride(0), o.stride(0), u.stride(0), size, size, gate_size, eps,
-            COMPUTE=TL_DTYPES[compute], **_launch(size, gate_size),
+            h,
+            o,
+            u,
+            gate_out_weight.reshape(-1),
+            gate_out_bias,
+            ln_weight,
+            ln_bias,
+            out,
+            h.stride(0),
+            o.stride(0),
+            u.stride(0),
+            size,
+            size,
+            gate_size,
+            eps,
+            COMPUTE=TL_DTYPES[compute],
+            **_launch(size, gate_size),
         )
     return out
 
@@ -166,11 +243,30 @@ def _backward(grad_out, attended, gate_hidden, gate_out_weight, gate_out_bias, l
     if num_rows > 0:
         with device_context(attended):
             _gated_residual_bwd_kernel[(programs,)](
-                dout, o, u, gate_out_weight.reshape(-1), gate_out_bias, ln_weight, ln_bias,
-                d_attended.view(-1, size), d_gate_hidden.view(-1, gate_size),
-                partial_lnw, partial_lnb, partial_w2, partial_b2,
-                dout.stride(0), o.stride(0), u.stride(0), size, gate_size, num_rows, size, gate_size, eps,
-                rows_per_program, COMPUTE=TL_DTYPES[compute],
+                dout,
+                o,
+                u,
+                gate_out_weight.reshape(-1),
+                gate_out_bias,
+                ln_weight,
+                ln_bias,
+                d_attended.view(-1, size),
+                d_gate_hidden.view(-1, gate_size),
+                partial_lnw,
+                partial_lnb,
+                partial_w2,
+                partial_b2,
+                dout.stride(0),
+                o.stride(0),
+                u.stride(0),
+                size,
+                gate_size,
+                num_rows,
+                size,
+                gate_size,
+                eps,
+                rows_per_program,
+                COMPUTE=TL_DTYPES[compute],
                 **_launch(size, gate_size),
             )
     return (
@@ -222,8 +318,12 @@ def _gated_residual_backward_op(
 @_gated_residual_backward_op.register_fake
 def _(grad_out, attended, gate_hidden, gate_out_weight, gate_out_bias, ln_weight, ln_bias, eps):
     return (
-        torch.empty_like(attended), torch.empty_like(gate_hidden), torch.empty_like(gate_out_weight),
-        torch.empty_like(gate_out_bias), torch.empty_like(ln_weight), torch.empty_like(ln_bias),
+        torch.empty_like(attended),
+        torch.empty_like(gate_hidden),
+        torch.empty_like(gate_out_weight),
+        torch.empty_like(gate_out_bias),
+        torch.empty_like(ln_weight),
+        torch.empty_like(ln_bias),
     )
 
 
@@ -260,6 +360,13 @@ def gated_residual(
     hidden's dtype. Callers validate shapes and devices (see cross_attention.gated_cross_attention).
     """
     return _gated_residual_op(
-        hidden, attended, gate_hidden, gate_out_weight, gate_out_bias, ln_weight, ln_bias, float(eps),
+        hidden,
+        attended,
+        gate_hidden,
+        gate_out_weight,
+        gate_out_bias,
+        ln_weight,
+        ln_bias,
+        float(eps),
         out_dtype if out_dtype is not None else hidden.dtype,
     )

@@ -36,7 +36,6 @@ similarities are one matrix, rows = global tokens, columns = token-list entries.
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
@@ -59,14 +58,28 @@ BACKENDS = ("auto", "triton", "torch")
 _EPS = tl.constexpr(1e-12)  # F.normalize's default; the kernels clamp norms in the accumulator dtype
 
 
-
 # ----------------------------------------------------------------------------- kernels
 
 
 @triton.jit
 def _load_tokens(
-    g_ptr, l_ptr, idx_ptr, b, entries, h, K, n, H, sgb, sgk, sgh, slb, slt, slh,
-    WITH_LOCAL: tl.constexpr, SUBSAMPLE: tl.constexpr,
+    g_ptr,
+    l_ptr,
+    idx_ptr,
+    b,
+    entries,
+    h,
+    K,
+    n,
+    H,
+    sgb,
+    sgk,
+    sgh,
+    slb,
+    slt,
+    slh,
+    WITH_LOCAL: tl.constexpr,
+    SUBSAMPLE: tl.constexpr,
 ):
     """[R, BLOCK_H] tile of token-list `entries` [R] at hidden offsets `h`: entry e < K is global
     row e, K <= e < K + n is local row idx[e - K] (e - K without sub-sampling); 0 elsewhere."""
@@ -88,9 +101,28 @@ def _load_tokens(
 
 @triton.jit
 def _similarities(
-    g_ptr, l_ptr, idx_ptr, b, rows, cols, K, n, H, sgb, sgk, sgh, slb, slt, slh,
-    ROWS_LOCAL: tl.constexpr, SUBSAMPLE: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+    g_ptr,
+    l_ptr,
+    idx_ptr,
+    b,
+    rows,
+    cols,
+    K,
+    n,
+    H,
+    sgb,
+    sgk,
+    sgh,
+    slb,
+    slt,
+    slh,
+    ROWS_LOCAL: tl.constexpr,
+    SUBSAMPLE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     """Raw dot products [BLOCK_M, BLOCK_N] of token-list rows × cols, and both sums of squares."""
     dots = tl.zeros((BLOCK_M, BLOCK_N), ACC_DTYPE)
@@ -98,7 +130,9 @@ def _similarities(
     col_sq = tl.zeros((BLOCK_N,), ACC_DTYPE)
     for h0 in range(0, H, BLOCK_H):
         h = h0 + tl.arange(0, BLOCK_H)
-        x = _load_tokens(g_ptr, l_ptr, idx_ptr, b, rows, h, K, n, H, sgb, sgk, sgh, slb, slt, slh, ROWS_LOCAL, SUBSAMPLE)
+        x = _load_tokens(
+            g_ptr, l_ptr, idx_ptr, b, rows, h, K, n, H, sgb, sgk, sgh, slb, slt, slh, ROWS_LOCAL, SUBSAMPLE
+        )
         y = _load_tokens(g_ptr, l_ptr, idx_ptr, b, cols, h, K, n, H, sgb, sgk, sgh, slb, slt, slh, True, SUBSAMPLE)
         # fp16/bf16 products are exact in fp32; "ieee" keeps fp32 inputs off TF32.
         # out_dtype: triton 3.6 asserts it equals a non-fp32 accumulator's dtype (no default from acc).
@@ -112,11 +146,30 @@ def _similarities(
 
 @triton.jit
 def _ortho_losses_fwd_kernel(
-    g_ptr, l_ptr, idx_ptr, partial_ptr,
-    K, n, H, col_start, col_end, num_row_blocks, num_col_blocks, num_programs,
-    sgb, sgk, sgh, slb, slt, slh,
-    SUBSAMPLE: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+    g_ptr,
+    l_ptr,
+    idx_ptr,
+    partial_ptr,
+    K,
+    n,
+    H,
+    col_start,
+    col_end,
+    num_row_blocks,
+    num_col_blocks,
+    num_programs,
+    sgb,
+    sgk,
+    sgh,
+    slb,
+    slt,
+    slh,
+    SUBSAMPLE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     """partial[0, pid] = Σ (Gram − I)², partial[1, pid] = Σ cross² over this program's tile of
     global rows × token-list columns [col_start, col_end)."""
@@ -126,8 +179,28 @@ def _ortho_losses_fwd_kernel(
     rows = ((pid % tiles) // num_col_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = col_start + (pid % num_col_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
     dots, row_sq, col_sq = _similarities(
-        g_ptr, l_ptr, idx_ptr, b, rows, cols, K, n, H, sgb, sgk, sgh, slb, slt, slh,
-        False, SUBSAMPLE, DOT_DTYPE, ACC_DTYPE, BLOCK_M, BLOCK_N, BLOCK_H,
+        g_ptr,
+        l_ptr,
+        idx_ptr,
+        b,
+        rows,
+        cols,
+        K,
+        n,
+        H,
+        sgb,
+        sgk,
+        sgh,
+        slb,
+        slt,
+        slh,
+        False,
+        SUBSAMPLE,
+        DOT_DTYPE,
+        ACC_DTYPE,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_H,
     )
     row_norm = tl.maximum(tl.sqrt(row_sq), tl.full((BLOCK_M,), _EPS, ACC_DTYPE))
     col_norm = tl.maximum(tl.sqrt(col_sq), tl.full((BLOCK_N,), _EPS, ACC_DTYPE))
@@ -143,8 +216,16 @@ def _ortho_losses_fwd_kernel(
 
 @triton.jit
 def _ortho_losses_reduce_kernel(
-    partial_ptr, div_ptr, cross_ptr, num_partials, div_count, cross_count,
-    WITH_DIV: tl.constexpr, WITH_CROSS: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    partial_ptr,
+    div_ptr,
+    cross_ptr,
+    num_partials,
+    div_count,
+    cross_count,
+    WITH_DIV: tl.constexpr,
+    WITH_CROSS: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """The two losses: partial sums added in a fixed order, divided by the element counts."""
     div_acc = tl.zeros((BLOCK,), ACC_DTYPE)
@@ -163,12 +244,39 @@ def _ortho_losses_reduce_kernel(
 
 @triton.jit
 def _ortho_losses_bwd_kernel(
-    g_ptr, l_ptr, idx_ptr, grad_div_ptr, grad_cross_ptr, dg_ptr, dl_ptr, scratch_ptr,
-    B, K, n, T_local, H, global_col_start, global_col_end, num_global_blocks, num_blocks, scratch_cols,
-    sgb, sgk, sgh, slb, slt, slh,
-    WITH_DIV: tl.constexpr, WITH_CROSS: tl.constexpr, SUBSAMPLE: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, GRAD_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+    g_ptr,
+    l_ptr,
+    idx_ptr,
+    grad_div_ptr,
+    grad_cross_ptr,
+    dg_ptr,
+    dl_ptr,
+    scratch_ptr,
+    B,
+    K,
+    n,
+    T_local,
+    H,
+    global_col_start,
+    global_col_end,
+    num_global_blocks,
+    num_blocks,
+    scratch_cols,
+    sgb,
+    sgk,
+    sgh,
+    slb,
+    slt,
+    slh,
+    WITH_DIV: tl.constexpr,
+    WITH_CROSS: tl.constexpr,
+    SUBSAMPLE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    GRAD_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     """Gradients of BLOCK_M token-list rows: global rows write dg [B, K, H], local rows dl [B, T_local, H]
     (both contiguous). global_col_* is the column range of global rows ([0, K) Gram, [K, K + n) cross)."""
@@ -194,10 +302,10 @@ def _ortho_losses_bwd_kernel(
     if WITH_CROSS:
         beta = tl.load(grad_cross_ptr).to(ACC_DTYPE) * 2.0 / (tl.cast(B, ACC_DTYPE) * Kf * tl.cast(n, ACC_DTYPE))
 
-    if SUBSAMPLE:
-        # Zero the unsampled local rows between this block's samples and the previous block's
-        # (before the first / after the last sample for the end blocks). Sampled rows in that span
-        # are overwritten after the barrier below.
+    # Zero the unsampled local rows between this block's samples and the previous block's (before
+    # the first / after the last sample for the end blocks). Sampled rows in that span are
+    # overwritten after the barrier below. Two ifs: the first is decided at compile time.
+    if SUBSAMPLE:  # noqa: SIM102
         if local_block:
             s0 = row_start - K
             s1 = tl.minimum(s0 + BLOCK_M, n)
@@ -218,8 +326,28 @@ def _ortho_losses_bwd_kernel(
     for c0 in range(col_start, col_end, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
         dots, row_sq, col_sq = _similarities(
-            g_ptr, l_ptr, idx_ptr, b, rows, cols, K, n, H, sgb, sgk, sgh, slb, slt, slh,
-            WITH_CROSS, SUBSAMPLE, DOT_DTYPE, ACC_DTYPE, BLOCK_M, BLOCK_N, BLOCK_H,
+            g_ptr,
+            l_ptr,
+            idx_ptr,
+            b,
+            rows,
+            cols,
+            K,
+            n,
+            H,
+            sgb,
+            sgk,
+            sgh,
+            slb,
+            slt,
+            slh,
+            WITH_CROSS,
+            SUBSAMPLE,
+            DOT_DTYPE,
+            ACC_DTYPE,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_H,
         )
         row_norm = tl.sqrt(row_sq)  # the same for every column block
         col_norm = tl.maximum(tl.sqrt(col_sq), tl.full((BLOCK_N,), _EPS, ACC_DTYPE))
@@ -259,7 +387,9 @@ def _ortho_losses_bwd_kernel(
             w = tl.load(scratch + offsets)
             y = _load_tokens(g_ptr, l_ptr, idx_ptr, b, cols, h, K, n, H, sgb, sgk, sgh, slb, slt, slh, True, SUBSAMPLE)
             acc = tl.dot(w, y.to(ACC_DTYPE), acc, input_precision=GRAD_PRECISION, out_dtype=ACC_DTYPE)  # for triton 3.6
-        x = _load_tokens(g_ptr, l_ptr, idx_ptr, b, rows, h, K, n, H, sgb, sgk, sgh, slb, slt, slh, WITH_CROSS, SUBSAMPLE)
+        x = _load_tokens(
+            g_ptr, l_ptr, idx_ptr, b, rows, h, K, n, H, sgb, sgk, sgh, slb, slt, slh, WITH_CROSS, SUBSAMPLE
+        )
         grad = acc / row_norm[:, None] - radial[:, None] * x.to(ACC_DTYPE)
         h_ok = (h < H)[None, :]
         dg = cast_for_store(grad, dg_ptr)
@@ -326,16 +456,38 @@ def _forward(
     lt = l if kernel_cross else g  # pointers the kernel does not read stand in for absent ones
     with device_context(g):
         _ortho_losses_fwd_kernel[(num_programs,)](
-            g, lt, idx if idx is not None else g, partials,
-            K, n, H, col_start, col_end, num_row_blocks, num_col_blocks, num_programs,
-            *g.stride(), *lt.stride(),
-            SUBSAMPLE=idx is not None, DOT_DTYPE=dot_dtype, ACC_DTYPE=acc_dtype,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_H=block_h, num_warps=8,
+            g,
+            lt,
+            idx if idx is not None else g,
+            partials,
+            K,
+            n,
+            H,
+            col_start,
+            col_end,
+            num_row_blocks,
+            num_col_blocks,
+            num_programs,
+            *g.stride(),
+            *lt.stride(),
+            SUBSAMPLE=idx is not None,
+            DOT_DTYPE=dot_dtype,
+            ACC_DTYPE=acc_dtype,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_H=block_h,
+            num_warps=8,
         )
         _ortho_losses_reduce_kernel[(1,)](
-            partials, div if kernel_div else partials, cross if kernel_cross else partials,
-            num_programs, B * K * K, B * K * n,
-            WITH_DIV=kernel_div, WITH_CROSS=kernel_cross, ACC_DTYPE=acc_dtype,
+            partials,
+            div if kernel_div else partials,
+            cross if kernel_cross else partials,
+            num_programs,
+            B * K * K,
+            B * K * n,
+            WITH_DIV=kernel_div,
+            WITH_CROSS=kernel_cross,
+            ACC_DTYPE=acc_dtype,
             BLOCK=_block(num_programs, 16, 1024),
         )
     return div, cross
@@ -378,19 +530,40 @@ def _backward(
     lt = l if with_cross else g  # pointers the kernel does not read stand in for absent ones
     with device_context(g):
         _ortho_losses_bwd_kernel[(num_programs,)](
-            g, lt, idx if idx is not None else g,
-            grad_div if with_div else grad_cross, grad_cross if with_cross else grad_div,
-            dg, dl if with_cross else dg, scratch,
-            B, K, n, T_local, H, global_col_start, global_col_end, num_global_blocks, num_blocks, scratch_cols,
-            *g.stride(), *lt.stride(),
-            WITH_DIV=with_div, WITH_CROSS=with_cross, SUBSAMPLE=idx is not None,
-            DOT_DTYPE=dot_dtype, ACC_DTYPE=acc_dtype,
+            g,
+            lt,
+            idx if idx is not None else g,
+            grad_div if with_div else grad_cross,
+            grad_cross if with_cross else grad_div,
+            dg,
+            dl if with_cross else dg,
+            scratch,
+            B,
+            K,
+            n,
+            T_local,
+            H,
+            global_col_start,
+            global_col_end,
+            num_global_blocks,
+            num_blocks,
+            scratch_cols,
+            *g.stride(),
+            *lt.stride(),
+            WITH_DIV=with_div,
+            WITH_CROSS=with_cross,
+            SUBSAMPLE=idx is not None,
+            DOT_DTYPE=dot_dtype,
+            ACC_DTYPE=acc_dtype,
             # fp16/bf16: TF32 holds the input values exactly and the weights to 2^-11.
             GRAD_PRECISION="ieee" if g.dtype in (torch.float32, torch.float64) else "tf32",
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_H=block_h,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_H=block_h,
             # 8 warps with a block's worth of registers: no spills on sm_80 or sm_90, with triton
             # 3.6 or 3.8, in any dtype (benchmarks/compile_audit.py checks it).
-            num_warps=8, maxnreg=register_cap(8, 1),
+            num_warps=8,
+            maxnreg=register_cap(8, 1),
         )
     return [dg] if l is None else [dg, dl]
 
@@ -507,11 +680,13 @@ def _check_inputs(op: str, global_tokens, local_tokens=None, max_local_samples=N
         check_tensor(op, "local_tokens", local_tokens, 3, like=global_tokens)
         if local_tokens.shape[0] != global_tokens.shape[0]:
             raise ValueError(
-                f"{op}: local_tokens has batch size {local_tokens.shape[0]} but global_tokens has {global_tokens.shape[0]}"
+                f"{op}: local_tokens has batch size {local_tokens.shape[0]} "
+                f"but global_tokens has {global_tokens.shape[0]}"
             )
         if local_tokens.shape[2] != global_tokens.shape[2]:
             raise ValueError(
-                f"{op}: local_tokens has hidden size {local_tokens.shape[2]} but global_tokens has {global_tokens.shape[2]}"
+                f"{op}: local_tokens has hidden size {local_tokens.shape[2]} "
+                f"but global_tokens has {global_tokens.shape[2]}"
             )
     if max_local_samples is not None:
         check_int(op, "max_local_samples", max_local_samples, 1)

@@ -123,8 +123,20 @@ def gated_cross_attention(
     audio = audio.to(dtype=hidden.dtype, device=hidden.device)
     memory = audio_rope(audio, position_scale, rope_theta)
     return attend_rotated(
-        hidden, memory, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, gate_hidden_weight,
-        gate_hidden_bias, gate_out_weight, gate_out_bias, ln_weight, ln_bias, num_heads, key_padding_mask,
+        hidden,
+        memory,
+        in_proj_weight,
+        in_proj_bias,
+        out_proj_weight,
+        out_proj_bias,
+        gate_hidden_weight,
+        gate_hidden_bias,
+        gate_out_weight,
+        gate_out_bias,
+        ln_weight,
+        ln_bias,
+        num_heads,
+        key_padding_mask,
     )
 
 
@@ -197,11 +209,27 @@ def attend_rotated(
     query = hidden.transpose(1, 0)
     key = memory.transpose(1, 0)
     attended, _ = F.multi_head_attention_forward(
-        query, key, key, embed_dim, num_heads, in_proj_weight, in_proj_bias, None, None, False, 0.0,
-        out_proj_weight, out_proj_bias, training=False, key_padding_mask=key_padding_mask, need_weights=False,
+        query,
+        key,
+        key,
+        embed_dim,
+        num_heads,
+        in_proj_weight,
+        in_proj_bias,
+        None,
+        None,
+        False,
+        0.0,
+        out_proj_weight,
+        out_proj_bias,
+        training=False,
+        key_padding_mask=key_padding_mask,
+        need_weights=False,
     )
     attended = F.layer_norm(attended.transpose(1, 0), (embed_dim,), ln_weight, ln_bias, LAYER_NORM_EPS)
-    gate = torch.sigmoid(F.linear(F.gelu(F.linear(hidden, gate_hidden_weight, gate_hidden_bias)), gate_out_weight, gate_out_bias))
+    gate = torch.sigmoid(
+        F.linear(F.gelu(F.linear(hidden, gate_hidden_weight, gate_hidden_bias)), gate_out_weight, gate_out_bias)
+    )
     return hidden + gate * attended
 
 

@@ -16,7 +16,15 @@ import triton.language as tl
 
 from orca_kernels import reference
 from orca_kernels._triton_helpers import TL_DTYPES, accumulator_dtype, cast_for_store, round_like
-from orca_kernels._utils import KERNELS_INTERPRETED, TableCache, check_backend, check_tensor, device_context, new_output, use_triton
+from orca_kernels._utils import (
+    KERNELS_INTERPRETED,
+    TableCache,
+    check_backend,
+    check_tensor,
+    device_context,
+    new_output,
+    use_triton,
+)
 
 OP = "audio_rope"
 BACKENDS = ("auto", "triton", "torch")
@@ -37,8 +45,22 @@ def rope_half_tables(length: int, dim: int, position_scale: float, rope_theta: f
 
 @triton.jit
 def _audio_rope_fwd_kernel(
-    x_ptr, cos_ptr, sin_ptr, out_ptr, ROWS, T, HALF, stride_xb, stride_xt, stride_xh, stride_ob, stride_ot,
-    INVERSE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr,
+    cos_ptr,
+    sin_ptr,
+    out_ptr,
+    ROWS,
+    T,
+    HALF,
+    stride_xb,
+    stride_xt,
+    stride_xh,
+    stride_ob,
+    stride_ot,
+    INVERSE: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """One program per tile of BLOCK_ROWS rows (b*T + t) x BLOCK columns of the first half.
 
@@ -83,10 +105,22 @@ def _rotate(x: torch.Tensor, position_scale: float, rope_theta: float, inverse: 
     grid = (triton.cdiv(batch * length, block_rows), triton.cdiv(half, block))
     with device_context(x):
         _audio_rope_fwd_kernel[grid](
-            x, cos, sin, out, batch * length, length, half, x.stride(0), x.stride(1), x.stride(2),
-            out.stride(0), out.stride(1), INVERSE=inverse,
+            x,
+            cos,
+            sin,
+            out,
+            batch * length,
+            length,
+            half,
+            x.stride(0),
+            x.stride(1),
+            x.stride(2),
+            out.stride(0),
+            out.stride(1),
+            INVERSE=inverse,
             COMPUTE=TL_DTYPES[accumulator_dtype(x.dtype)],
-            BLOCK_ROWS=block_rows, BLOCK=block,
+            BLOCK_ROWS=block_rows,
+            BLOCK=block,
         )
     return out
 

@@ -71,9 +71,7 @@ class ORCAHybridConnector(nn.Module):
             )
             self.local_ln = nn.LayerNorm(d_llm)
 
-    def forward(
-        self, encoder_hidden_states: Sequence[torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, encoder_hidden_states: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """encoder_hidden_states: the output of every encoder layer, each [B, T, D] (the
         connector picks `target_layer_ids`). Returns (global_tokens [B, K, H], local_tokens
         [B, T_l, H] or None when the local branch is off), in the connector's dtype."""

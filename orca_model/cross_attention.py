@@ -94,10 +94,16 @@ class OrcaGatedCrossAttention(nn.Module):
     def parameters_in_order(self) -> tuple[torch.Tensor, ...]:
         """The ten parameters in the order of `orca_kernels.gated_cross_attention`."""
         return (
-            self.cross_attn.in_proj_weight, self.cross_attn.in_proj_bias,
-            self.cross_attn.out_proj.weight, self.cross_attn.out_proj.bias,
-            self.gate_proj[0].weight, self.gate_proj[0].bias, self.gate_proj[2].weight, self.gate_proj[2].bias,
-            self.ln.weight, self.ln.bias,
+            self.cross_attn.in_proj_weight,
+            self.cross_attn.in_proj_bias,
+            self.cross_attn.out_proj.weight,
+            self.cross_attn.out_proj.bias,
+            self.gate_proj[0].weight,
+            self.gate_proj[0].bias,
+            self.gate_proj[2].weight,
+            self.gate_proj[2].bias,
+            self.ln.weight,
+            self.ln.bias,
         )
 
     def forward(

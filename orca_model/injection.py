@@ -98,8 +98,11 @@ class DeepInjection:
                     "inputs for beams or several returned sequences"
                 )
             hidden = cross_attn(
-                hidden, context.audio, audio_local_mask=context.audio_mask,
-                transcription_positions=context.transcription_positions, audio_cache=context.audio_cache,
+                hidden,
+                context.audio,
+                audio_local_mask=context.audio_mask,
+                transcription_positions=context.transcription_positions,
+                audio_cache=context.audio_cache,
             )
             return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
 

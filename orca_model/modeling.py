@@ -132,8 +132,12 @@ class DeSTA25AudioModel(nn.Module):
             rope_theta = config.audio_rope_theta()
             self.orca_cross_attns = nn.ModuleList(
                 OrcaGatedCrossAttention(
-                    llm_config.hidden_size, llm_config.num_attention_heads, gate_init=config.orca_gate_init,
-                    rope_theta=rope_theta, audio_position_scale=config.orca_audio_position_scale, config=config,
+                    llm_config.hidden_size,
+                    llm_config.num_attention_heads,
+                    gate_init=config.orca_gate_init,
+                    rope_theta=rope_theta,
+                    audio_position_scale=config.orca_audio_position_scale,
+                    config=config,
                 )
                 for _ in range(llm_config.num_hidden_layers)
             )
@@ -185,7 +189,7 @@ class DeSTA25AudioModel(nn.Module):
         `strict`, missing or unexpected keys raise."""
         legacy = LEGACY_CROSS_ATTN_PREFIX
         renamed = OrderedDict(
-            (CROSS_ATTN_PREFIX + key[len(legacy):] if key.startswith(legacy) else key, value)
+            (CROSS_ATTN_PREFIX + key[len(legacy) :] if key.startswith(legacy) else key, value)
             for key, value in state_dict.items()
         )
         result = super().load_state_dict(renamed, strict=False, assign=assign)

@@ -17,8 +17,12 @@ def make_pair(hidden_size, num_heads, dtype, triton_device):
     """A reference module and a fused one with the same (randomised) state dict."""
     reference_module = OrcaGatedCrossAttention(hidden_size, num_heads, rope_theta=1e6)
     # Nonzero gate weights and biases so that every parameter shapes the output.
-    for parameter in (reference_module.gate_proj[2].weight, reference_module.cross_attn.in_proj_bias,
-                      reference_module.cross_attn.out_proj.bias, reference_module.ln.bias):
+    for parameter in (
+        reference_module.gate_proj[2].weight,
+        reference_module.cross_attn.in_proj_bias,
+        reference_module.cross_attn.out_proj.bias,
+        reference_module.ln.bias,
+    ):
         torch.nn.init.normal_(parameter, std=0.5)
     fused_module = OrcaGatedCrossAttention(hidden_size, num_heads, rope_theta=1e6, use_fused=True)
     fused_module.load_state_dict(reference_module.state_dict())
@@ -58,11 +62,13 @@ def test_module_matches_reference(triton_device, dtype, batch, t_x, t_a, size, h
     mask = None
     if masked:  # True = keep (the module's convention); the last keys of row 0 are padding
         mask = torch.ones(batch, t_a, dtype=torch.bool, device=triton_device)
-        mask[0, max(1, t_a // 2):] = False
+        mask[0, max(1, t_a // 2) :] = False
     grad_out = torch.randn(batch, t_x, size, device=triton_device, dtype=dtype)
 
     out, loss, grads = run(fused_module, hidden, audio, mask, spans, grad_out)
-    truth_out, truth_loss, truth_grads = run(truth_module, hidden.double(), audio.double(), mask, spans, grad_out.double())
+    truth_out, truth_loss, truth_grads = run(
+        truth_module, hidden.double(), audio.double(), mask, spans, grad_out.double()
+    )
     tol = MODULE_RELATIVE_TOLERANCE
     assert out.dtype == dtype
     assert_matches_truth(out, truth_out, name="output", tolerances=tol)
@@ -71,7 +77,7 @@ def test_module_matches_reference(triton_device, dtype, batch, t_x, t_a, size, h
     else:
         assert_matches_truth(loss.detach(), truth_loss.detach(), name="layer_align_loss", tolerances=tol)
     names = ["hidden", "audio"] + [name for name, _ in fused_module.named_parameters()]
-    for name, got, want in zip(names, grads, truth_grads):
+    for name, got, want in zip(names, grads, truth_grads, strict=True):
         assert_matches_truth(got, want, name=f"grad {name}", tolerances=tol)
 
 
@@ -83,10 +89,13 @@ def test_fully_masked_row_matches_reference(triton_device):
     mask = torch.ones(2, 5, dtype=torch.bool, device=triton_device)
     mask[1] = False
     grad_out = torch.randn(2, 3, 16, dtype=torch.float64, device=triton_device)
-    got, want = run(fused_module, hidden, audio, mask, None, grad_out), run(reference_module, hidden, audio, mask, None, grad_out)
+    got, want = (
+        run(fused_module, hidden, audio, mask, None, grad_out),
+        run(reference_module, hidden, audio, mask, None, grad_out),
+    )
     assert torch.isfinite(want[0]).all()
     assert_matches_truth(got[0], want[0], tolerances=MODULE_RELATIVE_TOLERANCE)
-    for a, b in zip(got[2], want[2]):
+    for a, b in zip(got[2], want[2], strict=True):
         assert_matches_truth(a, b, tolerances=MODULE_RELATIVE_TOLERANCE)
 
 
@@ -114,9 +123,11 @@ def run_layers(layers, hidden, audio, spans, grad_out, autocast):
 )
 def test_autocast_follows_the_reference_module(triton_device, hidden_dtype, dtype):
     """Under bf16 autocast (how users train), with the residual stream in `hidden_dtype`, the
-    parameters in `dtype` (bf16: the reference's LLM and modules, docs/reference-behaviour.md#bf16-parameters-without-master-weights; an fp32 stream
-    over bf16 modules is what CUDA autocast makes of it after the first injected layer,
-    docs/reference-behaviour.md#residual-stream-turns-fp32-under-autocast) and an fp32 audio memory: the fused layers give the reference layers'
+    parameters in `dtype` (bf16: the reference's LLM and modules,
+    docs/reference-behaviour.md#bf16-parameters-without-master-weights; an fp32 stream over bf16
+    modules is what CUDA autocast makes of it after the first injected layer,
+    docs/reference-behaviour.md#residual-stream-turns-fp32-under-autocast) and an fp32 audio
+    memory: the fused layers give the reference layers'
     dtypes -- each layer's output (under CPU autocast a bf16 stream stays bf16; under CUDA
     autocast LayerNorm runs in fp32 and the stream turns fp32), the alignment losses and every
     gradient -- and are no further from an fp64 run than the reference is (the bf16 rule of
@@ -136,7 +147,7 @@ def test_autocast_follows_the_reference_module(triton_device, hidden_dtype, dtyp
     assert [loss.dtype for loss in got[2]] == [loss.dtype for loss in want[2]]
     assert [g.dtype for g in got[3]] == [g.dtype for g in want[3]]
     assert_no_worse_than_unfused(got[0], want[0], truth[0], name="output")
-    for i, (a, b, t) in enumerate(zip(got[2], want[2], truth[2])):
+    for i, (a, b, t) in enumerate(zip(got[2], want[2], truth[2], strict=True)):
         assert_no_worse_than_unfused(a, b, t, name=f"layer_align_loss {i}")
     for i, name in enumerate(["hidden", "audio"]):
         assert_no_worse_than_unfused(got[3][i], want[3][i], truth[3][i], name=f"grad {name}")
@@ -174,9 +185,16 @@ def test_empty_audio_returns_input(triton_device):
 def test_state_dict_keys_are_the_reference_ones():
     reference_module, fused_module = make_pair(16, 2, torch.float32, "cpu")
     expected = {
-        "cross_attn.in_proj_weight", "cross_attn.in_proj_bias", "cross_attn.out_proj.weight",
-        "cross_attn.out_proj.bias", "gate_proj.0.weight", "gate_proj.0.bias", "gate_proj.2.weight",
-        "gate_proj.2.bias", "ln.weight", "ln.bias",
+        "cross_attn.in_proj_weight",
+        "cross_attn.in_proj_bias",
+        "cross_attn.out_proj.weight",
+        "cross_attn.out_proj.bias",
+        "gate_proj.0.weight",
+        "gate_proj.0.bias",
+        "gate_proj.2.weight",
+        "gate_proj.2.bias",
+        "ln.weight",
+        "ln.bias",
     }
     assert set(reference_module.state_dict()) == set(fused_module.state_dict()) == expected
 
@@ -188,7 +206,9 @@ def test_functional_op_gradcheck_and_reference_backend(triton_device):
     params = module.parameters_in_order()
 
     def op(h, a):
-        return orca_kernels.gated_cross_attention(h, a, *params, 2, position_scale=2.5, rope_theta=1e6, backend="triton")
+        return orca_kernels.gated_cross_attention(
+            h, a, *params, 2, position_scale=2.5, rope_theta=1e6, backend="triton"
+        )
 
     assert torch.autograd.gradcheck(op, (hidden, audio), fast_mode=True)
     expected = orca_kernels.gated_cross_attention(hidden, audio, *params, 2, rope_theta=1e6, backend="torch")

@@ -22,7 +22,7 @@ def test_import_without_extension_warns_once_and_explains():
             warnings.simplefilter("always")
             import torch
             import orca_kernels
-            import orca_kernels.conv_downsample
+            import orca_kernels.strided_conv
         messages = [str(w.message) for w in caught if "orca_kernels._C" in str(w.message)]
         assert len(messages) == 1, messages
         assert "pip install --no-build-isolation -e ." in messages[0]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from orca_kernels import reference
 from orca_kernels.gated_residual import gated_residual
@@ -44,7 +43,7 @@ def test_matches_composition(triton_device, dtype, batch, length, size, contiguo
     got = grads(gated_residual, inputs, grad_out)
     truth = grads(reference.gated_residual, [t.double() for t in inputs], grad_out)
     same_dtype = grads(reference.gated_residual, inputs, grad_out)
-    for name, a, t, r in zip(["out", *NAMES], got, truth, same_dtype):
+    for name, a, t, r in zip(["out", *NAMES], got, truth, same_dtype, strict=True):
         assert a.dtype == dtype, name
         assert_matches_truth(a, t, same_dtype_reference=r, name=name)
 
@@ -68,7 +67,7 @@ def test_expanded_gradient_and_zero_rows(triton_device):
     gated_residual(*inputs).sum().backward()  # an expanded (stride-0) upstream gradient
     reference_leaves = [t.detach().clone().requires_grad_() for t in inputs]
     reference.gated_residual(*reference_leaves).sum().backward()
-    for name, a, r in zip(NAMES, inputs, reference_leaves):
+    for name, a, r in zip(NAMES, inputs, reference_leaves, strict=True):
         assert_matches_truth(a.grad, r.grad, name=name)
 
     empty = [t.requires_grad_() for t in make_inputs(0, 3, 12, torch.float64, triton_device)]
@@ -104,5 +103,10 @@ def test_batch_of_rows_spread_over_programs(triton_device):
     """More rows than backward programs: every program's partial sums are added."""
     inputs = make_inputs(3, 11, 8, torch.float64, triton_device)
     grad_out = torch.randn(3, 11, 8, dtype=torch.float64, device=triton_device)
-    for name, a, t in zip(["out", *NAMES], grads(gated_residual, inputs, grad_out), grads(reference.gated_residual, inputs, grad_out)):
+    for name, a, t in zip(
+        ["out", *NAMES],
+        grads(gated_residual, inputs, grad_out),
+        grads(reference.gated_residual, inputs, grad_out),
+        strict=True,
+    ):
         assert_matches_truth(a, t, name=name)

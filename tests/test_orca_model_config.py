@@ -101,8 +101,14 @@ def test_rope_theta_from_5x_4x_and_per_layer_type_layouts(caplog):
     assert "theta = 1000000.0" in caplog.text and "rope_parameters" in caplog.text
     llama31 = LlamaConfig(
         max_position_embeddings=131072,
-        rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 5e5,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
     )
     assert rope_theta_from_config(llama31) == 5e5  # the llama3 scaling is ignored, as in the reference
     assert rope_theta_from_config(_V4StyleConfig(rope_theta=5e5)) == 5e5
@@ -143,10 +149,23 @@ def test_configs_directory_files_load_into_the_config(name, llm_id, tokens, plac
     # The sub-configs are passed in, as the hub is out of reach here; the large-v3 layer count
     # gives the reference's target layers.
     config = DeSTA25Config(**fields, llm_config=llm_config("qwen3"), encoder_config=whisper_config(encoder_layers=32))
-    assert (config.llm_model_id, config.orca_global_num_tokens, config.placeholder_token) == (llm_id, tokens, placeholder)
+    assert (config.llm_model_id, config.orca_global_num_tokens, config.placeholder_token) == (
+        llm_id,
+        tokens,
+        placeholder,
+    )
     assert config.connector_mode == "orca_hybrid" and config.is_orca
-    assert (config.orca_local_downsample, config.orca_local_kernel_size, config.orca_audio_position_scale) == (4, 5, 2.5)
+    assert (config.orca_local_downsample, config.orca_local_kernel_size, config.orca_audio_position_scale) == (
+        4,
+        5,
+        2.5,
+    )
     assert config.qformer_num_hidden_layers == 6 and config.orca_global_cross_attn
-    assert config.orca_ortho_diversity_weight == config.orca_ortho_weight_qformer_local == config.orca_align_weight_local == 0.05
+    assert (
+        config.orca_ortho_diversity_weight
+        == config.orca_ortho_weight_qformer_local
+        == config.orca_align_weight_local
+        == 0.05
+    )
     assert config.target_layer_ids() == [7, 15, 23, 31]
     assert config.use_fused_orca is False and config.llm_dtype == "bfloat16"

@@ -18,8 +18,12 @@ D, H, K, T = 32, 64, 3, 23  # encoder width, LLM width, global tokens, frames (o
 
 def make_config(**fields) -> DeSTA25Config:
     fields = {
-        "connector_mode": "orca_hybrid", "orca_global_num_tokens": K, "qformer_num_hidden_layers": 2,
-        "llm_config": llm_config("qwen3"), "encoder_config": whisper_config(), **fields,
+        "connector_mode": "orca_hybrid",
+        "orca_global_num_tokens": K,
+        "qformer_num_hidden_layers": 2,
+        "llm_config": llm_config("qwen3"),
+        "encoder_config": whisper_config(),
+        **fields,
     }
     return DeSTA25Config(**fields)
 
@@ -34,14 +38,21 @@ def test_parameter_names_and_shapes_are_the_reference():
     expected = {
         **{f"global_queries.{i}": (1, K, D) for i in range(4)},
         "global_layer_weights": (K, 4),
-        "global_proj.0.weight": (D,), "global_proj.0.bias": (D,),
-        "global_proj.1.weight": (H, D), "global_proj.1.bias": (H,),
+        "global_proj.0.weight": (D,),
+        "global_proj.0.bias": (D,),
+        "global_proj.1.weight": (H, D),
+        "global_proj.1.bias": (H,),
         "local_layer_weights": (4,),
-        "local_proj_in.weight": (H, D), "local_proj_in.bias": (H,),
-        "local_conv.weight": (H, H, 5), "local_conv.bias": (H,),
-        "local_ln.weight": (H,), "local_ln.bias": (H,),
+        "local_proj_in.weight": (H, D),
+        "local_proj_in.bias": (H,),
+        "local_conv.weight": (H, H, 5),
+        "local_conv.bias": (H,),
+        "local_ln.weight": (H,),
+        "local_ln.bias": (H,),
     }
-    qformer = {f"global_qformer.{n}": tuple(p.shape) for n, p in BertEncoder(qformer_config(make_config())).named_parameters()}
+    qformer = {
+        f"global_qformer.{n}": tuple(p.shape) for n, p in BertEncoder(qformer_config(make_config())).named_parameters()
+    }
     assert shapes == {**expected, **qformer}
     assert connector.target_layer_ids == [0, 1, 2, 3]
     assert isinstance(connector.local_conv, torch.nn.Conv1d)
@@ -76,7 +87,7 @@ def test_forward_is_the_reference_computation(target_layers):
     chosen = [states[i] for i in connector.target_layer_ids]
     outputs = [
         connector.global_qformer(hidden_states=q.expand(2, -1, -1), encoder_hidden_states=s).last_hidden_state
-        for q, s in zip(connector.global_queries, chosen)
+        for q, s in zip(connector.global_queries, chosen, strict=True)
     ]
     mix = torch.softmax(connector.global_layer_weights, dim=-1)  # [K, L]
     mixed = sum(outputs[l] * mix[:, l, None] for l in range(len(chosen)))
@@ -85,8 +96,15 @@ def test_forward_is_the_reference_computation(target_layers):
     torch.testing.assert_close(global_tokens, expected_global, rtol=1e-5, atol=1e-6)
 
     expected_local = reference.local_branch(
-        chosen, connector.local_layer_weights, connector.local_proj_in.weight, connector.local_proj_in.bias,
-        connector.local_conv.weight, connector.local_conv.bias, connector.local_ln.weight, connector.local_ln.bias, stride=4,
+        chosen,
+        connector.local_layer_weights,
+        connector.local_proj_in.weight,
+        connector.local_proj_in.bias,
+        connector.local_conv.weight,
+        connector.local_conv.bias,
+        connector.local_ln.weight,
+        connector.local_ln.bias,
+        stride=4,
     )
     assert torch.equal(local_tokens, expected_local)
     assert local_tokens.shape == (2, (T + 2 * 2 - 5) // 4 + 1, H)

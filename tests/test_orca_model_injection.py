@@ -43,13 +43,17 @@ def reference_wrap(llm: nn.Module, modules: nn.ModuleList, holder: ReferenceHold
             outputs = original(hidden_states, *args, **kwargs)
             h, rest = (outputs[0], outputs[1:]) if isinstance(outputs, tuple) else (outputs, ())
             if holder.audio is not None:
-                h = xattn(hidden_states=h, audio_local=holder.audio, audio_local_mask=None,
-                          transcription_positions=holder.positions)
+                h = xattn(
+                    hidden_states=h,
+                    audio_local=holder.audio,
+                    audio_local_mask=None,
+                    transcription_positions=holder.positions,
+                )
             return (h,) + rest if isinstance(outputs, tuple) else h
 
         return wrapped
 
-    for layer, xattn in zip(decoder_layers(llm), modules):
+    for layer, xattn in zip(decoder_layers(llm), modules, strict=True):
         layer.forward = make_wrapped(layer.forward, xattn)
 
 
@@ -80,7 +84,7 @@ def test_hooks_give_the_reference_results(kind, training):
     assert torch.equal(logits, expected)
     assert not torch.equal(logits, plain)
     assert len(losses) == (2 if training else 0)
-    for loss, expected_loss in zip(losses, expected_losses):
+    for loss, expected_loss in zip(losses, expected_losses, strict=True):
         assert torch.equal(loss, expected_loss)
     # Outside the context the hooks do nothing.
     assert torch.equal(llm(input_ids=input_ids, attention_mask=attention_mask).logits, plain)
@@ -139,7 +143,7 @@ def test_tuple_layer_outputs_keep_their_structure():
     with injection.context.active(audio):
         out, extras = lm(x)
     expected = x
-    for layer, module in zip(lm.model.layers, modules):
+    for layer, module in zip(lm.model.layers, modules, strict=True):
         expected = module(layer.linear(expected), audio)
     assert torch.equal(out, expected) and extras == ["extra", "extra"]
 
@@ -153,26 +157,29 @@ def test_context_is_cleared_when_the_forward_raises():
         raise RuntimeError("layer 1 failed")
 
     handle = modules[1].register_forward_pre_hook(fail)
-    with pytest.raises(RuntimeError, match="layer 1 failed"):
-        with injection.context.active(torch.randn(1, T_A, HIDDEN)):
-            llm(input_ids=torch.randint(3, VOCAB, (1, 5)))
+    with pytest.raises(RuntimeError, match="layer 1 failed"), injection.context.active(torch.randn(1, T_A, HIDDEN)):
+        llm(input_ids=torch.randint(3, VOCAB, (1, 5)))
     context = injection.context
     assert context.audio is None and context.transcription_positions is None and context.audio_cache is None
     handle.remove()
     with injection.context.active(torch.randn(1, T_A, HIDDEN)):  # usable again
         llm(input_ids=torch.randint(3, VOCAB, (1, 5)))
-    with pytest.raises(RuntimeError, match="already active"):
-        with injection.context.active(torch.randn(1, T_A, HIDDEN)):
-            with injection.context.active(torch.randn(1, T_A, HIDDEN)):
-                pass
+    with (
+        pytest.raises(RuntimeError, match="already active"),
+        injection.context.active(torch.randn(1, T_A, HIDDEN)),
+        injection.context.active(torch.randn(1, T_A, HIDDEN)),
+    ):
+        pass
 
 
 def test_memory_batch_mismatch_is_a_clear_error():
     llm = tiny_llm("qwen3")
     injection = DeepInjection(decoder_layers(llm), cross_attns())
-    with pytest.raises(ValueError, match="batch size 1 .* have 3"):
-        with injection.context.active(torch.randn(1, T_A, HIDDEN)):
-            llm(input_ids=torch.randint(3, VOCAB, (3, 5)))
+    with (
+        pytest.raises(ValueError, match="batch size 1 .* have 3"),
+        injection.context.active(torch.randn(1, T_A, HIDDEN)),
+    ):
+        llm(input_ids=torch.randint(3, VOCAB, (3, 5)))
     with pytest.raises(ValueError, match="2 decoder layers but 3"):
         DeepInjection(decoder_layers(llm), cross_attns(3))
 

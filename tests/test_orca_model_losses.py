@@ -17,8 +17,13 @@ from tiny_models import llm_config, whisper_config
 
 def make_config(**fields) -> DeSTA25Config:
     return DeSTA25Config(
-        connector_mode="orca_hybrid", llm_config=llm_config("qwen3"), encoder_config=whisper_config(),
-        orca_ortho_diversity_weight=0.3, orca_ortho_weight_qformer_local=0.7, orca_align_weight_local=0.11, **fields,
+        connector_mode="orca_hybrid",
+        llm_config=llm_config("qwen3"),
+        encoder_config=whisper_config(),
+        orca_ortho_diversity_weight=0.3,
+        orca_ortho_weight_qformer_local=0.7,
+        orca_align_weight_local=0.11,
+        **fields,
     )
 
 
@@ -68,7 +73,7 @@ def test_fused_losses_match():
         torch.testing.assert_close(fused[name], unfused[name], rtol=1e-5, atol=1e-7)
     expected = torch.autograd.grad(sum(unfused.values()), (g, l))
     actual = torch.autograd.grad(sum(fused.values()), (g, l))
-    for a, e in zip(actual, expected):
+    for a, e in zip(actual, expected, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-7)
     only_global = compute_orca_losses(make_config(use_fused_orca=True), g, None)
     torch.testing.assert_close(only_global["L_ortho_diversity"], unfused["L_ortho_diversity"], rtol=1e-5, atol=1e-7)
@@ -121,7 +126,9 @@ def test_losses_survive_a_pytree_round_trip():
 
 def test_total_training_loss_is_lm_plus_weighted_losses_in_order():
     output = output_with_losses(torch.float32)
-    assert torch.equal(total_training_loss(output), output.loss + output.orca_losses["L_ortho_diversity"]
-                       + output.orca_losses["L_ortho_qformer_local"])
+    assert torch.equal(
+        total_training_loss(output),
+        output.loss + output.orca_losses["L_ortho_diversity"] + output.orca_losses["L_ortho_qformer_local"],
+    )
     with pytest.raises(ValueError, match="labels"):
         total_training_loss(DeSTA25Output(logits=torch.zeros(1)))

@@ -18,7 +18,11 @@ LOCAL_TOKENS = 4  # (16 frames + 2·2 − 5) // 4 + 1
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     directory = str(tmp_path_factory.mktemp("tiny"))
-    return {"whisper": save_whisper(directory), "qwen3": save_llm(directory, "qwen3"), "llama": save_llm(directory, "llama")}
+    return {
+        "whisper": save_whisper(directory),
+        "qwen3": save_llm(directory, "qwen3"),
+        "llama": save_llm(directory, "llama"),
+    }
 
 
 @pytest.fixture(params=["qwen3", "llama"])
@@ -91,7 +95,8 @@ def test_losses_and_gradients_reach_every_trainable_parameter(checkpoints, kind)
 
 
 def test_training_prompts_without_transcription_have_no_alignment_loss(checkpoints):
-    # docs/reference-behaviour.md#alignment-loss-is-dead-in-training, reproduced: empty transcriptions give empty spans and no layer loss.
+    # docs/reference-behaviour.md#alignment-loss-is-dead-in-training, reproduced: empty transcriptions
+    # give empty spans and no layer loss.
     out = build(checkpoints).train()(**make_batch())
     assert set(out.orca_losses) == {"L_ortho_diversity", "L_ortho_qformer_local"}
 
@@ -155,23 +160,33 @@ def reference_layout_checkpoint(config, num_layers: int = 2) -> dict[str, torch.
     connector = {
         **{f"global_queries.{i}": torch.randn(1, k, d) for i in range(4)},
         "global_layer_weights": torch.randn(k, 4),
-        "global_proj.0.weight": torch.randn(d), "global_proj.0.bias": torch.randn(d),
-        "global_proj.1.weight": torch.randn(h, d), "global_proj.1.bias": torch.randn(h),
+        "global_proj.0.weight": torch.randn(d),
+        "global_proj.0.bias": torch.randn(d),
+        "global_proj.1.weight": torch.randn(h, d),
+        "global_proj.1.bias": torch.randn(h),
         "local_layer_weights": torch.randn(4),
-        "local_proj_in.weight": torch.randn(h, d), "local_proj_in.bias": torch.randn(h),
-        "local_conv.weight": torch.randn(h, h, 5), "local_conv.bias": torch.randn(h),
-        "local_ln.weight": torch.randn(h), "local_ln.bias": torch.randn(h),
+        "local_proj_in.weight": torch.randn(h, d),
+        "local_proj_in.bias": torch.randn(h),
+        "local_conv.weight": torch.randn(h, h, 5),
+        "local_conv.bias": torch.randn(h),
+        "local_ln.weight": torch.randn(h),
+        "local_ln.bias": torch.randn(h),
     }
     qformer = BertEncoder(qformer_config(config)).state_dict()
     state = {f"perception.connector.{name}": value for name, value in connector.items()}
     state.update({f"perception.connector.global_qformer.{name}": torch.randn_like(v) for name, v in qformer.items()})
     for i in range(num_layers):
         layer = {
-            "cross_attn.in_proj_weight": torch.randn(3 * h, h), "cross_attn.in_proj_bias": torch.randn(3 * h),
-            "cross_attn.out_proj.weight": torch.randn(h, h), "cross_attn.out_proj.bias": torch.randn(h),
-            "gate_proj.0.weight": torch.randn(h // 4, h), "gate_proj.0.bias": torch.randn(h // 4),
-            "gate_proj.2.weight": torch.randn(1, h // 4), "gate_proj.2.bias": torch.randn(1),
-            "ln.weight": torch.randn(h), "ln.bias": torch.randn(h),
+            "cross_attn.in_proj_weight": torch.randn(3 * h, h),
+            "cross_attn.in_proj_bias": torch.randn(3 * h),
+            "cross_attn.out_proj.weight": torch.randn(h, h),
+            "cross_attn.out_proj.bias": torch.randn(h),
+            "gate_proj.0.weight": torch.randn(h // 4, h),
+            "gate_proj.0.bias": torch.randn(h // 4),
+            "gate_proj.2.weight": torch.randn(1, h // 4),
+            "gate_proj.2.bias": torch.randn(1),
+            "ln.weight": torch.randn(h),
+            "ln.bias": torch.randn(h),
         }
         state.update({f"ocar_cross_attns.{i}.{name}": value for name, value in layer.items()})
     return state
@@ -228,12 +243,15 @@ def test_beams_and_several_returned_sequences(checkpoints):
     assert beams.shape[0] == 4
     # Each prompt's beams attend to its own audio: reversing the batch reverses the result.
     reversed_batch = {
-        "input_ids": batch["input_ids"].flip(0), "attention_mask": batch["attention_mask"],
+        "input_ids": batch["input_ids"].flip(0),
+        "attention_mask": batch["attention_mask"],
         "batch_features": batch["batch_features"].flip(0),
         "batch_transcription_ids": batch["batch_transcription_ids"][::-1],
         "batch_start_positions": batch["batch_start_positions"],
     }
-    reversed_beams = generate(model, reversed_batch, max_new_tokens=4, do_sample=False, num_beams=2, num_return_sequences=2)
+    reversed_beams = generate(
+        model, reversed_batch, max_new_tokens=4, do_sample=False, num_beams=2, num_return_sequences=2
+    )
     assert torch.equal(reversed_beams, torch.cat([beams[2:], beams[:2]]))
     torch.manual_seed(0)
     sampled = generate(model, batch, max_new_tokens=4, do_sample=True, num_return_sequences=3)

@@ -1,8 +1,9 @@
 """Fused orthogonality losses (orca_kernels.ortho_loss) against the reference (docs/ops.md#ortho_losses).
 
 Kernel tests run where the kernels run (the `triton_device` fixture of conftest.py): CPU tensors
-through the interpreter under TRITON_INTERPRET=1, CUDA tensors otherwise. Shapes are small and each listed value of Kg, Tl, H, B and max_local_samples
-appears in at least one case rather than in a full product, to keep the interpreter fast.
+through the interpreter under TRITON_INTERPRET=1, CUDA tensors otherwise. Shapes are small and each
+listed value of Kg, Tl, H, B and max_local_samples appears in at least one case rather than in a
+full product, to keep the interpreter fast.
 """
 
 from __future__ import annotations
@@ -98,8 +99,12 @@ def test_wide_hidden_size(device):
     div, cross = orca_kernels.ortho_losses(g, l, 4, backend="triton")
     grad_g, grad_l = torch.autograd.grad(div + cross, (g, l))
     div_truth, cross_truth, (grad_g_truth, grad_l_truth) = _truth(g, l, 4, (1.0, 1.0))
-    for actual, truth, name in [(div, div_truth, "diversity"), (cross, cross_truth, "cross"),
-                                (grad_g, grad_g_truth, "grad global"), (grad_l, grad_l_truth, "grad local")]:
+    for actual, truth, name in [
+        (div, div_truth, "diversity"),
+        (cross, cross_truth, "cross"),
+        (grad_g, grad_g_truth, "grad global"),
+        (grad_l, grad_l_truth, "grad local"),
+    ]:
         assert_matches_truth(actual, truth, name=name)
 
 
@@ -162,7 +167,8 @@ def test_low_precision_within_twice_reference_error(device, dtype):
 
 
 @pytest.mark.parametrize(
-    "shape_g, shape_l", [((0, 4, 16), (0, 9, 16)), ((2, 0, 16), (2, 9, 16)), ((2, 3, 16), (2, 0, 16)), ((2, 3, 0), (2, 9, 0))],
+    "shape_g, shape_l",
+    [((0, 4, 16), (0, 9, 16)), ((2, 0, 16), (2, 9, 16)), ((2, 3, 16), (2, 0, 16)), ((2, 3, 0), (2, 9, 0))],
     ids=["B0", "Kg0", "Tl0", "H0"],
 )
 def test_empty_inputs_follow_reference(device, shape_g, shape_l):
@@ -214,7 +220,7 @@ def test_torch_compile_fullgraph(device):
     loss_eager = objective(g, l)
     grads_eager = torch.autograd.grad(loss_eager, (g, l))
     torch.testing.assert_close(loss, loss_eager, rtol=0, atol=0)
-    for actual, expected in zip(grads, grads_eager):
+    for actual, expected in zip(grads, grads_eager, strict=True):
         torch.testing.assert_close(actual, expected, rtol=0, atol=0)
 
 
@@ -294,15 +300,17 @@ def test_auto_uses_the_kernels_where_they_run(monkeypatch, device):
 def test_autocast_follows_the_reference_dtypes(device, local_dtype):
     """Inside bf16 autocast the losses take what the model gives them: bf16 global tokens (a
     Linear) and local tokens from a LayerNorm, fp32 under CUDA autocast and bf16 under the CPU's
-    (docs/reference-behaviour.md#autocast-dtypes-of-the-losses). Mixed dtypes are not refused there, the loss and gradient dtypes are the
-    reference's under the same autocast, and the values are at most 2x the reference's error
-    against fp64. (On the CPU the bf16 dot operands are upcast under the interpreter.)"""
+    (docs/reference-behaviour.md#autocast-dtypes-of-the-losses). Mixed dtypes are not refused
+    there, the loss and gradient dtypes are the reference's under the same autocast, and the
+    values are at most 2x the reference's error against fp64. (On the CPU the bf16 dot operands
+    are upcast under the interpreter.)"""
     g, l = _tokens((2, 8, 32), torch.bfloat16, device), _tokens((2, 40, 32), local_dtype, device)
     with torch.autocast(device.type, dtype=torch.bfloat16):
         div, cross = orca_kernels.ortho_losses(g, l, backend="triton")
         div_ref, cross_ref = orca_kernels.ortho_losses(g, l, backend="torch")
         singles = (
-            orca_kernels.ortho_diversity_loss(g, backend="triton"), orca_kernels.ortho_cross_loss(g, l, backend="triton")
+            orca_kernels.ortho_diversity_loss(g, backend="triton"),
+            orca_kernels.ortho_cross_loss(g, l, backend="triton"),
         )
     assert (div.dtype, cross.dtype) == (div_ref.dtype, cross_ref.dtype) == (singles[0].dtype, singles[1].dtype)
     grads = torch.autograd.grad(div + cross, (g, l))

@@ -22,7 +22,8 @@ def test_local_sample_indices(num_local):
     if num_local <= 100:
         assert indices is None
         return
-    # For these lengths the device formula equals the exact integer floor(i (n-1) / 99) (docs/ops.md#sampled-local-rows).
+    # For these lengths the device formula equals the exact integer floor(i (n-1) / 99)
+    # (docs/ops.md#sampled-local-rows).
     assert indices.tolist() == [i * (num_local - 1) // 99 for i in range(100)]
     assert indices.dtype == torch.long and indices[0] == 0 and indices[-1] == num_local - 1
 
@@ -38,7 +39,7 @@ def test_local_sample_indices_spec_prefix_and_none():
 
 def cosine(u: list[float], v: list[float]) -> float:
     norm = lambda w: max(math.sqrt(sum(x * x for x in w)), 1e-12)  # noqa: E731  (F.normalize's clamp)
-    return sum(a * b for a, b in zip(u, v)) / (norm(u) * norm(v))
+    return sum(a * b for a, b in zip(u, v, strict=True)) / (norm(u) * norm(v))
 
 
 def test_diversity_loss_formula():
@@ -68,9 +69,7 @@ def test_cross_loss_formula(num_local, max_samples):
         rows = list(range(num_local))
     else:  # torch.linspace(dtype=long) truncates toward zero
         rows = [int(i * (num_local - 1) / (max_samples - 1)) for i in range(max_samples)]
-    total = sum(
-        cosine(g[b, k].tolist(), local[b, t].tolist()) ** 2 for b in range(2) for k in range(3) for t in rows
-    )
+    total = sum(cosine(g[b, k].tolist(), local[b, t].tolist()) ** 2 for b in range(2) for k in range(3) for t in rows)
     expected = torch.tensor(total / (2 * 3 * len(rows)), dtype=torch.float64)
     assert_matches_truth(reference.ortho_cross_loss(g, local, max_samples), expected)
 
@@ -129,7 +128,9 @@ class SpecModule(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, gate_init: float = 0.1):
         super().__init__()
         self.cross_attn = nn.MultiheadAttention(hidden_size, num_heads, batch_first=True)
-        self.gate_proj = nn.Sequential(nn.Linear(hidden_size, hidden_size // 4), nn.GELU(), nn.Linear(hidden_size // 4, 1))
+        self.gate_proj = nn.Sequential(
+            nn.Linear(hidden_size, hidden_size // 4), nn.GELU(), nn.Linear(hidden_size // 4, 1)
+        )
         nn.init.normal_(self.gate_proj[-1].weight)  # nonzero here so the gate varies per token
         nn.init.constant_(self.gate_proj[-1].bias, gate_init)
         nn.init.normal_(self.cross_attn.in_proj_bias)
@@ -137,9 +138,16 @@ class SpecModule(nn.Module):
 
     def params(self):
         return (
-            self.cross_attn.in_proj_weight, self.cross_attn.in_proj_bias, self.cross_attn.out_proj.weight,
-            self.cross_attn.out_proj.bias, self.gate_proj[0].weight, self.gate_proj[0].bias,
-            self.gate_proj[2].weight, self.gate_proj[2].bias, self.ln.weight, self.ln.bias,
+            self.cross_attn.in_proj_weight,
+            self.cross_attn.in_proj_bias,
+            self.cross_attn.out_proj.weight,
+            self.cross_attn.out_proj.bias,
+            self.gate_proj[0].weight,
+            self.gate_proj[0].bias,
+            self.gate_proj[2].weight,
+            self.gate_proj[2].bias,
+            self.ln.weight,
+            self.ln.bias,
         )
 
 
@@ -218,13 +226,21 @@ def spec_align(hidden, rotated, spans):
 
 
 @pytest.mark.parametrize(
-    "spans", [None, [], [(0, 1, 4), (1, 0, 2)], [(1, 2, 5), (0, 3, 3), (0, 0, 9)], [(0, 2, 2)], [(0, 0, 6), (1, 1, 6), (0, 2, 3)]]
+    "spans",
+    [
+        None,
+        [],
+        [(0, 1, 4), (1, 0, 2)],
+        [(1, 2, 5), (0, 3, 3), (0, 0, 9)],
+        [(0, 2, 2)],
+        [(0, 0, 6), (1, 1, 6), (0, 2, 3)],
+    ],
 )
 def test_layer_align_loss_formula(spans):
     hidden = torch.randn(2, 6, 8, dtype=torch.float64, requires_grad=True)
     rotated = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
     got = reference.layer_align_loss(hidden, reference.pool_rotated_audio(rotated), spans)
-    expected = spec_align(hidden.detach(), rotated.detach(), None if not spans else spans)
+    expected = spec_align(hidden.detach(), rotated.detach(), spans if spans else None)
     if expected is None:
         assert got is None
         return

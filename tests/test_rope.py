@@ -49,7 +49,9 @@ def test_opcheck(triton_device):
 
 def test_torch_compile_fullgraph(triton_device):
     audio = torch.randn(2, 7, 12, device=triton_device, requires_grad=True)
-    compiled = torch.compile(lambda a: rope.audio_rope(a, 2.5, 1e6, backend="triton"), backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(
+        lambda a: rope.audio_rope(a, 2.5, 1e6, backend="triton"), backend="aot_eager", fullgraph=True
+    )
     out = compiled(audio)
     assert_matches_truth(out, reference.audio_rope(audio, 2.5, 1e6))
     out.square().sum().backward()

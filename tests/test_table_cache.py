@@ -56,7 +56,9 @@ def test_many_threads_many_shapes_and_devices_get_the_right_tables():
                 errors.append(f"table {length}x{width} on {device}: {tuple(cos.shape)} on {cos.device}")
             elif device.type == "cpu":
                 full_cos, full_sin = expected_tables[(length, width)]
-                if not (torch.equal(cos, full_cos[0, :, : width // 2]) and torch.equal(sin, full_sin[0, :, : width // 2])):
+                if not (
+                    torch.equal(cos, full_cos[0, :, : width // 2]) and torch.equal(sin, full_sin[0, :, : width // 2])
+                ):
                     errors.append(f"table {length}x{width}: wrong values")
             num_local = 101 + int(torch.randint(400, (1,), generator=generator))
             indices = _sample_indices(num_local, 100, torch.device("cpu"))

@@ -45,8 +45,13 @@ def desta_config(llm_path: str, whisper_path: str, **overrides) -> DeSTA25Config
     """An ORCAHybrid config as the reference's YAMLs set it (global tokens in the memory, deep
     injection), at tiny sizes, fp32 LLM, 1 Q-Former layer."""
     fields = dict(
-        llm_model_id=llm_path, encoder_model_id=whisper_path, connector_mode="orca_hybrid", orca_enabled=True,
-        orca_global_cross_attn=True, qformer_num_hidden_layers=1, orca_global_num_tokens=NUM_GLOBAL_TOKENS,
+        llm_model_id=llm_path,
+        encoder_model_id=whisper_path,
+        connector_mode="orca_hybrid",
+        orca_enabled=True,
+        orca_global_cross_attn=True,
+        qformer_num_hidden_layers=1,
+        orca_global_num_tokens=NUM_GLOBAL_TOKENS,
         llm_dtype="float32",
     )
     fields.update(overrides)

@@ -21,11 +21,15 @@ def _check_inputs(x, weight, bias, stride, padding) -> None:
     check_tensor(OP, "x", x, 3)
     check_tensor(OP, "weight", weight, 3, like=x)
     if weight.shape[1] != x.shape[2]:
-        raise ValueError(f"{OP}: weight has {weight.shape[1]} input channels but x has {x.shape[2]} (x is [B, T, C_in])")
+        raise ValueError(
+            f"{OP}: weight has {weight.shape[1]} input channels but x has {x.shape[2]} (x is [B, T, C_in])"
+        )
     if bias is not None:
         check_tensor(OP, "bias", bias, 1, like=x)
         if bias.shape[0] != weight.shape[0]:
-            raise ValueError(f"{OP}: bias has {bias.shape[0]} elements but weight has {weight.shape[0]} output channels")
+            raise ValueError(
+                f"{OP}: bias has {bias.shape[0]} elements but weight has {weight.shape[0]} output channels"
+            )
     check_int(OP, "stride", stride, 1)
     check_int(OP, "padding", padding, 0)
     if x.shape[1] + 2 * padding < weight.shape[2]:
@@ -46,7 +50,10 @@ def _use_extension(x: torch.Tensor, backend: str) -> bool:
     if _extension.supports(x.device):
         return True
     if _extension.LOADED:  # _C loaded but lacks this device: the import said nothing about it.
-        warn_once(f"{OP}-{x.device.type}", f"{OP}: orca_kernels._C has no {x.device.type} kernels; using the PyTorch reference")
+        warn_once(
+            f"{OP}-{x.device.type}",
+            f"{OP}: orca_kernels._C has no {x.device.type} kernels; using the PyTorch reference",
+        )
     return False
 
 

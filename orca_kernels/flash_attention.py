@@ -24,8 +24,9 @@ Numerics: fp16/bf16 inputs use fp16/bf16 tensor-core dots (P is rounded to the i
 before P·V, as in FlashAttention-2) with fp32 accumulation and softmax statistics; fp32 inputs use
 IEEE fp32 dots (no TF32); fp64 runs entirely in fp64 (for gradcheck). The softmax runs in base 2
 (scores pre-multiplied by scale·log2(e)). Under triton 3.8's interpreter tl.dot on bf16 operands is
-wrong (docs/architecture.md#interpreter-workarounds), so bf16 dot operands are upcast to fp32 there and fp32 -> bf16 stores are
-rounded to nearest even by hand (the interpreter truncates); a GPU runs native bf16.
+wrong (docs/architecture.md#interpreter-workarounds), so bf16 dot operands are upcast to fp32
+there and fp32 -> bf16 stores are rounded to nearest even by hand (the interpreter truncates); a
+GPU runs native bf16.
 
 Backward (deterministic: no atomics): a preprocess kernel computes delta = rowsum(dO ∘ O); one
 kernel per key block accumulates dK and dV over all query blocks; one kernel per query block
@@ -40,7 +41,6 @@ import math
 import struct
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -52,7 +52,6 @@ OP = "flash_cross_attention"
 BACKENDS = ("auto", "triton", "torch")
 MAX_HEAD_DIM = 256  # the kernels keep [BLOCK, head_dim] tiles in registers
 LOG2E = math.log2(math.e)
-
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -82,11 +81,38 @@ def _load_tile(ptr, rows, d, num_rows, head_dim, row_stride):
 
 @triton.jit
 def _flash_cross_attention_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, lse_ptr,
-    Tx, Ta, num_heads, head_dim, qk_scale_hi, qk_scale_lo,
-    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sbb, sbt, sob, sot, soh,
-    HAS_MASK: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    bias_ptr,
+    out_ptr,
+    lse_ptr,
+    Tx,
+    Ta,
+    num_heads,
+    head_dim,
+    qk_scale_hi,
+    qk_scale_lo,
+    sqb,
+    sqt,
+    sqh,
+    skb,
+    skt,
+    skh,
+    svb,
+    svt,
+    svh,
+    sbb,
+    sbt,
+    sob,
+    sot,
+    soh,
+    HAS_MASK: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """out[b, rows, h] and lse[b, h, rows] (base 2, of the scores · scale·log2e) for BLOCK_M query rows."""
     h = tl.program_id(1).to(tl.int64)
@@ -129,9 +155,21 @@ def _flash_cross_attention_fwd_kernel(
 
 @triton.jit
 def _flash_cross_attention_bwd_preprocess_kernel(
-    out_ptr, do_ptr, delta_ptr, Tx, num_heads, head_dim,
-    sob, sot, soh, sdob, sdot, sdoh,
-    ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    out_ptr,
+    do_ptr,
+    delta_ptr,
+    Tx,
+    num_heads,
+    head_dim,
+    sob,
+    sot,
+    soh,
+    sdob,
+    sdot,
+    sdoh,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """delta[b, h, rows] = Σ_d dO ∘ O (= Σ_keys P ∘ dP)."""
     h = tl.program_id(1).to(tl.int64)
@@ -145,11 +183,46 @@ def _flash_cross_attention_bwd_preprocess_kernel(
 
 @triton.jit
 def _flash_cross_attention_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, bias_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-    Tx, Ta, num_heads, head_dim, qk_scale_hi, qk_scale_lo, scale_hi, scale_lo,
-    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sbb, sbt, sdob, sdot, sdoh, sgb, sgt, sgh,
-    HAS_MASK: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    bias_ptr,
+    do_ptr,
+    lse_ptr,
+    delta_ptr,
+    dk_ptr,
+    dv_ptr,
+    Tx,
+    Ta,
+    num_heads,
+    head_dim,
+    qk_scale_hi,
+    qk_scale_lo,
+    scale_hi,
+    scale_lo,
+    sqb,
+    sqt,
+    sqh,
+    skb,
+    skt,
+    skh,
+    svb,
+    svt,
+    svh,
+    sbb,
+    sbt,
+    sdob,
+    sdot,
+    sdoh,
+    sgb,
+    sgt,
+    sgh,
+    HAS_MASK: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """dK, dV [B, Ta, nh, hd] (strides sg*) of BLOCK_N keys, accumulated over every query block:
     dV = Pᵀ dO, dK = scale · dSᵀ Q with dS = P ∘ (dO Vᵀ − delta). Works on transposed tiles."""
@@ -190,11 +263,45 @@ def _flash_cross_attention_bwd_dkdv_kernel(
 
 @triton.jit
 def _flash_cross_attention_bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, bias_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
-    Tx, Ta, num_heads, head_dim, qk_scale_hi, qk_scale_lo, scale_hi, scale_lo,
-    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sbb, sbt, sdob, sdot, sdoh, sgb, sgt, sgh,
-    HAS_MASK: tl.constexpr, DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    bias_ptr,
+    do_ptr,
+    lse_ptr,
+    delta_ptr,
+    dq_ptr,
+    Tx,
+    Ta,
+    num_heads,
+    head_dim,
+    qk_scale_hi,
+    qk_scale_lo,
+    scale_hi,
+    scale_lo,
+    sqb,
+    sqt,
+    sqh,
+    skb,
+    skt,
+    skh,
+    svb,
+    svt,
+    svh,
+    sbb,
+    sbt,
+    sdob,
+    sdot,
+    sdoh,
+    sgb,
+    sgt,
+    sgh,
+    HAS_MASK: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """dQ [B, Tx, nh, hd] (strides sg*) of BLOCK_M query rows: scale · dS K over every key block."""
     h = tl.program_id(1).to(tl.int64)
@@ -265,7 +372,6 @@ def _configs(dtype: torch.dtype, Tx: int, block_d: int, capability: tuple[int, i
     # fp16/bf16 on the tensor cores (wgmma on sm90; chosen for H100, to be tuned by benchmarks/).
     # Forward: 16 query rows for decode (Tx = 1), else 64 (one warpgroup) or 128 rows (two),
     # whichever pads Tx less (Tx = 300: 5 x 64 rather than 3 x 128).
-    wide = block_d >= 128
     if Tx <= 16:
         fwd = {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
     elif triton.cdiv(Tx, 128) * 128 > triton.cdiv(Tx, 64) * 64:
@@ -309,12 +415,36 @@ def _forward(q, k, v, mask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     bias, sbb, sbt = _bias_args(mask, q.dtype, q)
     with device_context(q):
         _flash_cross_attention_fwd_kernel[grid](
-            q, k, v, bias, out, lse,
-            Tx, Ta, nh, hd, *_split(scale * LOG2E),
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), sbb, sbt, out.stride(0), out.stride(1), out.stride(2),
-            HAS_MASK=mask is not None, DOT_DTYPE=dot_dtype, ACC_DTYPE=acc_dtype,
-            BLOCK_D=block_d, **cfg,
+            q,
+            k,
+            v,
+            bias,
+            out,
+            lse,
+            Tx,
+            Ta,
+            nh,
+            hd,
+            *_split(scale * LOG2E),
+            q.stride(0),
+            q.stride(1),
+            q.stride(2),
+            k.stride(0),
+            k.stride(1),
+            k.stride(2),
+            v.stride(0),
+            v.stride(1),
+            v.stride(2),
+            sbb,
+            sbt,
+            out.stride(0),
+            out.stride(1),
+            out.stride(2),
+            HAS_MASK=mask is not None,
+            DOT_DTYPE=dot_dtype,
+            ACC_DTYPE=acc_dtype,
+            BLOCK_D=block_d,
+            **cfg,
         )
     return out, lse
 
@@ -339,30 +469,91 @@ def _backward(q, k, v, mask, out, lse, grad_out, scale: float) -> tuple[torch.Te
     delta = new_output((B, nh, Tx), dtype=accumulator_dtype(q.dtype), device=q.device)
     bias, sbb, sbt = _bias_args(mask, q.dtype, q)
     common = dict(
-        HAS_MASK=mask is not None, DOT_DTYPE=dot_dtype, ACC_DTYPE=acc_dtype,
+        HAS_MASK=mask is not None,
+        DOT_DTYPE=dot_dtype,
+        ACC_DTYPE=acc_dtype,
         BLOCK_D=block_d,
     )
     strides = (
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), sbb, sbt, grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        sbb,
+        sbt,
+        grad_out.stride(0),
+        grad_out.stride(1),
+        grad_out.stride(2),
     )
     scales = (*_split(scale * LOG2E), *_split(scale))
     with device_context(q):
         pre_m = cfgs["dq"]["BLOCK_M"]
         _flash_cross_attention_bwd_preprocess_kernel[(triton.cdiv(Tx, pre_m), nh, B)](
-            out, grad_out, delta, Tx, nh, hd,
-            out.stride(0), out.stride(1), out.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-            ACC_DTYPE=acc_dtype, BLOCK_M=pre_m, BLOCK_D=block_d,
+            out,
+            grad_out,
+            delta,
+            Tx,
+            nh,
+            hd,
+            out.stride(0),
+            out.stride(1),
+            out.stride(2),
+            grad_out.stride(0),
+            grad_out.stride(1),
+            grad_out.stride(2),
+            ACC_DTYPE=acc_dtype,
+            BLOCK_M=pre_m,
+            BLOCK_D=block_d,
         )
         cfg = cfgs["dkdv"]
         _flash_cross_attention_bwd_dkdv_kernel[(triton.cdiv(Ta, cfg["BLOCK_N"]), nh, B)](
-            q, k, v, bias, grad_out, lse, delta, dk, dv, Tx, Ta, nh, hd, *scales,
-            *strides, dk.stride(0), dk.stride(1), dk.stride(2), **common, **cfg,
+            q,
+            k,
+            v,
+            bias,
+            grad_out,
+            lse,
+            delta,
+            dk,
+            dv,
+            Tx,
+            Ta,
+            nh,
+            hd,
+            *scales,
+            *strides,
+            dk.stride(0),
+            dk.stride(1),
+            dk.stride(2),
+            **common,
+            **cfg,
         )
         cfg = cfgs["dq"]
         _flash_cross_attention_bwd_dq_kernel[(triton.cdiv(Tx, cfg["BLOCK_M"]), nh, B)](
-            q, k, v, bias, grad_out, lse, delta, dq, Tx, Ta, nh, hd, *scales,
-            *strides, dq.stride(0), dq.stride(1), dq.stride(2), **common, **cfg,
+            q,
+            k,
+            v,
+            bias,
+            grad_out,
+            lse,
+            delta,
+            dq,
+            Tx,
+            Ta,
+            nh,
+            hd,
+            *scales,
+            *strides,
+            dq.stride(0),
+            dq.stride(1),
+            dq.stride(2),
+            **common,
+            **cfg,
         )
     return dq, dk, dv
 
@@ -442,12 +633,17 @@ def _check_inputs(q, k, v, key_padding_mask, scale) -> None:
         raise ValueError(f"{OP}: q has head dim 0")
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, torch.Tensor):
-            raise TypeError(f"{OP}: key_padding_mask must be a torch.Tensor or None, got {type(key_padding_mask).__name__}")
+            raise TypeError(
+                f"{OP}: key_padding_mask must be a torch.Tensor or None, got {type(key_padding_mask).__name__}"
+            )
         if key_padding_mask.dtype != torch.bool:
-            raise ValueError(f"{OP}: key_padding_mask must have dtype torch.bool (True = ignore), got {key_padding_mask.dtype}")
+            raise ValueError(
+                f"{OP}: key_padding_mask must have dtype torch.bool (True = ignore), got {key_padding_mask.dtype}"
+            )
         if tuple(key_padding_mask.shape) != (B, k.shape[1]):
             raise ValueError(
-                f"{OP}: key_padding_mask has shape {tuple(key_padding_mask.shape)} but expected [B, Ta] = {(B, k.shape[1])}"
+                f"{OP}: key_padding_mask has shape {tuple(key_padding_mask.shape)} "
+                f"but expected [B, Ta] = {(B, k.shape[1])}"
             )
         if key_padding_mask.device != q.device:
             raise ValueError(f"{OP}: key_padding_mask is on {key_padding_mask.device} but expected {q.device}")
@@ -484,5 +680,7 @@ def flash_cross_attention(
     if not use_triton(OP, q, backend):
         return reference.flash_cross_attention(q, k, v, key_padding_mask, scale=scale)
     if q.shape[-1] > MAX_HEAD_DIM:
-        raise ValueError(f"{OP}: head dim {q.shape[-1]} > {MAX_HEAD_DIM} is not supported by the Triton kernels; use backend='torch'")
+        raise ValueError(
+            f"{OP}: head dim {q.shape[-1]} > {MAX_HEAD_DIM} is not supported by the Triton kernels; use backend='torch'"
+        )
     return _attention_op(q, k, v, key_padding_mask, scale)[0]

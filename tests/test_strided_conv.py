@@ -11,7 +11,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import orca_kernels
-from orca_kernels import _extension, conv_downsample, reference
+from orca_kernels import _extension, reference, strided_conv
 from tolerances import assert_matches_truth
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
@@ -30,7 +30,9 @@ def make_input(batch, length, channels, dtype, device, contiguous=True):
 
 def conv_and_grads(conv, x, weight, bias, stride, padding, grad_out=None):
     """Output and the gradients of (x, weight, bias) for the upstream gradient grad_out."""
-    leaves = [t.detach().requires_grad_() for t in (x, weight)] + ([bias.detach().requires_grad_()] if bias is not None else [])
+    leaves = [t.detach().requires_grad_() for t in (x, weight)] + (
+        [bias.detach().requires_grad_()] if bias is not None else []
+    )
     out = conv(leaves[0], leaves[1], leaves[2] if bias is not None else None, stride, padding)
     grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
     return [out.detach(), *grads]
@@ -63,7 +65,8 @@ def test_matches_f_conv1d(device, dtype, window, length, batch, with_bias, conti
     to64 = lambda t: t.double() if t is not None else None  # noqa: E731
     truth = conv_and_grads(reference.strided_conv1d, to64(x), to64(weight), to64(bias), stride, padding, grad_out)
     same_dtype = conv_and_grads(reference.strided_conv1d, x, weight, bias, stride, padding, grad_out)
-    for name, a, t, r in zip(["output", "grad_x", "grad_weight", "grad_bias"], actual, truth, same_dtype):
+    names = ["output", "grad_x", "grad_weight", "grad_bias"][: len(actual)]  # no grad_bias without a bias
+    for name, a, t, r in zip(names, actual, truth, same_dtype, strict=True):
         assert a.dtype == dtype
         assert_matches_truth(a, t, same_dtype_reference=r, name=name)
 
@@ -92,7 +95,7 @@ def test_random_geometry_fp64(kernel_size, stride, padding, length, batch, conti
     grad_out = torch.randn(batch, length_out, 4, dtype=torch.float64)
     actual = conv_and_grads(extension_conv, x, weight, bias, stride, padding, grad_out)
     truth = conv_and_grads(reference.strided_conv1d, x, weight, bias, stride, padding, grad_out)
-    for name, a, t in zip(["output", "grad_x", "grad_weight", "grad_bias"], actual, truth):
+    for name, a, t in zip(["output", "grad_x", "grad_weight", "grad_bias"], actual, truth, strict=True):
         assert_matches_truth(a, t, name=name)
 
 
@@ -101,7 +104,17 @@ def test_half_conversions_are_exact(device, dtype):
     """An identity kernel copies x: every finite fp16/bf16 value (subnormals and the largest
     included) survives the widening to fp32 exactly. (inf would meet 0·inf = NaN in the sum.)"""
     info = torch.finfo(dtype)
-    special = [0.0, info.tiny, info.tiny / 8, -info.tiny / 4, info.smallest_normal * 1.5, info.max, -info.max, 1.0, -2.5]
+    special = [
+        0.0,
+        info.tiny,
+        info.tiny / 8,
+        -info.tiny / 4,
+        info.smallest_normal * 1.5,
+        info.max,
+        -info.max,
+        1.0,
+        -2.5,
+    ]
     x = torch.cat([torch.tensor(special), torch.randn(23)]).to(dtype).reshape(1, 8, 4).to(device)
     weight = torch.eye(4, dtype=dtype, device=device).unsqueeze(-1)
     out = orca_kernels.strided_conv1d(x, weight, None, 1, 0, backend="extension")
@@ -129,7 +142,7 @@ def test_expanded_and_transposed_gradients(device):
     grad_t = torch.randn(2, 4, 6, dtype=torch.float64, device=device).transpose(1, 2)  # [2, 6, 4], strided
     got = torch.autograd.grad(extension_conv(x, weight, None, 4, 2), (x, weight), grad_t)
     want = torch.autograd.grad(reference.strided_conv1d(x_ref, w_ref, None, 4, 2), (x_ref, w_ref), grad_t)
-    for a, t in zip(got, want):
+    for a, t in zip(got, want, strict=True):
         assert_matches_truth(a, t)
 
 
@@ -152,7 +165,7 @@ def test_expanded_input_batch(device):
     grad_out = torch.randn(4, 8, 5, dtype=torch.float64, device=device)
     got = conv_and_grads(extension_conv, base.expand(4, 30, 6), weight, None, 4, 2, grad_out)
     want = conv_and_grads(reference.strided_conv1d, base.expand(4, 30, 6).contiguous(), weight, None, 4, 2, grad_out)
-    for a, t in zip(got, want):
+    for a, t in zip(got, want, strict=True):
         assert_matches_truth(a, t)
 
 
@@ -240,8 +253,8 @@ def test_bad_input_op_errors():
 def test_extension_is_built_and_auto_uses_it(device):
     """The install builds _C (with CUDA where nvcc and a CUDA torch exist); auto then picks it."""
     assert _extension.LOADED, _extension.LOAD_ERROR
-    assert conv_downsample._use_extension(torch.empty(1, device=device), "auto")
-    assert not conv_downsample._use_extension(torch.empty(1, device=device), "torch")
+    assert strided_conv._use_extension(torch.empty(1, device=device), "auto")
+    assert not strided_conv._use_extension(torch.empty(1, device=device), "torch")
 
 
 def test_output_poisoning_is_active():
@@ -280,7 +293,7 @@ def test_autocast_follows_conv1d(device, x_dtype):
     truth = conv_and_grads(reference.strided_conv1d, *[t.double() for t in rounded], 4, 2, grad_out)
     same_dtype = conv_and_grads(reference.strided_conv1d, *rounded, 4, 2, grad_out)
     names = ["out", "grad_x", "grad_weight", "grad_bias"]
-    for name, actual, want, ref in zip(names, [out.detach(), *grads], truth, same_dtype):
+    for name, actual, want, ref in zip(names, [out.detach(), *grads], truth, same_dtype, strict=True):
         assert_matches_truth(actual.bfloat16(), want, same_dtype_reference=ref, name=name)
     with torch.autocast(device.type, dtype=torch.bfloat16):
         x64, w64 = x.detach().double(), weight.detach().double()

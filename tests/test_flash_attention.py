@@ -1,28 +1,23 @@
-"""Flash cross-attention (orca_kernels.flash_cross_attention) against the PyTorch reference and the
+"""Flash cross-attention (orca_kernels.flash_attention) against the PyTorch reference and the
 reference module's own path, F.multi_head_attention_forward (docs/ops.md#flash_cross_attention).
 
 Kernel tests run where the kernels run (the `triton_device` fixture of conftest.py): CPU tensors
-through the interpreter under TRITON_INTERPRET=1, CUDA tensors otherwise. Shapes are small; each listed value of B {1, 2}, Tx {1, 7, 33}, Ta {1, 13, 65},
-head dim {8, 10, 16, 80}, mask / no mask and packed (strided) / contiguous inputs appears in some
-case rather than in a full product. Under the interpreter the kernels use 32-row and 32-key
-blocks, so Tx = 33 and Ta = 65 cover several blocks with ragged tails.
+through the interpreter under TRITON_INTERPRET=1, CUDA tensors otherwise. Shapes are small; each
+listed value of B {1, 2}, Tx {1, 7, 33}, Ta {1, 13, 65}, head dim {8, 10, 16, 80}, mask / no mask
+and packed (strided) / contiguous inputs appears in some case rather than in a full product. Under
+the interpreter the kernels use 32-row and 32-key blocks, so Tx = 33 and Ta = 65 cover several
+blocks with ragged tails.
 """
 
 from __future__ import annotations
-
-import importlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from orca_kernels import reference
-from orca_kernels.flash_cross_attention import flash_cross_attention
-from orca_kernels import _utils
+from orca_kernels import _utils, reference
+from orca_kernels.flash_attention import flash_cross_attention
 from tolerances import assert_matches_truth
-
-# The module itself (the package attribute of this name is the function).
-fca = importlib.import_module("orca_kernels.flash_cross_attention")
 
 # (B, Tx, Ta, nh, hd, masked, packed)
 CASES = [
@@ -75,7 +70,11 @@ class Inputs:
         _, _, _, nh, hd = self.shape
         H = nh * hd
         q_proj, kv = leaves
-        return q_proj[..., :H].unflatten(-1, (nh, hd)), kv[..., :H].unflatten(-1, (nh, hd)), kv[..., H:].unflatten(-1, (nh, hd))
+        return (
+            q_proj[..., :H].unflatten(-1, (nh, hd)),
+            kv[..., :H].unflatten(-1, (nh, hd)),
+            kv[..., H:].unflatten(-1, (nh, hd)),
+        )
 
     def truth(self, mask, grad_out):
         """fp64 reference output and gradients of the leaves for upstream gradient grad_out."""
@@ -105,7 +104,7 @@ def test_matches_reference(device, dtype, case):
     if Ta == 1 and not packed:  # the softmax over one key is constant: dq and dk are rounding noise
         assert all(grad.abs().max() <= 1e3 * torch.finfo(dtype).eps for grad in grads[:2])
         grads, grads_truth = grads[2:], grads_truth[2:]
-    for grad, grad_truth in zip(grads, grads_truth):
+    for grad, grad_truth in zip(grads, grads_truth, strict=True):
         assert_matches_truth(grad, grad_truth, name="grad")
 
 
@@ -117,7 +116,7 @@ def test_longest_audio(device):
     out, grads = _run(inputs, mask, grad_out)
     out_truth, grads_truth = inputs.truth(mask, grad_out)
     assert_matches_truth(out, out_truth, name="out")
-    for grad, grad_truth in zip(grads, grads_truth):
+    for grad, grad_truth in zip(grads, grads_truth, strict=True):
         assert_matches_truth(grad, grad_truth, name="grad")
 
 
@@ -135,7 +134,7 @@ def test_low_precision_within_twice_reference_error(device, dtype, case):
     out_truth, grads_truth = inputs.truth(mask, grad_out)
     assert out.dtype == dtype
     assert_matches_truth(out, out_truth, same_dtype_reference=out_ref, name="out")
-    for grad, grad_ref, grad_truth in zip(grads, grads_ref, grads_truth):
+    for grad, grad_ref, grad_truth in zip(grads, grads_ref, grads_truth, strict=True):
         assert_matches_truth(grad, grad_truth, same_dtype_reference=grad_ref, name="grad")
 
 
@@ -165,8 +164,22 @@ def test_module_path_matches_multi_head_attention(device):
         return F.linear(out.flatten(2), w_out, b_out)
 
     expected, _ = F.multi_head_attention_forward(
-        hidden.transpose(1, 0), audio.transpose(1, 0), audio.transpose(1, 0), H, nh, w_in, b_in, None, None, False,
-        0.0, w_out, b_out, training=False, key_padding_mask=mask, need_weights=False,
+        hidden.transpose(1, 0),
+        audio.transpose(1, 0),
+        audio.transpose(1, 0),
+        H,
+        nh,
+        w_in,
+        b_in,
+        None,
+        None,
+        False,
+        0.0,
+        w_out,
+        b_out,
+        training=False,
+        key_padding_mask=mask,
+        need_weights=False,
     )
     expected = expected.transpose(1, 0)
     grad_out = torch.randn_like(expected)
@@ -177,7 +190,9 @@ def test_module_path_matches_multi_head_attention(device):
         grads = torch.autograd.grad(actual, params, grad_out)
         assert torch.equal(actual[0], expected[0]), backend
         assert_matches_truth(actual, expected, name=f"{backend} output")
-        for grad, expected_grad, name in zip(grads, expected_grads, ["hidden", "audio", "w_in", "b_in", "w_out", "b_out"]):
+        for grad, expected_grad, name in zip(
+            grads, expected_grads, ["hidden", "audio", "w_in", "b_in", "w_out", "b_out"], strict=True
+        ):
             assert_matches_truth(grad, expected_grad, name=f"{backend} grad {name}")
 
 
@@ -198,7 +213,9 @@ def test_fully_masked_rows_give_zero_and_no_gradient(device, dtype):
         assert torch.all(out_ref[0] == 0) and all(torch.all(g[0] == 0) for g in grads_ref)
         out_truth, grads_truth = inputs.truth(mask, grad_out)
         reference_1 = _run(inputs, None, grad_out, backend="torch")  # batch 1 has no masked key
-        checked = zip((out, dq, dk, dv), (out_truth, *grads_truth), (reference_1[0], *reference_1[1]), "oqkv")
+        checked = zip(
+            (out, dq, dk, dv), (out_truth, *grads_truth), (reference_1[0], *reference_1[1]), "oqkv", strict=True
+        )
         for actual, truth, ref, name in checked:
             if not (Ta == 1 and name in "qk"):  # one key: dq, dk are rounding noise
                 assert_matches_truth(actual[1], truth[1], same_dtype_reference=ref[1], name=name)
@@ -211,14 +228,14 @@ def test_expanded_and_strided_upstream_gradients(device):
     out = flash_cross_attention(*inputs.views(), mask, backend="triton")
     grads = torch.autograd.grad(out.sum(), inputs.leaves)
     _, grads_truth = inputs.truth(mask, torch.ones(2, 7, 2, 10, dtype=torch.float64, device=device))
-    for grad, grad_truth in zip(grads, grads_truth):
+    for grad, grad_truth in zip(grads, grads_truth, strict=True):
         assert_matches_truth(grad, grad_truth, name="grad from .sum()")
     wide = torch.randn(2, 7, 2, 25, dtype=torch.float64, device=device)
     grad_out = wide[..., 3:13]  # row stride 50, unit last-dim stride
     out = flash_cross_attention(*inputs.views(), mask, backend="triton")
     grads = torch.autograd.grad(out, inputs.leaves, grad_out)
     _, grads_truth = inputs.truth(mask, grad_out)
-    for grad, grad_truth in zip(grads, grads_truth):
+    for grad, grad_truth in zip(grads, grads_truth, strict=True):
         assert_matches_truth(grad, grad_truth, name="grad from a strided view")
 
 
@@ -234,7 +251,7 @@ def test_empty_dimensions(device, B, Tx, Ta):
         out_ref, grads_ref = _run(inputs, m, grad_out, backend="torch")
         assert out.shape == (B, Tx, 2, 8)
         torch.testing.assert_close(out, out_ref, rtol=0, atol=0)
-        for grad, grad_ref in zip(grads, grads_ref):
+        for grad, grad_ref in zip(grads, grads_ref, strict=True):
             torch.testing.assert_close(grad, grad_ref, rtol=0, atol=0)
 
 
@@ -247,7 +264,7 @@ def test_custom_scale(device):
     out_ref = reference.flash_cross_attention(*inputs.views(), mask, scale=0.37)
     grads_ref = torch.autograd.grad(out_ref, inputs.leaves, grad_out)
     assert_matches_truth(out, out_ref, name="out")
-    for grad, grad_ref in zip(grads, grads_ref):
+    for grad, grad_ref in zip(grads, grads_ref, strict=True):
         assert_matches_truth(grad, grad_ref, name="grad")
 
 
@@ -257,7 +274,7 @@ def test_backward_is_deterministic(device):
     grad_out = torch.randn(2, 33, 2, 16, dtype=torch.float16, device=device)
     first, second = _run(inputs, mask, grad_out), _run(inputs, mask, grad_out)
     assert torch.equal(first[0], second[0])
-    for a, b in zip(first[1], second[1]):
+    for a, b in zip(first[1], second[1], strict=True):
         assert torch.equal(a, b)
 
 
@@ -270,7 +287,9 @@ def test_gradcheck_fp64(device):
 
     assert torch.autograd.gradcheck(fn, tuple(inputs.leaves), fast_mode=True)
     assert torch.autograd.gradcheck(
-        lambda *leaves: flash_cross_attention(*inputs.views(leaves), backend="triton"), tuple(inputs.leaves), fast_mode=True
+        lambda *leaves: flash_cross_attention(*inputs.views(leaves), backend="triton"),
+        tuple(inputs.leaves),
+        fast_mode=True,
     )
 
 
@@ -285,7 +304,9 @@ def test_opcheck(device):
         torch.library.opcheck(ops.flash_cross_attention.default, (q, k, v, m, 0.3))
         out, lse = ops.flash_cross_attention(q.detach(), k.detach(), v.detach(), m, 0.3)
         grad_out = torch.randn_like(out)
-        torch.library.opcheck(ops.flash_cross_attention_backward.default, (q.detach(), k.detach(), v.detach(), m, out, lse, grad_out, 0.3))
+        torch.library.opcheck(
+            ops.flash_cross_attention_backward.default, (q.detach(), k.detach(), v.detach(), m, out, lse, grad_out, 0.3)
+        )
 
 
 def test_torch_compile_fullgraph(device):
@@ -302,7 +323,7 @@ def test_torch_compile_fullgraph(device):
     loss_eager = objective(*inputs.leaves)
     grads_eager = torch.autograd.grad(loss_eager, inputs.leaves)
     torch.testing.assert_close(loss, loss_eager, rtol=0, atol=0)
-    for actual, expected in zip(grads, grads_eager):
+    for actual, expected in zip(grads, grads_eager, strict=True):
         torch.testing.assert_close(actual, expected, rtol=0, atol=0)
 
 
@@ -319,7 +340,7 @@ def test_model_shapes_bf16_on_gpu(hd, Tx):
     out_ref, grads_ref = _run(inputs, None, grad_out, backend="torch")
     out_truth, grads_truth = inputs.truth(None, grad_out)
     assert_matches_truth(out, out_truth, same_dtype_reference=out_ref, name="out")
-    for grad, grad_ref, grad_truth in zip(grads, grads_ref, grads_truth):
+    for grad, grad_ref, grad_truth in zip(grads, grads_ref, grads_truth, strict=True):
         assert_matches_truth(grad, grad_truth, same_dtype_reference=grad_ref, name="grad")
 
 
@@ -346,9 +367,17 @@ def _qkv(device="cpu"):
         (lambda q, k, v: (q, k, v[:, :3], None), ValueError, "v has shape"),
         (lambda q, k, v: (q[..., :0], k[..., :0], v[..., :0], None), ValueError, "q has head dim 0"),
         (lambda q, k, v: (q, k, v, torch.zeros(2, 9)), ValueError, "key_padding_mask must have dtype torch.bool"),
-        (lambda q, k, v: (q, k, v, torch.zeros(2, 5, dtype=torch.bool)), ValueError, r"key_padding_mask has shape \(2, 5\)"),
+        (
+            lambda q, k, v: (q, k, v, torch.zeros(2, 5, dtype=torch.bool)),
+            ValueError,
+            r"key_padding_mask has shape \(2, 5\)",
+        ),
         (lambda q, k, v: (q, k, v, torch.zeros(9, dtype=torch.bool)), ValueError, r"key_padding_mask has shape \(9,\)"),
-        (lambda q, k, v: (q, k, v, torch.zeros(2, 9, dtype=torch.bool, device="meta")), ValueError, "key_padding_mask is on meta"),
+        (
+            lambda q, k, v: (q, k, v, torch.zeros(2, 9, dtype=torch.bool, device="meta")),
+            ValueError,
+            "key_padding_mask is on meta",
+        ),
         (lambda q, k, v: (q, k, v, [[False] * 9] * 2), TypeError, "key_padding_mask must be a torch.Tensor"),
         (lambda q, k, v: (q.numpy(), k, v, None), TypeError, "q must be a torch.Tensor"),
     ],
@@ -359,7 +388,10 @@ def test_bad_inputs_name_the_argument(make_args, error, match, backend):
         flash_cross_attention(*make_args(*_qkv()), backend=backend)
 
 
-@pytest.mark.parametrize("scale, error, match", [(float("nan"), ValueError, "scale must be finite"), ("0.1", TypeError, "scale must be a float")])
+@pytest.mark.parametrize(
+    "scale, error, match",
+    [(float("nan"), ValueError, "scale must be finite"), ("0.1", TypeError, "scale must be a float")],
+)
 def test_bad_scale(scale, error, match):
     with pytest.raises(error, match=match):
         flash_cross_attention(*_qkv(), scale=scale)
