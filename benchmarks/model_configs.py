@@ -20,44 +20,52 @@ TINY_HIDDEN = 64  # 4 attention heads of 16
 TINY_VOCAB = 96
 TINY_MEL_BINS = 16
 TINY_FRAMES = 16  # encoder frames: the mel features have 2 * TINY_FRAMES frames
+TINY_GLOBAL_TOKENS = 4
+
+
+def tiny_desta_fields(**overrides) -> dict:
+    """DeSTA25Config fields of a tiny ORCAHybrid model, as the reference's YAMLs set them (global
+    tokens in the memory, deep injection): 1 Q-Former layer, fp32 LLM; pass the checkpoint paths
+    (llm_model_id, encoder_model_id) and anything else as overrides."""
+    return (
+        dict(
+            connector_mode="orca_hybrid",
+            orca_enabled=True,
+            orca_global_cross_attn=True,
+            qformer_num_hidden_layers=1,
+            orca_global_num_tokens=TINY_GLOBAL_TOKENS,
+            llm_dtype="float32",
+        )
+        | overrides
+    )
+
+
+def _qwen3(hidden: int, intermediate: int, heads: int, num_layers: int) -> Qwen3Config:
+    """Qwen3's published config at one size (the two sizes differ in these fields only)."""
+    return Qwen3Config(
+        vocab_size=151936,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=40960,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        bos_token_id=151643,
+        eos_token_id=151645,
+        rope_parameters={"rope_type": "default", "rope_theta": QWEN3_ROPE_THETA},
+        attn_implementation=ATTENTION,
+    )
 
 
 def qwen3_0_6b(num_layers: int = 28) -> Qwen3Config:
-    return Qwen3Config(
-        vocab_size=151936,
-        hidden_size=1024,
-        intermediate_size=3072,
-        num_hidden_layers=num_layers,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        head_dim=128,
-        max_position_embeddings=40960,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
-        bos_token_id=151643,
-        eos_token_id=151645,
-        rope_parameters={"rope_type": "default", "rope_theta": QWEN3_ROPE_THETA},
-        attn_implementation=ATTENTION,
-    )
+    return _qwen3(hidden=1024, intermediate=3072, heads=16, num_layers=num_layers)
 
 
 def qwen3_4b(num_layers: int = 36) -> Qwen3Config:
-    return Qwen3Config(
-        vocab_size=151936,
-        hidden_size=2560,
-        intermediate_size=9728,
-        num_hidden_layers=num_layers,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        max_position_embeddings=40960,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
-        bos_token_id=151643,
-        eos_token_id=151645,
-        rope_parameters={"rope_type": "default", "rope_theta": QWEN3_ROPE_THETA},
-        attn_implementation=ATTENTION,
-    )
+    return _qwen3(hidden=2560, intermediate=9728, heads=32, num_layers=num_layers)
 
 
 def llama3_1_8b(num_layers: int = 32) -> LlamaConfig:

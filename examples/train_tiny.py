@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import model_configs  # noqa: E402
 
 # Twice the tests' encoder frames and a larger vocabulary than theirs.
-VOCAB, MEL_BINS, FRAMES, NUM_GLOBAL_TOKENS = 128, model_configs.TINY_MEL_BINS, 32, 4
+VOCAB, MEL_BINS, FRAMES = 128, model_configs.TINY_MEL_BINS, 32
+NUM_GLOBAL_TOKENS = model_configs.TINY_GLOBAL_TOKENS
 
 
 def save_tiny_checkpoints(directory: str) -> tuple[str, str]:
@@ -82,17 +83,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as directory:
         whisper_path, llm_path = save_tiny_checkpoints(directory)
         config = DeSTA25Config(
-            llm_model_id=llm_path,
-            encoder_model_id=whisper_path,
-            connector_mode="orca_hybrid",
-            orca_enabled=True,
-            orca_global_cross_attn=True,
-            qformer_num_hidden_layers=1,
-            orca_global_num_tokens=NUM_GLOBAL_TOKENS,
+            **model_configs.tiny_desta_fields(llm_model_id=llm_path, encoder_model_id=whisper_path),
             orca_ortho_diversity_weight=0.05,
             orca_ortho_weight_qformer_local=0.05,
             orca_align_weight_local=0.05,
-            llm_dtype="float32",
             use_fused_orca=args.use_fused_orca,
         )
         model = DeSTA25AudioModel(config).train()

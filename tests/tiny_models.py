@@ -17,7 +17,7 @@ HIDDEN = model_configs.TINY_HIDDEN
 ROPE_THETA = {"qwen3": model_configs.QWEN3_ROPE_THETA, "llama": model_configs.LLAMA3_ROPE_THETA}
 MEL_BINS = model_configs.TINY_MEL_BINS
 FRAMES = model_configs.TINY_FRAMES
-NUM_GLOBAL_TOKENS = 4
+NUM_GLOBAL_TOKENS = model_configs.TINY_GLOBAL_TOKENS
 
 
 whisper_config = model_configs.tiny_whisper
@@ -44,18 +44,9 @@ def save_llm(directory: str, kind: str) -> str:
 def desta_config(llm_path: str, whisper_path: str, **overrides) -> DeSTA25Config:
     """An ORCAHybrid config as the reference's YAMLs set it (global tokens in the memory, deep
     injection), at tiny sizes, fp32 LLM, 1 Q-Former layer."""
-    fields = dict(
-        llm_model_id=llm_path,
-        encoder_model_id=whisper_path,
-        connector_mode="orca_hybrid",
-        orca_enabled=True,
-        orca_global_cross_attn=True,
-        qformer_num_hidden_layers=1,
-        orca_global_num_tokens=NUM_GLOBAL_TOKENS,
-        llm_dtype="float32",
+    return DeSTA25Config(
+        **model_configs.tiny_desta_fields(llm_model_id=llm_path, encoder_model_id=whisper_path, **overrides)
     )
-    fields.update(overrides)
-    return DeSTA25Config(**fields)
 
 
 def make_batch(
