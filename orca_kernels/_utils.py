@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import math
+import numbers
 import os
 import threading
 import warnings
@@ -142,6 +144,18 @@ def check_int(op: str, name: str, value, minimum: int) -> None:
         raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{op}: {name} must be >= {minimum}, got {value}")
+
+
+def check_rope_arguments(op: str, position_scale, rope_theta, *, scale_name: str = "position_scale") -> None:
+    """The audio RoPE's position_scale and rope_theta: real numbers (not bool), finite and > 0.
+    A scale of 0 divides the positions by zero and θ <= 0 gives NaN frequencies: NaN everywhere
+    downstream, silently. Every backend of every op that takes them calls this one check;
+    `scale_name` is the caller's name for the scale (the module's `audio_position_scale`)."""
+    for name, value in ((scale_name, position_scale), ("rope_theta", rope_theta)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{op}: {name} must be a real number (finite, > 0), got {type(value).__name__}")
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{op}: {name} must be > 0 and finite, got {value}")
 
 
 class TableCache:

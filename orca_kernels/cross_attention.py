@@ -20,7 +20,14 @@ import torch
 import torch.nn.functional as F
 
 from orca_kernels import reference
-from orca_kernels._utils import autocast_fp32_normalisations, check_backend, check_int, check_tensor, use_triton
+from orca_kernels._utils import (
+    autocast_fp32_normalisations,
+    check_backend,
+    check_int,
+    check_rope_arguments,
+    check_tensor,
+    use_triton,
+)
 from orca_kernels.flash_attention import flash_cross_attention
 from orca_kernels.gated_residual import gated_residual
 from orca_kernels.rope import audio_rope
@@ -244,7 +251,8 @@ def gated_cross_attention(
     [B, T_a] bool, True = ignore (a query whose keys are all ignored attends to nothing: its
     attention output is 0, as in the reference). Empty audio returns `hidden`.
     backend: "auto" (Triton on CUDA, and on the CPU under TRITON_INTERPRET=1; else the
-    reference), "triton", or "torch" (the reference).
+    reference), "triton", or "torch" (the reference). position_scale and rope_theta must be finite
+    and > 0 on every backend.
     """
     check_backend(OP, backend, BACKENDS)
     check_tensor(OP, "hidden", hidden, 3)
@@ -272,6 +280,7 @@ def gated_cross_attention(
     )
     check_parameters(size, parameters, hidden)
     check_key_padding_mask(key_padding_mask, batch, audio.shape[1], hidden)
+    check_rope_arguments(OP, position_scale, rope_theta)  # here, so both backends (and T_a = 0) refuse alike
     if not use_triton(OP, hidden, backend):
         return reference.gated_cross_attention(
             hidden,

@@ -73,10 +73,22 @@ def _key_bias(bias_ptr, b, cols, Ta, sbb, sbt, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(ptr, rows, d, num_rows, head_dim, row_stride):
+def _tile_mask(rows, d, num_rows, head_dim, EVEN_D: tl.constexpr):
+    """Mask of a [len(rows), BLOCK_D] tile's elements inside [num_rows, head_dim]. EVEN_D (head_dim
+    == BLOCK_D, e.g. 64 or 128) drops the column test, so loads and stores along the head dim
+    stay whole vectors."""
+    if EVEN_D:
+        mask = (rows < num_rows)[:, None]
+    else:
+        mask = (rows < num_rows)[:, None] & (d < head_dim)[None, :]
+    return mask
+
+
+@triton.jit
+def _load_tile(ptr, rows, d, num_rows, head_dim, row_stride, EVEN_D: tl.constexpr):
     """[len(rows), BLOCK_D] tile of a [num_rows, head_dim] slab with unit last-dim stride; 0 outside."""
     offsets = rows.to(tl.int64)[:, None] * row_stride + d[None, :]
-    return tl.load(ptr + offsets, mask=(rows < num_rows)[:, None] & (d < head_dim)[None, :], other=0.0)
+    return tl.load(ptr + offsets, mask=_tile_mask(rows, d, num_rows, head_dim, EVEN_D), other=0.0)
 
 
 @triton.jit
@@ -113,6 +125,7 @@ def _flash_cross_attention_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr,
 ):
     """out[b, rows, h] and lse[b, h, rows] (base 2, of the scores · scale·log2e) for BLOCK_M query rows."""
     h = tl.program_id(1).to(tl.int64)
@@ -120,7 +133,7 @@ def _flash_cross_attention_fwd_kernel(
     qk_scale = _scalar(qk_scale_hi, qk_scale_lo, ACC_DTYPE)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
-    q = _load_tile(q_ptr + b * sqb + h * sqh, rows, d, Tx, head_dim, sqt).to(DOT_DTYPE)
+    q = _load_tile(q_ptr + b * sqb + h * sqh, rows, d, Tx, head_dim, sqt, EVEN_D).to(DOT_DTYPE)
     k_base = k_ptr + b * skb + h * skh
     v_base = v_ptr + b * svb + h * svh
 
@@ -130,7 +143,7 @@ def _flash_cross_attention_fwd_kernel(
     for n0 in range(0, Ta, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         bias = _key_bias(bias_ptr, b, cols, Ta, sbb, sbt, HAS_MASK)
-        k = _load_tile(k_base, cols, d, Ta, head_dim, skt).to(DOT_DTYPE)
+        k = _load_tile(k_base, cols, d, Ta, head_dim, skt, EVEN_D).to(DOT_DTYPE)
         s = tl.dot(q, tl.trans(k), input_precision="ieee").to(ACC_DTYPE) * qk_scale + bias[None, :]
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with no valid key so far has max -inf: subtract 0 instead, so p = 0, not NaN.
@@ -138,7 +151,7 @@ def _flash_cross_attention_fwd_kernel(
         p = tl.exp2(s - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(v_base, cols, d, Ta, head_dim, svt).to(DOT_DTYPE)
+        v = _load_tile(v_base, cols, d, Ta, head_dim, svt, EVEN_D).to(DOT_DTYPE)
         # out_dtype: triton 3.6 asserts it equals a non-fp32 accumulator's dtype (no default from acc).
         acc = tl.dot(p.to(DOT_DTYPE), v, acc * alpha[:, None], input_precision="ieee", out_dtype=ACC_DTYPE)
         m_i = m_new
@@ -149,7 +162,7 @@ def _flash_cross_attention_fwd_kernel(
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.log2(l_safe))
     o_offsets = b * sob + h * soh + rows.to(tl.int64)[:, None] * sot + d[None, :]
-    tl.store(out_ptr + o_offsets, cast_for_store(out, out_ptr), mask=(rows < Tx)[:, None] & (d < head_dim)[None, :])
+    tl.store(out_ptr + o_offsets, cast_for_store(out, out_ptr), mask=_tile_mask(rows, d, Tx, head_dim, EVEN_D))
     tl.store(lse_ptr + (b * num_heads + h) * Tx + rows, lse, mask=rows < Tx)
 
 
@@ -170,14 +183,15 @@ def _flash_cross_attention_bwd_preprocess_kernel(
     ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr,
 ):
     """delta[b, h, rows] = Σ_d dO ∘ O (= Σ_keys P ∘ dP)."""
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
-    o = _load_tile(out_ptr + b * sob + h * soh, rows, d, Tx, head_dim, sot).to(ACC_DTYPE)
-    do = _load_tile(do_ptr + b * sdob + h * sdoh, rows, d, Tx, head_dim, sdot).to(ACC_DTYPE)
+    o = _load_tile(out_ptr + b * sob + h * soh, rows, d, Tx, head_dim, sot, EVEN_D).to(ACC_DTYPE)
+    do = _load_tile(do_ptr + b * sdob + h * sdoh, rows, d, Tx, head_dim, sdot, EVEN_D).to(ACC_DTYPE)
     tl.store(delta_ptr + (b * num_heads + h) * Tx + rows, tl.sum(o * do, 1), mask=rows < Tx)
 
 
@@ -223,6 +237,7 @@ def _flash_cross_attention_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr,
 ):
     """dK, dV [B, Ta, nh, hd] (strides sg*) of BLOCK_N keys, accumulated over every query block:
     dV = Pᵀ dO, dK = scale · dSᵀ Q with dS = P ∘ (dO Vᵀ − delta). Works on transposed tiles."""
@@ -232,8 +247,8 @@ def _flash_cross_attention_bwd_dkdv_kernel(
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
     bias = _key_bias(bias_ptr, b, cols, Ta, sbb, sbt, HAS_MASK)
-    k = _load_tile(k_ptr + b * skb + h * skh, cols, d, Ta, head_dim, skt).to(DOT_DTYPE)
-    v = _load_tile(v_ptr + b * svb + h * svh, cols, d, Ta, head_dim, svt).to(DOT_DTYPE)
+    k = _load_tile(k_ptr + b * skb + h * skh, cols, d, Ta, head_dim, skt, EVEN_D).to(DOT_DTYPE)
+    v = _load_tile(v_ptr + b * svb + h * svh, cols, d, Ta, head_dim, svt, EVEN_D).to(DOT_DTYPE)
     q_base = q_ptr + b * sqb + h * sqh
     do_base = do_ptr + b * sdob + h * sdoh
     stats_base = (b * num_heads + h) * Tx
@@ -242,8 +257,8 @@ def _flash_cross_attention_bwd_dkdv_kernel(
     dv = tl.zeros((BLOCK_N, BLOCK_D), ACC_DTYPE)
     for m0 in range(0, Tx, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
-        q = _load_tile(q_base, rows, d, Tx, head_dim, sqt).to(DOT_DTYPE)
-        do = _load_tile(do_base, rows, d, Tx, head_dim, sdot).to(DOT_DTYPE)
+        q = _load_tile(q_base, rows, d, Tx, head_dim, sqt, EVEN_D).to(DOT_DTYPE)
+        do = _load_tile(do_base, rows, d, Tx, head_dim, sdot, EVEN_D).to(DOT_DTYPE)
         # Rows past Tx get lse = +inf, hence P = 0, like fully masked rows.
         lse = tl.load(lse_ptr + stats_base + rows, mask=rows < Tx, other=float("inf"))
         delta = tl.load(delta_ptr + stats_base + rows, mask=rows < Tx, other=0.0)
@@ -256,7 +271,7 @@ def _flash_cross_attention_bwd_dkdv_kernel(
     dk = dk * _scalar(scale_hi, scale_lo, ACC_DTYPE)
 
     g_offsets = b * sgb + h * sgh + cols.to(tl.int64)[:, None] * sgt + d[None, :]
-    g_mask = (cols < Ta)[:, None] & (d < head_dim)[None, :]
+    g_mask = _tile_mask(cols, d, Ta, head_dim, EVEN_D)
     tl.store(dk_ptr + g_offsets, cast_for_store(dk, dk_ptr), mask=g_mask)
     tl.store(dv_ptr + g_offsets, cast_for_store(dv, dv_ptr), mask=g_mask)
 
@@ -302,6 +317,7 @@ def _flash_cross_attention_bwd_dq_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr,
 ):
     """dQ [B, Tx, nh, hd] (strides sg*) of BLOCK_M query rows: scale · dS K over every key block."""
     h = tl.program_id(1).to(tl.int64)
@@ -309,8 +325,8 @@ def _flash_cross_attention_bwd_dq_kernel(
     qk_scale = _scalar(qk_scale_hi, qk_scale_lo, ACC_DTYPE)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
-    q = _load_tile(q_ptr + b * sqb + h * sqh, rows, d, Tx, head_dim, sqt).to(DOT_DTYPE)
-    do = _load_tile(do_ptr + b * sdob + h * sdoh, rows, d, Tx, head_dim, sdot).to(DOT_DTYPE)
+    q = _load_tile(q_ptr + b * sqb + h * sqh, rows, d, Tx, head_dim, sqt, EVEN_D).to(DOT_DTYPE)
+    do = _load_tile(do_ptr + b * sdob + h * sdoh, rows, d, Tx, head_dim, sdot, EVEN_D).to(DOT_DTYPE)
     stats_base = (b * num_heads + h) * Tx
     lse = tl.load(lse_ptr + stats_base + rows, mask=rows < Tx, other=float("inf"))
     delta = tl.load(delta_ptr + stats_base + rows, mask=rows < Tx, other=0.0)
@@ -321,8 +337,8 @@ def _flash_cross_attention_bwd_dq_kernel(
     for n0 in range(0, Ta, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         bias = _key_bias(bias_ptr, b, cols, Ta, sbb, sbt, HAS_MASK)
-        k = _load_tile(k_base, cols, d, Ta, head_dim, skt).to(DOT_DTYPE)
-        v = _load_tile(v_base, cols, d, Ta, head_dim, svt).to(DOT_DTYPE)
+        k = _load_tile(k_base, cols, d, Ta, head_dim, skt, EVEN_D).to(DOT_DTYPE)
+        v = _load_tile(v_base, cols, d, Ta, head_dim, svt, EVEN_D).to(DOT_DTYPE)
         s = tl.dot(q, tl.trans(k), input_precision="ieee").to(ACC_DTYPE) * qk_scale + bias[None, :]
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision="ieee").to(ACC_DTYPE)
@@ -331,7 +347,7 @@ def _flash_cross_attention_bwd_dq_kernel(
     dq = dq * _scalar(scale_hi, scale_lo, ACC_DTYPE)
 
     g_offsets = b * sgb + h * sgh + rows.to(tl.int64)[:, None] * sgt + d[None, :]
-    tl.store(dq_ptr + g_offsets, cast_for_store(dq, dq_ptr), mask=(rows < Tx)[:, None] & (d < head_dim)[None, :])
+    tl.store(dq_ptr + g_offsets, cast_for_store(dq, dq_ptr), mask=_tile_mask(rows, d, Tx, head_dim, EVEN_D))
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -444,6 +460,7 @@ def _forward(q, k, v, mask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
             DOT_DTYPE=dot_dtype,
             ACC_DTYPE=acc_dtype,
             BLOCK_D=block_d,
+            EVEN_D=hd == block_d,
             **cfg,
         )
     return out, lse
@@ -473,6 +490,7 @@ def _backward(q, k, v, mask, out, lse, grad_out, scale: float) -> tuple[torch.Te
         DOT_DTYPE=dot_dtype,
         ACC_DTYPE=acc_dtype,
         BLOCK_D=block_d,
+        EVEN_D=hd == block_d,
     )
     strides = (
         q.stride(0),
@@ -509,6 +527,7 @@ def _backward(q, k, v, mask, out, lse, grad_out, scale: float) -> tuple[torch.Te
             ACC_DTYPE=acc_dtype,
             BLOCK_M=pre_m,
             BLOCK_D=block_d,
+            EVEN_D=hd == block_d,
         )
         cfg = cfgs["dkdv"]
         _flash_cross_attention_bwd_dkdv_kernel[(triton.cdiv(Ta, cfg["BLOCK_N"]), nh, B)](
@@ -611,6 +630,19 @@ def _attention_backward(ctx, grad_out, grad_lse):
 
 
 _attention_op.register_autograd(_attention_backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    # The backward kernels have no derivative of their own: a second differentiation through them
+    # raises, naming the public op and the way out (torch's default error names only the
+    # *_backward op; a _C op without a formula would even warn and give wrong numbers).
+    raise RuntimeError(
+        "orca_kernels.flash_cross_attention: double backward (create_graph=True) is not supported; use backend='torch'"
+    )
+
+
+# A first backward with create_graph=True still runs; only differentiating its result raises.
+_backward_op.register_autograd(_no_double_backward)
 
 
 # ----------------------------------------------------------------------------- public functions

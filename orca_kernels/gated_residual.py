@@ -341,6 +341,20 @@ def _residual_backward(ctx, grad_out):
 _gated_residual_op.register_autograd(_residual_backward, setup_context=_setup_context)
 
 
+def _no_double_backward(ctx, *grads):
+    # The backward kernels have no derivative of their own: a second differentiation through them
+    # raises, naming the public op and the way out (torch's default error names only the
+    # *_backward op; a _C op without a formula would even warn and give wrong numbers).
+    raise RuntimeError(
+        "orca_kernels.gated_residual: double backward (create_graph=True) is not supported; use "
+        "gated_cross_attention(backend='torch') or orca_kernels.reference.gated_residual"
+    )
+
+
+# A first backward with create_graph=True still runs; only differentiating its result raises.
+_gated_residual_backward_op.register_autograd(_no_double_backward)
+
+
 def gated_residual(
     hidden: torch.Tensor,
     attended: torch.Tensor,

@@ -14,6 +14,9 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+# Also reached as `reference.check_rope_arguments` by orca_model, which imports no private module.
+from orca_kernels._utils import check_rope_arguments
+
 LAYER_NORM_EPS = 1e-5
 
 
@@ -82,7 +85,9 @@ def apply_full_width_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
 
 
 def audio_rope(audio: torch.Tensor, position_scale: float = 2.5, rope_theta: float = 10000.0) -> torch.Tensor:
-    """Full-width RoPE of audio [B, T, H] at positions t / position_scale -> [B, T, H]."""
+    """Full-width RoPE of audio [B, T, H] at positions t / position_scale -> [B, T, H].
+    position_scale and rope_theta must be finite and > 0 (`check_rope_arguments`)."""
+    check_rope_arguments("audio_rope", position_scale, rope_theta)
     cos, sin = rope_cos_sin(audio.shape[1], audio.shape[-1], position_scale, rope_theta, audio.device)
     return apply_full_width_rope(audio, cos, sin)
 
@@ -116,8 +121,10 @@ def gated_cross_attention(
     gate_hidden_*), `gate_proj.2` (H/4 -> 1, gate_out_*), `ln`. audio [B, T_a, H] is cast to
     hidden's dtype and rotated over its full width; the rotated audio is both key and value; the
     queries are not rotated. key_padding_mask [B, T_a] follows nn.MultiheadAttention (True =
-    ignore). Empty audio (T_a = 0) returns `hidden` itself.
+    ignore). Empty audio (T_a = 0) returns `hidden` itself. position_scale and rope_theta must be
+    finite and > 0 (checked even for empty audio, as the Triton backend does).
     """
+    check_rope_arguments("gated_cross_attention", position_scale, rope_theta)
     if audio.shape[1] == 0:
         return hidden
     audio = audio.to(dtype=hidden.dtype, device=hidden.device)
@@ -156,15 +163,29 @@ def flash_cross_attention(
     Fully masked rows give 0 with zero gradients on every device and SDPA backend: their mask is
     lifted (so the softmax stays finite) and their output replaced by 0, which is what the CPU
     reference's safe softmax gives.
+
+    A query row holding a NaN or ±inf gives a NaN output row, as the Triton kernel does (its scores
+    are NaN). The CPU SDPA kernel without a mask returns 0 for such a row instead, which would hide
+    the bad input, so NaN is added to those rows explicitly (+0 elsewhere: exact, and no gradient
+    path). Fully masked rows stay 0, with zero gradients, even then.
     """
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    finite = qt.isfinite().all(dim=-1, keepdim=True)  # [B, nh, Tx, 1]
     if key_padding_mask is None:
         out = F.scaled_dot_product_attention(qt, kt, vt, scale=scale)
-        return out.transpose(1, 2).contiguous()
+        return _poison_rows(out, finite).transpose(1, 2).contiguous()
     empty = key_padding_mask.all(dim=-1)  # [B]
     keep = (~key_padding_mask | empty[:, None])[:, None, None, :]  # [B, 1, 1, Ta], True = attend
-    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=keep, scale=scale)
+    # Zeroed inputs where every key is masked: a NaN there would otherwise reach the gradients
+    # through SDPA's backward (its rowsum(dO ∘ O) is 0 · NaN), although the output is replaced by 0.
+    qt, kt, vt = (t.masked_fill(empty[:, None, None, None], 0) for t in (qt, kt, vt))
+    out = _poison_rows(F.scaled_dot_product_attention(qt, kt, vt, attn_mask=keep, scale=scale), finite)
     return out.masked_fill(empty[:, None, None, None], 0).transpose(1, 2).contiguous()
+
+
+def _poison_rows(out: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+    """out + (0 where `finite`, NaN elsewhere), broadcast over the last dim; gradients pass unchanged."""
+    return out + torch.where(finite, 0.0, float("nan")).to(out.dtype)
 
 
 def gated_residual(
@@ -270,7 +291,15 @@ def layer_align_loss(
 def strided_conv1d(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, padding: int
 ) -> torch.Tensor:
-    """nn.Conv1d on channels-last x [B, T, C_in] -> [B, T_out, C_out] (a transposed view)."""
+    """nn.Conv1d on channels-last x [B, T, C_in] -> [B, T_out, C_out] (a transposed view).
+
+    C_in = 0 gives the bias broadcast (zeros without bias), as the extension does: F.conv1d would
+    return [B, T_out, 0] there. The einsum over the empty channel axis is zeros [B, C_out] that
+    keep x and weight in the graph, so their (empty) gradients exist."""
+    if x.shape[2] == 0:
+        length_out = (x.shape[1] + 2 * padding - weight.shape[2]) // stride + 1
+        zeros = torch.einsum("btc,ocj->bo", x, weight)[:, None, :].expand(x.shape[0], length_out, weight.shape[0])
+        return zeros + bias if bias is not None else zeros.contiguous()
     return F.conv1d(x.transpose(1, 2), weight, bias, stride=stride, padding=padding).transpose(1, 2)
 
 

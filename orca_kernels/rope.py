@@ -20,6 +20,7 @@ from orca_kernels._utils import (
     KERNELS_INTERPRETED,
     TableCache,
     check_backend,
+    check_rope_arguments,
     check_tensor,
     device_context,
     new_output,
@@ -158,10 +159,7 @@ def audio_rope(
     check_tensor(OP, "audio", audio, 3)
     if audio.shape[-1] % 2:
         raise ValueError(f"{OP}: audio's width must be even for a rotate-half RoPE, got {audio.shape[-1]}")
-    if not position_scale > 0:
-        raise ValueError(f"{OP}: position_scale must be > 0, got {position_scale}")
-    if not rope_theta > 0:
-        raise ValueError(f"{OP}: rope_theta must be > 0, got {rope_theta}")
+    check_rope_arguments(OP, position_scale, rope_theta)
     if use_triton(OP, audio, backend):
         return _rope_op(audio, float(position_scale), float(rope_theta), False)
     return reference.audio_rope(audio, position_scale, rope_theta)

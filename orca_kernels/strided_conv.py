@@ -121,6 +121,46 @@ def _register_fake_and_autograd() -> None:
 
     torch.library.register_autograd("orca_kernels::strided_conv1d", backward, setup_context=setup_context)
 
+    # Double backward: both backward ops are linear in each argument, and their own backwards are
+    # the three ops again (grad_input is conv's adjoint in x, grad_weight its adjoint in weight), so
+    # every order of derivative goes through the compiled kernels.
+    def setup_grad_input(ctx, inputs, output):
+        grad_out, weight, _, stride, padding = inputs
+        ctx.save_for_backward(grad_out, weight)
+        ctx.stride, ctx.padding = stride, padding
+
+    def grad_input_backward(ctx, grad_grad_x):
+        grad_out, weight = ctx.saved_tensors
+        grad_grad_out = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_grad_out = ops.strided_conv1d(grad_grad_x, weight, None, ctx.stride, ctx.padding)
+        if ctx.needs_input_grad[1]:
+            grad_weight = ops.strided_conv1d_grad_weight(
+                grad_out, grad_grad_x, weight.shape[2], ctx.stride, ctx.padding
+            )
+        return grad_grad_out, grad_weight, None, None, None
+
+    def setup_grad_weight(ctx, inputs, output):
+        grad_out, x, _, stride, padding = inputs
+        ctx.save_for_backward(grad_out, x)
+        ctx.stride, ctx.padding = stride, padding
+
+    def grad_weight_backward(ctx, grad_grad_weight):
+        grad_out, x = ctx.saved_tensors
+        grad_grad_out = grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_grad_out = ops.strided_conv1d(x, grad_grad_weight, None, ctx.stride, ctx.padding)
+        if ctx.needs_input_grad[1]:
+            grad_x = ops.strided_conv1d_grad_input(grad_out, grad_grad_weight, x.shape[1], ctx.stride, ctx.padding)
+        return grad_grad_out, grad_x, None, None, None
+
+    torch.library.register_autograd(
+        "orca_kernels::strided_conv1d_grad_input", grad_input_backward, setup_context=setup_grad_input
+    )
+    torch.library.register_autograd(
+        "orca_kernels::strided_conv1d_grad_weight", grad_weight_backward, setup_context=setup_grad_weight
+    )
+
 
 if _extension.LOADED:
     _register_fake_and_autograd()

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import math
+import numbers
+from collections.abc import Callable
 from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
@@ -10,6 +13,80 @@ from transformers import AutoConfig, PretrainedConfig
 logger = logging.getLogger(__name__)
 
 DEFAULT_ROPE_THETA = 10000.0  # the reference's fallback when the LLM config has no θ
+
+# "qformer_1" is the reference's default (its Q-Former-only mode, which DeSTA25AudioModel refuses
+# with NotImplementedError); "orca_hybrid" is what this package builds.
+CONNECTOR_MODES = ("qformer_1", "orca_hybrid")
+# torch dtype names the LLM can be loaded in (`getattr(torch, llm_dtype)`).
+LLM_DTYPES = ("bfloat16", "float16", "float32", "float64")
+LOSS_WEIGHTS = (
+    "orca_ortho_weight_global",
+    "orca_ortho_diversity_weight",
+    "orca_ortho_weight_qformer_local",
+    "orca_align_weight_local",
+)
+
+
+def _field_error(name: str, allowed: str, value: Any) -> ValueError:
+    return ValueError(f"DeSTA25Config: {name} must be {allowed}, got {value!r}")
+
+
+def _real(name: str, value: Any, allowed: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"DeSTA25Config: {name} must be a real number ({allowed}), got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise _field_error(name, allowed, value)
+    return value
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"DeSTA25Config: {name} must be an int >= 1, got {type(value).__name__}")
+    if value < 1:
+        raise _field_error(name, "an int >= 1", value)
+
+
+def _positive_real(name: str, value: Any) -> None:
+    if not _real(name, value, "finite and > 0") > 0:
+        raise _field_error(name, "finite and > 0", value)
+
+
+def _weight(name: str, value: Any) -> None:
+    if not _real(name, value, "finite and >= 0") >= 0:
+        raise _field_error(name, "finite and >= 0", value)
+
+
+def _finite(name: str, value: Any) -> None:
+    _real(name, value, "finite")
+
+
+def _boolean(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"DeSTA25Config: {name} must be a bool (True or False), got {value!r}")
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[str, Any], None]:
+    def check(name: str, value: Any) -> None:
+        if value not in choices:
+            raise _field_error(name, f"one of {', '.join(map(repr, choices))}", value)
+
+    return check
+
+
+# Checked whenever the field is set: in __init__ (so from_pretrained / from_dict / from_json_file
+# too), by from_pretrained's keyword overrides (set after __init__), and by later assignments.
+FIELD_CHECKS: dict[str, Callable[[str, Any], None]] = {
+    "connector_mode": _one_of(CONNECTOR_MODES),
+    "qformer_num_hidden_layers": _positive_int,
+    "orca_audio_position_scale": _positive_real,
+    "orca_global_num_tokens": _positive_int,
+    "orca_local_downsample": _positive_int,
+    "orca_local_kernel_size": _positive_int,
+    "orca_gate_init": _finite,
+    **dict.fromkeys(LOSS_WEIGHTS, _weight),
+    "use_fused_orca": _boolean,
+    "llm_dtype": _one_of(LLM_DTYPES),
+}
 
 
 def _as_config(value: PretrainedConfig | dict[str, Any] | None, model_id: str) -> PretrainedConfig:
@@ -70,6 +147,13 @@ class DeSTA25Config(PretrainedConfig):
             modules are cast to ("bfloat16" is what the reference hardcodes).
         llm_config, encoder_config: the sub-configs, as config objects or dicts; None loads them
             with AutoConfig from `llm_model_id` / `encoder_model_id` (a hub id or a directory).
+
+    Validation (FIELD_CHECKS, whenever a field is set, so also by from_pretrained's overrides and
+    later assignments): `connector_mode` in CONNECTOR_MODES, `llm_dtype` in LLM_DTYPES;
+    `qformer_num_hidden_layers`, `orca_global_num_tokens`, `orca_local_downsample`,
+    `orca_local_kernel_size` ints >= 1; `orca_audio_position_scale` finite and > 0; the four loss
+    weights finite and >= 0; `orca_gate_init` finite; `use_fused_orca` a bool. A bad value is a
+    ValueError (TypeError for a wrong type) naming the field and what it allows.
     """
 
     model_type = "desta25"
@@ -139,6 +223,14 @@ class DeSTA25Config(PretrainedConfig):
         self.orca_target_layer_ids = list(orca_target_layer_ids) if orca_target_layer_ids is not None else None
         self.llm_dtype = llm_dtype
         self.info = "Ｄｅｓｔａ２。５ Ａｕｄｉｏ"  # the reference stores this banner in its configs too
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Validates the fields of FIELD_CHECKS as they are set (at construction and after it): an
+        error names the field and its allowed values instead of a late crash or a NaN loss."""
+        check = FIELD_CHECKS.get(name)
+        if check is not None:
+            check(name, value)
+        super().__setattr__(name, value)
 
     @property
     def is_orca(self) -> bool:

@@ -340,3 +340,46 @@ def test_kernels_available(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # set after the import: the kernels were compiled for the GPU
     with pytest.raises(RuntimeError, match="set it before the import"):
         orca_kernels.kernels_available("cpu")
+
+
+BAD_ROPE_ARGUMENTS = [  # (keyword, value, error, message)
+    *[
+        ("position_scale", value, ValueError, "position_scale must be > 0 and finite")
+        for value in (0.0, -2.5, float("nan"), float("inf"))
+    ],
+    *[
+        ("rope_theta", value, ValueError, "rope_theta must be > 0 and finite")
+        for value in (0.0, -1.0, float("nan"), float("inf"))
+    ],
+    ("position_scale", "2.5", TypeError, "position_scale must be a real number"),
+    ("rope_theta", True, TypeError, "rope_theta must be a real number"),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "auto"])
+@pytest.mark.parametrize("keyword, value, error, message", BAD_ROPE_ARGUMENTS)
+@pytest.mark.parametrize("t_a", [5, 0])
+def test_bad_rope_arguments_are_refused_by_every_backend(triton_device, backend, keyword, value, error, message, t_a):
+    """A zero, negative or non-finite position_scale / rope_theta used to give NaN silently on
+    the reference backend; every backend now refuses it, naming the argument (empty audio too)."""
+    _, module = make_pair(16, 2, torch.float32, triton_device)
+    params = module.parameters_in_order()
+    hidden = torch.randn(2, 3, 16, device=triton_device)
+    audio = torch.randn(2, t_a, 16, device=triton_device)
+    with pytest.raises(error, match=f"^gated_cross_attention: {message}"):
+        orca_kernels.gated_cross_attention(hidden, audio, *params, 2, backend=backend, **{keyword: value})
+    with pytest.raises(error, match=f"^gated_cross_attention: {message}"):
+        reference.gated_cross_attention(hidden, audio, *params, 2, **{keyword: value})
+    if t_a:
+        with pytest.raises(error, match=f"^audio_rope: {message}"):
+            reference.audio_rope(audio, **{keyword: value})
+
+
+def test_small_and_int_rope_arguments_are_accepted():
+    _, module = make_pair(16, 2, torch.float32, "cpu")
+    params = module.parameters_in_order()
+    hidden, audio = torch.randn(2, 3, 16), torch.randn(2, 5, 16)
+    out = orca_kernels.gated_cross_attention(
+        hidden, audio, *params, 2, position_scale=1e-3, rope_theta=2, backend="torch"
+    )
+    assert out.isfinite().all()

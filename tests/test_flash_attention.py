@@ -436,3 +436,66 @@ def test_auto_uses_the_kernels_where_they_run(monkeypatch, device):
     flash_cross_attention(*_qkv(device))
     with pytest.raises(AssertionError, match="the reference ran"):
         flash_cross_attention(*_qkv(device), backend="torch")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "mask"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("Ta", [5, 13], ids=["Ta5", "Ta13"])
+def test_non_finite_query_gives_nan_on_both_backends(device, dtype, masked, bad, Ta):
+    """A NaN or ±inf in one query row: the kernel's output row is NaN, and so is the reference's
+    (torch 2.14's CPU SDPA without a mask returns 0 there when Ta < 8, hiding the bad input).
+    Every other row, and the NaN pattern of the gradients, agree between the backends."""
+    B, Tx, nh, hd = 2, 7, 2, 8
+    inputs = Inputs(B, Tx, Ta, nh, hd, dtype, device, packed=False)
+    with torch.no_grad():
+        inputs.leaves[0][0, 3, 1, 5] = bad
+    mask = _partial_mask(B, Ta, device) if masked else None
+    grad_out = torch.randn(B, Tx, nh, hd, dtype=dtype, device=device)
+    kernel = _run(inputs, mask, grad_out)
+    torch_backend = _run(inputs, mask, grad_out, backend="torch")
+    out = torch_backend[0]
+    assert out[0, 3, 1].isnan().all(), "the reference hid a non-finite query"
+    assert kernel[0][0, 3, 1].isnan().all()
+    assert not out[0, 3, 0].isnan().any() and not out[1].isnan().any()  # only that row and head
+    for name, actual, expected in zip(
+        "oqkv", kernel[:1] + kernel[1], torch_backend[:1] + torch_backend[1], strict=True
+    ):
+        assert torch.equal(actual.isnan(), expected.isnan()), name
+        torch.testing.assert_close(actual, expected, equal_nan=True, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "mask"])
+def test_finite_inputs_are_unchanged_by_the_nan_check(masked):
+    """The reference adds exactly 0 to rows with a finite query: bit for bit SDPA's result."""
+    q, k, v = _qkv()
+    mask = _partial_mask(2, 9, "cpu") if masked else None
+    keep = None if mask is None else ~mask[:, None, None, :]
+    expected = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=keep)
+    assert torch.equal(reference.flash_cross_attention(q, k, v, mask), expected.transpose(1, 2))
+
+
+def test_fully_masked_row_stays_zero_with_a_nan_query():
+    """The reference's fully masked rows are 0 with zero gradients whatever the query holds."""
+    q, k, v = (t.requires_grad_() for t in _qkv())
+    with torch.no_grad():
+        q[0, 1, 0, 2] = float("nan")
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    mask[0] = True
+    out = reference.flash_cross_attention(q, k, v, mask)
+    assert torch.all(out[0] == 0) and not out[1].isnan().any()
+    grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert all(torch.all(g[0] == 0) for g in grads)
+
+
+def test_fully_masked_batch_with_nan_keys_and_values_stays_zero():
+    q, k, v = (t.requires_grad_() for t in _qkv())
+    with torch.no_grad():
+        k[0, 4, 1, 0] = float("nan")
+        v[0, 2, 0, 3] = float("inf")
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    mask[0] = True
+    out = reference.flash_cross_attention(q, k, v, mask)
+    grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert torch.all(out[0] == 0) and all(torch.all(g[0] == 0) for g in grads)
+    assert all(not t[1].isnan().any() for t in (out, *grads))

@@ -169,3 +169,116 @@ def test_configs_directory_files_load_into_the_config(name, llm_id, tokens, plac
     )
     assert config.target_layer_ids() == [7, 15, 23, 31]
     assert config.use_fused_orca is False and config.llm_dtype == "bfloat16"
+
+
+NAN, INF = float("nan"), float("inf")
+LOSS_WEIGHTS = (
+    "orca_ortho_weight_global",
+    "orca_ortho_diversity_weight",
+    "orca_ortho_weight_qformer_local",
+    "orca_align_weight_local",
+)
+# (field, bad value, error type, what the message must say besides the field's name)
+BAD_FIELDS = [
+    *[
+        (name, value, ValueError, "an int >= 1")
+        for name in (
+            "orca_local_downsample",
+            "orca_local_kernel_size",
+            "orca_global_num_tokens",
+            "qformer_num_hidden_layers",
+        )
+        for value in (0, -4)
+    ],
+    *[
+        (name, value, TypeError, "an int >= 1")
+        for name in ("orca_local_downsample", "orca_local_kernel_size", "orca_global_num_tokens")
+        for value in (4.0, True, "4")
+    ],
+    ("connector_mode", "orca", ValueError, "one of 'qformer_1', 'orca_hybrid'"),
+    ("connector_mode", None, ValueError, "one of 'qformer_1', 'orca_hybrid'"),
+    *[("orca_audio_position_scale", value, ValueError, "finite and > 0") for value in (0.0, 0, -2.5, NAN, INF, -INF)],
+    ("orca_audio_position_scale", "2.5", TypeError, "finite and > 0"),
+    ("orca_audio_position_scale", True, TypeError, "finite and > 0"),
+    *[(name, value, ValueError, "finite and >= 0") for name in LOSS_WEIGHTS for value in (-0.05, NAN, INF)],
+    ("orca_align_weight_local", None, TypeError, "finite and >= 0"),
+    ("orca_gate_init", NAN, ValueError, "finite"),
+    ("orca_gate_init", INF, ValueError, "finite"),
+    ("llm_dtype", "bf16", ValueError, "one of 'bfloat16', 'float16', 'float32', 'float64'"),
+    ("llm_dtype", "int8", ValueError, "one of 'bfloat16', 'float16', 'float32', 'float64'"),
+    ("use_fused_orca", 1, TypeError, "must be a bool"),
+    ("use_fused_orca", "true", TypeError, "must be a bool"),
+    ("use_fused_orca", None, TypeError, "must be a bool"),
+]
+
+
+def _bad_id(case) -> str:
+    return f"{case[0]}={case[1]!r}"
+
+
+@pytest.mark.parametrize("name, value, error, allowed", BAD_FIELDS, ids=[_bad_id(c) for c in BAD_FIELDS])
+def test_bad_field_is_refused_at_construction(name, value, error, allowed):
+    with pytest.raises(error, match=f"DeSTA25Config: {name} must be") as caught:
+        tiny(**{name: value})
+    assert allowed in str(caught.value)
+
+
+@pytest.mark.parametrize("name, value, error, allowed", BAD_FIELDS[::5], ids=[_bad_id(c) for c in BAD_FIELDS[::5]])
+def test_bad_field_is_refused_on_assignment(name, value, error, allowed):
+    config = tiny()
+    before = getattr(config, name)
+    with pytest.raises(error, match=f"DeSTA25Config: {name} must be"):
+        setattr(config, name, value)
+    assert getattr(config, name) == before  # the bad value was not stored
+
+
+def test_bad_field_is_refused_by_from_pretrained_and_from_dict(tmp_path):
+    tiny(connector_mode="orca_hybrid").save_pretrained(tmp_path)
+    # from_pretrained sets its keyword overrides after __init__
+    with pytest.raises(ValueError, match="DeSTA25Config: orca_audio_position_scale must be finite and > 0"):
+        DeSTA25Config.from_pretrained(tmp_path, orca_audio_position_scale=0.0)
+    with pytest.raises(TypeError, match="DeSTA25Config: use_fused_orca must be a bool"):
+        DeSTA25Config.from_pretrained(tmp_path, use_fused_orca="yes")
+    saved = json.loads((tmp_path / "config.json").read_text())
+    saved["orca_local_downsample"] = 0
+    with pytest.raises(ValueError, match="DeSTA25Config: orca_local_downsample must be an int >= 1"):
+        DeSTA25Config.from_dict(saved)
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "orca_local_downsample": 4, "llm_dtype": "bf16"}))
+    with pytest.raises(ValueError, match="DeSTA25Config: llm_dtype must be one of"):
+        DeSTA25Config.from_json_file(str(tmp_path / "config.json"))
+
+
+def test_boundary_values_are_accepted():
+    config = tiny(
+        orca_local_downsample=1,
+        orca_local_kernel_size=1,
+        orca_global_num_tokens=1,
+        orca_audio_position_scale=1,  # an int scale is a real number
+        orca_gate_init=-3.0,
+        **dict.fromkeys(LOSS_WEIGHTS, 0.0),  # a zero weight switches a loss off
+        llm_dtype="float16",
+        connector_mode="orca_hybrid",
+        use_fused_orca=True,
+    )
+    assert config.orca_align_weight_local == 0.0 and config.use_fused_orca is True
+
+
+@pytest.mark.parametrize(
+    "name", ["orca_hybrid_llama3.1_8b.json", "orca_hybrid_qwen3_0.6b.json", "orca_hybrid_qwen3_4b.json"]
+)
+def test_configs_directory_files_pass_validation_and_round_trip(name, tmp_path):
+    """Each committed config, with sub-configs passed in (no hub): construction, to_dict ->
+    from_dict, save_pretrained -> from_pretrained and to_json_file -> from_json_file all keep
+    every field."""
+    fields = json.loads((CONFIG_DIR / name).read_text())
+    config = DeSTA25Config(**fields, llm_config=llm_config("qwen3"), encoder_config=whisper_config(encoder_layers=32))
+    copies = [DeSTA25Config.from_dict(config.to_dict())]
+    config.save_pretrained(tmp_path)
+    copies.append(DeSTA25Config.from_pretrained(tmp_path))
+    config.to_json_file(tmp_path / "copy.json")
+    copies.append(DeSTA25Config.from_json_file(str(tmp_path / "copy.json")))
+    for copy in copies:
+        for field, value in fields.items():
+            assert getattr(copy, field) == value, (name, field)
+        assert copy.to_dict() == config.to_dict()
+        assert copy.target_layer_ids() == [7, 15, 23, 31]
