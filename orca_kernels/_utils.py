@@ -108,6 +108,20 @@ def cuda_capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
 
 
+def refuse_double_backward(backward_op, public: str, alternative: str) -> None:
+    """Give the custom op that computes a backward an autograd formula that raises: its kernels
+    have no derivative of their own, so differentiating its result again is refused with an error
+    naming the public op and the way out (torch's default error names only the *_backward op; a _C
+    op without a formula would even warn and give wrong numbers). A first backward with
+    create_graph=True still runs."""
+    message = f"orca_kernels.{public}: double backward (create_graph=True) is not supported; use {alternative}"
+
+    def backward(ctx, *grads):
+        raise RuntimeError(message)
+
+    backward_op.register_autograd(backward)
+
+
 def device_context(tensor: torch.Tensor):
     """Triton launches on the current CUDA device: make it the tensor's."""
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()

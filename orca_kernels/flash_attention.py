@@ -46,7 +46,15 @@ import triton.language as tl
 
 from orca_kernels import _utils, reference
 from orca_kernels._triton_helpers import accumulator_dtype, cast_for_store, kernel_dtypes, register_cap
-from orca_kernels._utils import KERNELS_INTERPRETED, check_backend, check_tensor, device_context, new_output, use_triton
+from orca_kernels._utils import (
+    KERNELS_INTERPRETED,
+    check_backend,
+    check_tensor,
+    device_context,
+    new_output,
+    refuse_double_backward,
+    use_triton,
+)
 
 OP = "flash_cross_attention"
 BACKENDS = ("auto", "triton", "torch")
@@ -632,17 +640,7 @@ def _attention_backward(ctx, grad_out, grad_lse):
 _attention_op.register_autograd(_attention_backward, setup_context=_setup_context)
 
 
-def _no_double_backward(ctx, *grads):
-    # The backward kernels have no derivative of their own: a second differentiation through them
-    # raises, naming the public op and the way out (torch's default error names only the
-    # *_backward op; a _C op without a formula would even warn and give wrong numbers).
-    raise RuntimeError(
-        "orca_kernels.flash_cross_attention: double backward (create_graph=True) is not supported; use backend='torch'"
-    )
-
-
-# A first backward with create_graph=True still runs; only differentiating its result raises.
-_backward_op.register_autograd(_no_double_backward)
+refuse_double_backward(_backward_op, "flash_cross_attention", "backend='torch'")
 
 
 # ----------------------------------------------------------------------------- public functions

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from orca_kernels import _utils
 from orca_kernels._triton_helpers import TL_DTYPES, accumulator_dtype, cast_for_store, row_warps
-from orca_kernels._utils import device_context, new_output
+from orca_kernels._utils import device_context, new_output, refuse_double_backward
 from orca_kernels.reference import LAYER_NORM_EPS
 
 
@@ -341,18 +341,11 @@ def _residual_backward(ctx, grad_out):
 _gated_residual_op.register_autograd(_residual_backward, setup_context=_setup_context)
 
 
-def _no_double_backward(ctx, *grads):
-    # The backward kernels have no derivative of their own: a second differentiation through them
-    # raises, naming the public op and the way out (torch's default error names only the
-    # *_backward op; a _C op without a formula would even warn and give wrong numbers).
-    raise RuntimeError(
-        "orca_kernels.gated_residual: double backward (create_graph=True) is not supported; use "
-        "gated_cross_attention(backend='torch') or orca_kernels.reference.gated_residual"
-    )
-
-
-# A first backward with create_graph=True still runs; only differentiating its result raises.
-_gated_residual_backward_op.register_autograd(_no_double_backward)
+refuse_double_backward(
+    _gated_residual_backward_op,
+    "gated_residual",
+    "gated_cross_attention(backend='torch') or orca_kernels.reference.gated_residual",
+)
 
 
 def gated_residual(

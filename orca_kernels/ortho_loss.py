@@ -51,6 +51,7 @@ from orca_kernels._utils import (
     check_tensor,
     device_context,
     new_output,
+    refuse_double_backward,
     use_triton,
 )
 
@@ -649,18 +650,7 @@ _cross_op.register_autograd(_cross_backward, setup_context=_save_inputs)
 _losses_op.register_autograd(_losses_backward, setup_context=_save_inputs)
 
 
-def _no_double_backward(ctx, *grads):
-    # The backward kernels have no derivative of their own: a second differentiation through them
-    # raises, naming the public op and the way out (torch's default error names only the
-    # *_backward op; a _C op without a formula would even warn and give wrong numbers).
-    raise RuntimeError(
-        "orca_kernels.ortho_losses (ortho_diversity_loss, ortho_cross_loss): double backward "
-        "(create_graph=True) is not supported; use backend='torch'"
-    )
-
-
-# A first backward with create_graph=True still runs; only differentiating its result raises.
-_backward_op.register_autograd(_no_double_backward)
+refuse_double_backward(_backward_op, "ortho_losses (ortho_diversity_loss, ortho_cross_loss)", "backend='torch'")
 
 
 # ----------------------------------------------------------------------------- public functions
