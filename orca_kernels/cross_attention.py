@@ -98,6 +98,34 @@ def check_num_heads(op: str, num_heads: int, hidden_size: int) -> None:
         raise ValueError(f"{op}: num_heads={num_heads} does not divide the hidden size {hidden_size}")
 
 
+def _check_attention_inputs(
+    op: str,
+    hidden: torch.Tensor,
+    memory_name: str,
+    memory: torch.Tensor,
+    widths: int,
+    parameters: tuple[torch.Tensor, ...],
+    num_heads: int,
+    key_padding_mask: torch.Tensor | None,
+) -> None:
+    """What `gated_cross_attention` and `attend_audio_kv` both take: hidden [B, T_x, H], a memory
+    [B, T_a, widths·H] on hidden's device (the audio, widths = 1, or its packed K/V, widths = 2),
+    num_heads dividing H, the ten parameters and the mask [B, T_a]."""
+    check_tensor(op, "hidden", hidden, 3)
+    check_tensor(op, memory_name, memory, 3)
+    batch, _, size = hidden.shape
+    if memory.shape[0] != batch or memory.shape[2] != widths * size:
+        raise ValueError(
+            f"{op}: {memory_name} has shape {tuple(memory.shape)} but hidden is {tuple(hidden.shape)}: "
+            f"expected [{batch}, T_a, {widths * size}]"
+        )
+    if memory.device != hidden.device:
+        raise ValueError(f"{op}: {memory_name} is on {memory.device} but hidden is on {hidden.device}")
+    check_num_heads(op, num_heads, size)
+    check_parameters(size, parameters, hidden, op)
+    check_key_padding_mask(key_padding_mask, batch, memory.shape[1], hidden, op)
+
+
 def project_audio_kv(rotated: torch.Tensor, in_proj_weight: torch.Tensor, in_proj_bias: torch.Tensor) -> torch.Tensor:
     """Packed [K | V] = rotated · W_kvᵀ + b_kv -> [B, T_a, 2H], one GEMM as in
     nn.MultiheadAttention when key is value (rows H..3H of the packed in-projection).
@@ -151,17 +179,6 @@ def attend_audio_kv(
     An empty memory (T_a = 0) returns `hidden`. There is no reference backend: this runs the
     Triton kernels, so the tensors must be where they can run (`orca_kernels.kernels_available`).
     """
-    check_tensor(ATTEND_OP, "hidden", hidden, 3)
-    check_tensor(ATTEND_OP, "audio_kv", audio_kv, 3)
-    batch, _, size = hidden.shape
-    if audio_kv.shape[0] != batch or audio_kv.shape[2] != 2 * size:
-        raise ValueError(
-            f"{ATTEND_OP}: audio_kv has shape {tuple(audio_kv.shape)} but hidden is {tuple(hidden.shape)}: "
-            f"expected [{batch}, T_a, {2 * size}]"
-        )
-    if audio_kv.device != hidden.device:
-        raise ValueError(f"{ATTEND_OP}: audio_kv is on {audio_kv.device} but hidden is on {hidden.device}")
-    check_num_heads(ATTEND_OP, num_heads, size)
     parameters = (
         in_proj_weight,
         in_proj_bias,
@@ -174,8 +191,7 @@ def attend_audio_kv(
         ln_weight,
         ln_bias,
     )
-    check_parameters(size, parameters, hidden, ATTEND_OP)
-    check_key_padding_mask(key_padding_mask, batch, audio_kv.shape[1], hidden, ATTEND_OP)
+    _check_attention_inputs(ATTEND_OP, hidden, "audio_kv", audio_kv, 2, parameters, num_heads, key_padding_mask)
     if not use_triton(ATTEND_OP, hidden, "auto"):
         raise RuntimeError(
             f"{ATTEND_OP}: the Triton kernels cannot run on {hidden.device} (they need CUDA, or the CPU with "
@@ -255,17 +271,6 @@ def gated_cross_attention(
     and > 0 on every backend.
     """
     check_backend(OP, backend, BACKENDS)
-    check_tensor(OP, "hidden", hidden, 3)
-    check_tensor(OP, "audio", audio, 3)
-    batch, _, size = hidden.shape
-    if audio.shape[0] != batch or audio.shape[2] != size:
-        raise ValueError(
-            f"{OP}: audio has shape {tuple(audio.shape)} but hidden is {tuple(hidden.shape)}: "
-            f"expected [{batch}, T_a, {size}]"
-        )
-    if audio.device != hidden.device:
-        raise ValueError(f"{OP}: audio is on {audio.device} but hidden is on {hidden.device}")
-    check_num_heads(OP, num_heads, size)
     parameters = (
         in_proj_weight,
         in_proj_bias,
@@ -278,8 +283,7 @@ def gated_cross_attention(
         ln_weight,
         ln_bias,
     )
-    check_parameters(size, parameters, hidden)
-    check_key_padding_mask(key_padding_mask, batch, audio.shape[1], hidden)
+    _check_attention_inputs(OP, hidden, "audio", audio, 1, parameters, num_heads, key_padding_mask)
     check_rope_arguments(OP, position_scale, rope_theta)  # here, so both backends (and T_a = 0) refuse alike
     if not use_triton(OP, hidden, backend):
         return reference.gated_cross_attention(
