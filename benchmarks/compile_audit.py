@@ -35,6 +35,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -91,7 +92,10 @@ MODELS = (
 )
 TEXT_LENGTHS = {"decode": 1, "prefill-64": 64, "prefill-128": 128, "train": 300}
 MAX_LOCAL_SAMPLES = 100
-LAUNCH_OPTIONS = ("maxnreg", "num_ctas")  # compiler options a launch may pass besides warps and stages
+LAUNCH_OPTIONS = ("maxnreg", "num_ctas", "enable_fp_fusion")
+# Kernels bitwise equal to the reference's separate elementwise ops: ptxas must not contract a*b + c
+# into one fma (a launch passes enable_fp_fusion=False), or the result differs in the last bit.
+UNCONTRACTED_KERNELS = {"_audio_rope_fwd_kernel"}  # compiler options a launch may pass besides warps and stages
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
 TL_DTYPE_NAMES = {
     torch.float16: "fp16",
@@ -362,6 +366,26 @@ def _resource_usage(cubin: bytes) -> dict[str, int]:
     return usage
 
 
+def contracted_multiply_adds(ptx: str) -> int:
+    """fma instructions in `ptx` that round a product and a sum once. Triton's sm_80 bf16
+    arithmetic is written as fma without contracting anything (sm_80 has no bf16 mul or add):
+    `fma a, b, -0` is a rounded product, `fma a, ±1, c` a rounded sum; those are not counted."""
+    constants = dict(re.findall(r"mov\.b(?:16|32|64)\s+(%\w+), (0[xX][0-9A-Fa-f]+);", ptx))
+    negative_zero = {"0x8000", "0x80000000", "0x8000000000000000", "0f80000000", "0d8000000000000000"}
+    one = {"0x3f80", "0xbf80", "0x3f800000", "0xbf800000", "0x3ff0000000000000", "0xbff0000000000000"}
+    one |= {"0f3f800000", "0fbf800000", "0d3ff0000000000000", "0dbff0000000000000"}
+
+    def value(operand: str) -> str:
+        operand = operand.strip()
+        return constants.get(operand, operand).lower()
+
+    count = 0
+    for a, b, c in re.findall(r"fma\.rn[.\w]*\s+%\w+, ([^,]+), ([^,]+), ([^;]+);", ptx):
+        if value(c) not in negative_zero and value(a) not in one and value(b) not in one:
+            count += 1
+    return count
+
+
 def compile_variant(variant: dict, arch: str) -> dict:
     """Compile one variant for `arch`; its resources, or the error."""
     from triton.backends.compiler import GPUTarget
@@ -390,6 +414,7 @@ def compile_variant(variant: dict, arch: str) -> dict:
         "shared_bytes": max(int(compiled.metadata.shared), usage.get("SHARED", 0)),
         "has_dot": "tt.dot " in compiled.asm["ttir"] or "tt.dot\n" in compiled.asm["ttir"],
         "tensor_cores": tensor_cores,
+        "fused_multiply_adds": contracted_multiply_adds(ptx),
         "seconds": round(time.perf_counter() - start, 2),
     }
 
@@ -457,6 +482,9 @@ def _check(row: dict) -> list[str]:
         failures.append(f"{where}: spills {result['spill_bytes']} bytes ({result['registers']} registers)")
     if result["shared_bytes"] > target.max_shared_per_block:
         failures.append(f"{where}: {result['shared_bytes']} bytes of shared memory > {target.max_shared_per_block}")
+    if variant["kernel"].split(":")[1] in UNCONTRACTED_KERNELS and result["fused_multiply_adds"]:
+        count = result["fused_multiply_adds"]
+        failures.append(f"{where}: {count} fused multiply-adds (the reference rounds each product)")
     half = row["precisions"] & {"bf16", "fp16"}
     if half and result["has_dot"] and not result["tensor_cores"]:
         failures.append(f"{where}: a {'/'.join(sorted(half))} dot does not reach the tensor cores")

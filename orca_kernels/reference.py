@@ -169,7 +169,7 @@ def flash_cross_attention(
     the bad input, so NaN is added to those rows explicitly (+0 elsewhere: exact, and no gradient
     path). Fully masked rows stay 0, with zero gradients, even then.
     """
-    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    qt, kt, vt = (_sdpa_aligned(t.transpose(1, 2)) for t in (q, k, v))
     finite = qt.isfinite().all(dim=-1, keepdim=True)  # [B, nh, Tx, 1]
     if key_padding_mask is None:
         out = F.scaled_dot_product_attention(qt, kt, vt, scale=scale)
@@ -181,6 +181,18 @@ def flash_cross_attention(
     qt, kt, vt = (t.masked_fill(empty[:, None, None, None], 0) for t in (qt, kt, vt))
     out = _poison_rows(F.scaled_dot_product_attention(qt, kt, vt, attn_mask=keep, scale=scale), finite)
     return out.masked_fill(empty[:, None, None, None], 0).transpose(1, 2).contiguous()
+
+
+def _sdpa_aligned(t: torch.Tensor) -> torch.Tensor:
+    """t, or a contiguous copy where a stride or the start is not a multiple of 16 bytes. SDPA's
+    fused CUDA kernels load 16-byte vectors, and torch's own layout check misses some views: a
+    one-row query slice of a projection with an odd row stride crashed cuDNN's attention backward
+    on an H200 (torch 2.11: misaligned address, and the CUDA context is lost)."""
+    if t.device.type != "cuda":
+        return t
+    size = t.element_size()  # storage offset, not data_ptr: also traceable with fake tensors
+    aligned = all((n * size) % 16 == 0 for n in (t.storage_offset(), *t.stride()[:-1]))
+    return t if aligned else t.contiguous()
 
 
 def _poison_rows(out: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:

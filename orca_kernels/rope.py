@@ -122,6 +122,8 @@ def _rotate(x: torch.Tensor, position_scale: float, rope_theta: float, inverse: 
             COMPUTE=TL_DTYPES[accumulator_dtype(x.dtype)],
             BLOCK_ROWS=block_rows,
             BLOCK=block,
+            # No a*b - c*d -> fma contraction: the reference rounds every product (bitwise parity).
+            enable_fp_fusion=False,
         )
     return out
 

@@ -43,9 +43,10 @@ def test_every_launch_compiles_for_sm80_and_sm90_without_spills(tmp_path):
     assert "| kernel | arch |" in table and "Failures: 0" in table
 
 
-def test_the_audit_reports_a_spill_and_an_unaudited_kernel():
+def test_the_audit_checks_can_fail():
     """The checks can fail: a launch setting known to spill (fp32 attention, 4 warps, head dim
-    128) is reported, and so is a kernel that no case launches."""
+    128) is reported, so is a rope kernel compiled with fma contraction (no longer bitwise equal
+    to the reference), and so is a kernel that no case launches."""
     script = textwrap.dedent(
         """
         import copy
@@ -62,6 +63,15 @@ def test_the_audit_reports_a_spill_and_an_unaudited_kernel():
         row["result"] = audit.compile_variant(variant, "sm_90")
         failures = audit._check(row)
         assert any("spills" in f for f in failures), (row["result"], failures)
+
+        rope = next(l for l in audit.record(audit.TARGETS["sm_90"], audit.MODELS[:1])
+                    if l.kernel.__name__ == "_audio_rope_fwd_kernel" and l.precision == "fp32")
+        variant = audit.specialise(rope)
+        assert variant["options"]["enable_fp_fusion"] is False
+        variant["options"]["enable_fp_fusion"] = True
+        row = {"variant": variant, "arch": "sm_90", "cases": [rope.case], "precisions": {"fp32"}}
+        row["result"] = audit.compile_variant(variant, "sm_90")
+        assert any("fused multiply-adds" in f for f in audit._check(row)), row["result"]
 
         every_case = audit.cases
         audit.cases = lambda models: (c for c in every_case(models) if "audio_rope" in c[0])
