@@ -8,6 +8,9 @@
 #   bash benchmarks/gpu_check.sh --dry-run   # rehearsal on a CPU machine with the GPU machine's
 #                                            # stack: every step but the GPU work, which is listed
 #
+# The device tool returns at most 8 files, fewer than a run writes; bundle them:
+#   R=$OUT; OUT=/tmp/gc bash benchmarks/gpu_check.sh; tar czf $R/gpu_check.tgz -C /tmp/gc .; cp /tmp/gc/summary.txt $R/
+#
 # Time: one deadline for the whole script (GPU_CHECK_BUDGET_S, default 450 s); each step gets
 # its cap or what is left, and a step that the deadline cuts short says so in summary.txt.
 set -uo pipefail
@@ -20,6 +23,9 @@ mkdir -p "$OUT"
 BUDGET=${GPU_CHECK_BUDGET_S:-450}
 START=$(date +%s)
 STATUS=0
+# The interpreter that holds torch: `python` where it exists, else `python3` (the GPU machine
+# has only python3). A real executable, not a shell function, so cuda-gdb can run it.
+PY=$(command -v python 2>/dev/null || command -v python3)
 
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 # cap SECONDS [RESERVE]: SECONDS, or what is left of the budget after RESERVE seconds.
@@ -31,8 +37,8 @@ note() { echo "$*" | tee -a "$OUT/summary.txt"; }
   date -u
   git rev-parse HEAD 2>/dev/null || echo "git sha unknown"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null || echo "no nvidia-smi (no GPU)"
-  python -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-  python -c "import transformers; print('transformers', transformers.__version__)" 2>/dev/null
+  "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  "$PY" -c "import transformers; print('transformers', transformers.__version__)" 2>/dev/null
   nvcc --version 2>/dev/null | tail -1
   [ "$DRY_RUN" = 1 ] && echo "dry run"
 } > "$OUT/env.txt" 2>&1
@@ -40,12 +46,12 @@ cat "$OUT/env.txt"
 
 echo "== build"
 # --no-build-isolation --no-deps: build against the torch that is there, fetch nothing.
-if ! timeout "$(cap 180 120)" pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
+if ! timeout "$(cap 180 120)" "$PY" -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
   tail -40 "$OUT/build.log"
   note "build: FAILED (see build.log)"
   exit 1
 fi
-if python -c "import orca_kernels._extension as e; assert e.WITH_CUDA, 'built without CUDA'" >> "$OUT/build.log" 2>&1; then
+if "$PY" -c "import orca_kernels._extension as e; assert e.WITH_CUDA, 'built without CUDA'" >> "$OUT/build.log" 2>&1; then
   note "build: ok, extension with CUDA ($(( $(date +%s) - START )) s)"
 else
   tail -5 "$OUT/build.log"
@@ -57,24 +63,40 @@ echo "== tests"
 if [ "$DRY_RUN" = 1 ]; then
   # No TRITON_INTERPRET and no GPU: the CUDA parametrisations are empty here; collecting proves
   # every test module imports on this stack.
-  if python -m pytest -q -p no:cacheprovider --collect-only tests > "$OUT/tests.log" 2>&1; then
+  if "$PY" -m pytest -q -p no:cacheprovider --collect-only tests > "$OUT/tests.log" 2>&1; then
     note "tests: collected $(grep -c '::' "$OUT/tests.log") tests (dry run: not run)"
   else
     tail -20 "$OUT/tests.log"; note "tests: COLLECTION FAILED"; STATUS=1
   fi
 else
   # No TRITON_INTERPRET: the Triton tests run on CUDA, the extension tests on CPU and CUDA.
-  xdist=$(python -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
-  timeout "$(cap 150 150)" python -m pytest -q -p no:cacheprovider $xdist tests > "$OUT/tests.log" 2>&1
+  xdist=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
+  timeout "$(cap 150 150)" "$PY" -m pytest -q -p no:cacheprovider $xdist tests > "$OUT/tests.log" 2>&1
   code=$?
   [ "$code" -eq 124 ] && note "tests: CUT SHORT by the time cap" || note "tests: exit status $code"
   tail -5 "$OUT/tests.log"
   [ "$code" -ne 0 ] && STATUS=1
+  # A bad-input call of the compiled ops that died on a signal: its native backtrace.
+  if grep -q "exit status -[0-9]* at" "$OUT/tests.log" && command -v cuda-gdb > /dev/null; then
+    timeout "$(cap 60 150)" cuda-gdb -batch -ex run -ex bt --args "$PY" -c "
+import sys; sys.path[:0] = ['tests']
+import torch, orca_kernels
+from test_strided_conv import BAD_OP_CALLS
+ops = torch.ops.orca_kernels
+x, weight, bias = torch.randn(2, 37, 6), torch.randn(5, 6, 5), torch.randn(5)
+for call, _ in BAD_OP_CALLS:
+    print('calling', call, flush=True)
+    try:
+        eval(call)
+    except RuntimeError:
+        pass" > "$OUT/crash_backtrace.txt" 2>&1
+    note "tests: a compiled op crashed on bad input; native backtrace in crash_backtrace.txt"
+  fi
 fi
 
 echo "== benchmarks"
 if [ "$DRY_RUN" = 1 ]; then
-  if python -m benchmarks.run --device cuda --full --list > "$OUT/bench.log" 2>&1; then
+  if "$PY" -m benchmarks.run --device cuda --full --list > "$OUT/bench.log" 2>&1; then
     cat "$OUT/bench.log"; note "benchmarks: $(tail -1 "$OUT/bench.log") (dry run: listed)"
   else
     tail -20 "$OUT/bench.log"; note "benchmarks: LISTING FAILED"; STATUS=1
@@ -83,7 +105,7 @@ else
   # run.py stops starting cases when its budget is spent and lists what it skipped; the outer
   # timeout only catches a case that hangs.
   budget=$(( $(left) - 75 ))
-  timeout $(( budget + 60 )) python -m benchmarks.run --full --budget-s "$budget" --out "$OUT" > "$OUT/bench.log" 2>&1
+  timeout $(( budget + 60 )) "$PY" -m benchmarks.run --full --budget-s "$budget" --out "$OUT" > "$OUT/bench.log" 2>&1
   code=$?
   grep -A100 "^op " "$OUT/bench.log" | head -80
   grep -A40 "time budget" "$OUT/bench.log"
@@ -93,13 +115,13 @@ fi
 
 echo "== compute-sanitizer"
 if ! command -v compute-sanitizer > /dev/null; then
-  python -m benchmarks.sanitize --list > "$OUT/sanitizer.log" 2>&1
+  "$PY" -m benchmarks.sanitize --list > "$OUT/sanitizer.log" 2>&1
   note "sanitizer: compute-sanitizer not found here; would run memcheck on: $(paste -sd ';' "$OUT/sanitizer.log")"
 elif [ "$DRY_RUN" = 1 ]; then
-  python -m benchmarks.sanitize --list > "$OUT/sanitizer.log" 2>&1
+  "$PY" -m benchmarks.sanitize --list > "$OUT/sanitizer.log" 2>&1
   note "sanitizer: dry run; would run memcheck on: $(paste -sd ';' "$OUT/sanitizer.log")"
 else
-  timeout "$(cap 60)" compute-sanitizer --tool memcheck --error-exitcode 1 python -m benchmarks.sanitize > "$OUT/sanitizer.log" 2>&1
+  timeout "$(cap 60)" compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" -m benchmarks.sanitize > "$OUT/sanitizer.log" 2>&1
   code=$?
   tail -12 "$OUT/sanitizer.log"
   [ "$code" -eq 124 ] && note "sanitizer: CUT SHORT by the time cap" || note "sanitizer: exit status $code"
