@@ -12,6 +12,7 @@ from torch import nn
 import orca_kernels
 from orca_kernels import reference
 from orca_model.config import DeSTA25Config
+from orca_model.losses import layer_align_loss
 
 MODULE = "OrcaGatedCrossAttention"
 
@@ -134,9 +135,10 @@ class OrcaGatedCrossAttention(nn.Module):
         audio_cache: AudioMemoryCache | None = None,
     ) -> torch.Tensor:
         """hidden_states [B, T_x, H], audio_local [B, T_a, H] (None or T_a = 0: returned unchanged),
-        audio_local_mask [B, T_a] (True = keep, the reference's convention), transcription_positions
-        a list of (batch, start, end) spans for the alignment loss, audio_cache an
-        `AudioMemoryCache` shared by the layers (optional). Returns [B, T_x, H]."""
+        audio_local_mask [B, T_a] (True = keep, the reference's convention; a row with no True is
+        returned unchanged: it has no audio), transcription_positions a list of (row, start, end)
+        spans for the alignment loss, audio_cache an `AudioMemoryCache` shared by the layers
+        (optional). Returns [B, T_x, H]."""
         self._check_forward_inputs(hidden_states, audio_local, audio_local_mask)
         if audio_local is None or audio_local.shape[1] == 0:
             self.layer_align_loss = None
@@ -161,11 +163,17 @@ class OrcaGatedCrossAttention(nn.Module):
             out = orca_kernels.attend_audio_kv(hidden_states, kv, *parameters, self.num_heads, key_padding_mask)
         else:
             out = reference.attend_rotated(hidden_states, rotated, *parameters, self.num_heads, key_padding_mask)
+        has_audio = None
+        if key_padding_mask is not None:
+            # A row whose memory is entirely masked has no audio: it is left as it is. (Its
+            # attention is 0, but the LayerNorm and gate would still add their biases.)
+            has_audio = ~key_padding_mask.all(dim=1)
+            out = torch.where(has_audio[:, None, None], out, hidden_states)
         if self.training:
             if dtype not in cache.pooled:
                 cache.pooled[dtype] = reference.pool_rotated_audio(rotated)
-            self.layer_align_loss = reference.layer_align_loss(
-                hidden_states, cache.pooled[dtype], transcription_positions
+            self.layer_align_loss = layer_align_loss(
+                hidden_states, cache.pooled[dtype], transcription_positions, has_audio
             )
         else:
             self.layer_align_loss = None

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import orca_kernels
@@ -13,6 +14,38 @@ from orca_kernels import reference
 from orca_model.config import DeSTA25Config
 
 MAX_LOCAL_SAMPLES = 100  # local tokens the cross loss reads, as in the reference
+
+
+def layer_align_loss(
+    hidden: torch.Tensor,
+    audio_pooled: torch.Tensor,
+    transcription_positions: Sequence[tuple[int, int, int]] | None = None,
+    has_audio: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """The per-layer alignment loss of one cross-attention module (training only).
+
+    hidden [B, T_x, H] is the pre-injection hidden state, audio_pooled [B, H] the pooled memory
+    of each row (`reference.pool_rotated_audio`). Each transcription span (row, start, end) with
+    start < end <= T_x is mean-pooled and compared with the pooled audio of its own row; loss =
+    mean(1 − cos); no valid span gives None. Without spans every text token is pooled per row,
+    over the rows with audio (has_audio [B] bool; all rows when None).
+
+    The reference pairs the valid spans with the audio rows by list index: the same numbers when
+    audio i sits in row i and every span is valid, another row's audio otherwise
+    (docs/reference-behaviour.md#audio-to-row-alignment).
+    """
+    if transcription_positions is not None and len(transcription_positions) > 0:
+        valid = [(b, s, e) for b, s, e in transcription_positions if s < e and e <= hidden.size(1)]
+        if not valid:
+            return None
+        text_pooled = F.normalize(torch.stack([hidden[b, s:e, :].mean(dim=0) for b, s, e in valid]), dim=-1)
+        audio = audio_pooled[[b for b, _, _ in valid]]
+        return (1 - F.cosine_similarity(audio, text_pooled, dim=-1)).mean()
+    per_row = 1 - F.cosine_similarity(audio_pooled, F.normalize(hidden.mean(dim=1), dim=-1), dim=-1)
+    if has_audio is None:
+        return per_row.mean()
+    weights = has_audio.to(per_row.dtype)
+    return (per_row * weights).sum() / weights.sum().clamp(min=1)
 
 
 def compute_orca_losses(

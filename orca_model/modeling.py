@@ -20,6 +20,7 @@ from orca_model.config import DeSTA25Config
 from orca_model.connector import ORCAHybridConnector
 from orca_model.cross_attention import OrcaGatedCrossAttention
 from orca_model.injection import DeepInjection, decoder_layers
+from orca_model.inputs import check_batch_inputs, memory_by_row
 from orca_model.losses import DeSTA25Output, compute_orca_losses
 
 logger = logging.getLogger(__name__)
@@ -236,14 +237,8 @@ class DeSTA25AudioModel(nn.Module):
         transcription spans (row, start, end)); no audio gives (embeddings, None, None, None).
         """
         embed_tokens = self.llm_model.get_input_embeddings()
-        num_audio = len(batch_start_positions)
-        if num_audio == 0:
+        if len(batch_start_positions) == 0:
             return embed_tokens(input_ids), None, None, None
-        if len(batch_transcription_ids) != num_audio or batch_features.size(0) != num_audio:
-            raise ValueError(
-                f"{num_audio} start positions, {len(batch_transcription_ids)} transcriptions and "
-                f"{batch_features.size(0)} audio features: one of each per audio"
-            )
         device = embed_tokens.weight.device
         with torch.no_grad():
             transcriptions = [embed_tokens(ids.squeeze(0).to(device)) for ids in batch_transcription_ids]
@@ -258,29 +253,49 @@ class DeSTA25AudioModel(nn.Module):
             inputs_embeds[row, start : start + audio_embeddings.size(0)] = audio_embeddings
         return inputs_embeds, global_tokens, local_tokens, spans
 
+    def _check_inputs(self, input_ids, attention_mask, labels, batch_features, transcriptions, positions) -> list[int]:
+        """`inputs.check_batch_inputs` with this model's sizes; the row of each audio."""
+        return check_batch_inputs(
+            input_ids,
+            attention_mask,
+            labels,
+            batch_features,
+            transcriptions,
+            positions,
+            num_global_tokens=self.config.orca_global_num_tokens,
+            num_mel_bins=self.perception.whisper.config.num_mel_bins,
+        )
+
     def _audio_memory(
-        self, global_tokens: torch.Tensor | None, local_tokens: torch.Tensor | None
-    ) -> torch.Tensor | None:
-        """The cross-attention memory [N, T_a, H]: the local tokens, or with
-        `orca_global_cross_attn` cat(global, local) along T (whichever exists)."""
+        self, global_tokens: torch.Tensor | None, local_tokens: torch.Tensor | None, rows: Sequence[int], batch: int
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The cross-attention memory by row ([B, T_a, H], keep mask [B, T_a] or None,
+        `inputs.memory_by_row`): the local tokens, or with `orca_global_cross_attn` cat(global,
+        local) along T (whichever exists)."""
         if self._injection is None:
-            return None
+            return None, None
+        memory = local_tokens
         if self.config.orca_global_cross_attn:
             if global_tokens is not None and local_tokens is not None:
-                return torch.cat([global_tokens, local_tokens], dim=1)
-            return global_tokens if global_tokens is not None else local_tokens
-        return local_tokens
+                memory = torch.cat([global_tokens, local_tokens], dim=1)
+            else:
+                memory = global_tokens if global_tokens is not None else local_tokens
+        return memory_by_row(memory, rows, batch) if memory is not None else (None, None)
 
     @contextmanager
     def _injecting(
-        self, memory: torch.Tensor | None, transcription_positions: Sequence[tuple[int, int, int]] | None
+        self,
+        memory: torch.Tensor | None,
+        memory_mask: torch.Tensor | None,
+        transcription_positions: Sequence[tuple[int, int, int]] | None,
     ) -> Iterator[None]:
         if self._injection is None:
             yield
             return
         try:
             active = memory is not None
-            with self._injection.context.active(memory, None, transcription_positions) if active else nullcontext():
+            context = self._injection.context
+            with context.active(memory, memory_mask, transcription_positions) if active else nullcontext():
                 yield
         finally:
             # A failed forward must not leave per-layer losses behind for the next one.
@@ -315,11 +330,15 @@ class DeSTA25AudioModel(nn.Module):
             # without the injection: wrong gradients (docs/reference-behaviour.md#gradient-checkpointing).
             # Refuse instead.
             raise NotImplementedError("gradient checkpointing of the LLM is not supported with deep injection")
+        rows = self._check_inputs(
+            input_ids, attention_mask, labels, batch_features, batch_transcription_ids, batch_start_positions
+        )
         inputs_embeds, global_tokens, local_tokens, spans = self._prepare_inputs_for_llm(
             input_ids, batch_features, batch_transcription_ids, batch_start_positions
         )
+        memory, memory_mask = self._audio_memory(global_tokens, local_tokens, rows, input_ids.size(0))
         layer_losses: list[torch.Tensor] = []
-        with self._injecting(self._audio_memory(global_tokens, local_tokens), spans):
+        with self._injecting(memory, memory_mask, spans):
             outputs = self.llm_model(
                 inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, output_hidden_states=True
             )
@@ -369,18 +388,23 @@ class DeSTA25AudioModel(nn.Module):
         beams and several returned sequences work (the reference crashes there). Returns the
         generated ids [B · num_return_sequences, new tokens].
         """
+        rows = self._check_inputs(
+            input_ids, attention_mask, None, batch_features, batch_transcription_ids, batch_start_positions
+        )
         inputs_embeds, global_tokens, local_tokens, _ = self._prepare_inputs_for_llm(
             input_ids, batch_features, batch_transcription_ids, batch_start_positions
         )
-        memory = self._audio_memory(global_tokens, local_tokens)
+        memory, memory_mask = self._audio_memory(global_tokens, local_tokens, rows, input_ids.size(0))
         if memory is not None:
             generation_config = generate_kwargs.get("generation_config") or self.llm_model.generation_config
             num_beams = generate_kwargs.get("num_beams") or generation_config.num_beams or 1
             num_sequences = generate_kwargs.get("num_return_sequences") or generation_config.num_return_sequences or 1
-            memory = memory.repeat_interleave(max(num_beams, num_sequences), dim=0)
+            copies = max(num_beams, num_sequences)
+            memory = memory.repeat_interleave(copies, dim=0)
+            memory_mask = memory_mask.repeat_interleave(copies, dim=0) if memory_mask is not None else None
         # No transcription spans: they index the unexpanded batch, and the alignment loss is
         # only for training.
-        with self._injecting(memory, None):
+        with self._injecting(memory, memory_mask, None):
             return self.llm_model.generate(
                 inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs
             )
