@@ -199,8 +199,8 @@ at::Tensor strided_conv1d_grad_weight(const at::Tensor& grad_out_in, const at::T
 
 TORCH_LIBRARY(orca_kernels, m) {
   m.def("strided_conv1d(Tensor x, Tensor weight, Tensor? bias, int stride, int padding) -> Tensor");
-  m.def("strided_conv1d_grad_input(Tensor grad_out, Tensor weight, int input_length, int stride, int padding) -> Tensor");
-  m.def("strided_conv1d_grad_weight(Tensor grad_out, Tensor x, int kernel_size, int stride, int padding) -> Tensor");
+  m.def("strided_conv1d_grad_input(Tensor grad_out, Tensor weight, SymInt input_length, int stride, int padding) -> Tensor");
+  m.def("strided_conv1d_grad_weight(Tensor grad_out, Tensor x, SymInt kernel_size, int stride, int padding) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(orca_kernels, CPU, m) {

@@ -153,11 +153,32 @@ def check_tensor(op: str, name: str, value, ndim: int, *, like: torch.Tensor | N
         raise ValueError(f"{op}: {name} is on {value.device} but expected {like.device}")
 
 
+INT64_MAX = 2**63 - 1
+
+
 def check_int(op: str, name: str, value, minimum: int) -> None:
+    """An int (not bool) in [minimum, 2**63 - 1]: what the ops' int64 schema arguments hold."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{op}: {name} must be >= {minimum}, got {value}")
+    if value > INT64_MAX:
+        raise ValueError(f"{op}: {name} must be at most 2**63 - 1 (a 64-bit int), got {value}")
+
+
+def check_key_padding_mask(op: str, mask, batch: int, length: int, like: torch.Tensor) -> None:
+    """None, or a bool [batch, length] tensor (True = ignore that key) on like's device."""
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{op}: key_padding_mask must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise ValueError(f"{op}: key_padding_mask must have dtype torch.bool (True = ignore), got {mask.dtype}")
+    if tuple(mask.shape) != (batch, length):
+        expected = (batch, length)
+        raise ValueError(f"{op}: key_padding_mask has shape {tuple(mask.shape)} but expected [B, T_a] = {expected}")
+    if mask.device != like.device:
+        raise ValueError(f"{op}: key_padding_mask is on {mask.device} but expected {like.device}")
 
 
 def check_rope_arguments(op: str, position_scale, rope_theta, *, scale_name: str = "position_scale") -> None:

@@ -24,6 +24,7 @@ from orca_kernels._utils import (
     autocast_fp32_normalisations,
     check_backend,
     check_int,
+    check_key_padding_mask,
     check_rope_arguments,
     check_tensor,
     use_triton,
@@ -75,23 +76,6 @@ def check_parameters(hidden_size: int, parameters: tuple[torch.Tensor, ...], lik
             raise ValueError(f"{op}: {name} is on {value.device} but expected {like.device}")
 
 
-def check_key_padding_mask(
-    mask: torch.Tensor | None, batch: int, length: int, like: torch.Tensor, op: str = OP
-) -> None:
-    if mask is None:
-        return
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        raise ValueError(
-            f"{op}: key_padding_mask must be a bool tensor (True = ignore), got {getattr(mask, 'dtype', type(mask))}"
-        )
-    if tuple(mask.shape) != (batch, length):
-        raise ValueError(
-            f"{op}: key_padding_mask has shape {tuple(mask.shape)} but expected [B, T_a] = {(batch, length)}"
-        )
-    if mask.device != like.device:
-        raise ValueError(f"{op}: key_padding_mask is on {mask.device} but expected {like.device}")
-
-
 def check_num_heads(op: str, num_heads: int, hidden_size: int) -> None:
     check_int(op, "num_heads", num_heads, 1)
     if hidden_size % num_heads:
@@ -123,7 +107,7 @@ def _check_attention_inputs(
         raise ValueError(f"{op}: {memory_name} is on {memory.device} but hidden is on {hidden.device}")
     check_num_heads(op, num_heads, size)
     check_parameters(size, parameters, hidden, op)
-    check_key_padding_mask(key_padding_mask, batch, memory.shape[1], hidden, op)
+    check_key_padding_mask(op, key_padding_mask, batch, memory.shape[1], hidden)
 
 
 def project_audio_kv(rotated: torch.Tensor, in_proj_weight: torch.Tensor, in_proj_bias: torch.Tensor) -> torch.Tensor:

@@ -49,6 +49,7 @@ from orca_kernels._triton_helpers import accumulator_dtype, cast_for_store, kern
 from orca_kernels._utils import (
     KERNELS_INTERPRETED,
     check_backend,
+    check_key_padding_mask,
     check_tensor,
     device_context,
     new_output,
@@ -660,23 +661,8 @@ def _check_inputs(q, k, v, key_padding_mask, scale) -> None:
     if v.shape != k.shape:
         raise ValueError(f"{OP}: v has shape {tuple(v.shape)} but k has {tuple(k.shape)}")
     if hd == 0:
-        raise ValueError(f"{OP}: q has head dim 0")
-    if key_padding_mask is not None:
-        if not isinstance(key_padding_mask, torch.Tensor):
-            raise TypeError(
-                f"{OP}: key_padding_mask must be a torch.Tensor or None, got {type(key_padding_mask).__name__}"
-            )
-        if key_padding_mask.dtype != torch.bool:
-            raise ValueError(
-                f"{OP}: key_padding_mask must have dtype torch.bool (True = ignore), got {key_padding_mask.dtype}"
-            )
-        if tuple(key_padding_mask.shape) != (B, k.shape[1]):
-            raise ValueError(
-                f"{OP}: key_padding_mask has shape {tuple(key_padding_mask.shape)} "
-                f"but expected [B, Ta] = {(B, k.shape[1])}"
-            )
-        if key_padding_mask.device != q.device:
-            raise ValueError(f"{OP}: key_padding_mask is on {key_padding_mask.device} but expected {q.device}")
+        raise ValueError(f"{OP}: q has head dim 0; the head dim (q's last dimension) must be >= 1")
+    check_key_padding_mask(OP, key_padding_mask, B, k.shape[1], q)
     if scale is not None:
         if isinstance(scale, bool) or not isinstance(scale, (int, float)):
             raise TypeError(f"{OP}: scale must be a float or None, got {type(scale).__name__}")

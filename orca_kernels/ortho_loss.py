@@ -678,9 +678,11 @@ def _autocast_tokens(global_tokens, local_tokens=None) -> tuple:
     return autocast_lower_precision(global_tokens, local_tokens, device_type=device_type)
 
 
-def _check_inputs(op: str, global_tokens, local_tokens=None, max_local_samples=None) -> None:
+def _check_inputs(op: str, global_tokens, local_tokens=None, max_local_samples=None, *, with_local: bool) -> None:
+    """global_tokens [B, Kg, H]; with_local: also local_tokens [B, Tl, H] (required) and
+    max_local_samples (an int >= 1, or None)."""
     check_tensor(op, "global_tokens", global_tokens, 3)
-    if local_tokens is not None:
+    if with_local:
         check_tensor(op, "local_tokens", local_tokens, 3, like=global_tokens)
         if local_tokens.shape[0] != global_tokens.shape[0]:
             raise ValueError(
@@ -706,7 +708,7 @@ def ortho_diversity_loss(global_tokens: torch.Tensor, backend: str = "auto") -> 
     op = "ortho_diversity_loss"
     check_backend(op, backend, BACKENDS)
     kernel_global, _ = _autocast_tokens(global_tokens)
-    _check_inputs(op, kernel_global)
+    _check_inputs(op, kernel_global, with_local=False)
     if use_triton(op, kernel_global, backend):
         return _diversity_op(kernel_global)
     return reference.ortho_diversity_loss(global_tokens)  # the reference follows autocast itself
@@ -728,7 +730,7 @@ def ortho_cross_loss(
     op = "ortho_cross_loss"
     check_backend(op, backend, BACKENDS)
     kernel_global, kernel_local = _autocast_tokens(global_tokens, local_tokens)
-    _check_inputs(op, kernel_global, kernel_local, max_local_samples)
+    _check_inputs(op, kernel_global, kernel_local, max_local_samples, with_local=True)
     if use_triton(op, kernel_global, backend):
         return _cross_op(kernel_global, kernel_local, max_local_samples)
     return reference.ortho_cross_loss(global_tokens, local_tokens, max_local_samples)
@@ -746,7 +748,7 @@ def ortho_losses(
     op = "ortho_losses"
     check_backend(op, backend, BACKENDS)
     kernel_global, kernel_local = _autocast_tokens(global_tokens, local_tokens)
-    _check_inputs(op, kernel_global, kernel_local, max_local_samples)
+    _check_inputs(op, kernel_global, kernel_local, max_local_samples, with_local=True)
     if use_triton(op, kernel_global, backend):
         return _losses_op(kernel_global, kernel_local, max_local_samples)
     return (

@@ -252,7 +252,8 @@ class DeSTA25Config(PretrainedConfig):
             # an unsorted or repeated list would not mean what it says.
             if not ids or ids != sorted(set(ids)) or ids[0] < 0 or ids[-1] >= num_layers:
                 raise ValueError(
-                    f"orca_target_layer_ids must be sorted, unique and within [0, {num_layers}), got {ids}"
+                    f"DeSTA25Config: orca_target_layer_ids must be a non-empty, sorted list of unique encoder "
+                    f"layer indices in [0, {num_layers}), got {ids}"
                 )
             return ids
         if self.orca_use_all_layers:

@@ -77,7 +77,10 @@ class DeepInjection:
 
     def __init__(self, layers: Sequence[nn.Module], cross_attns: Sequence[OrcaGatedCrossAttention]):
         if len(layers) != len(cross_attns):
-            raise ValueError(f"{len(layers)} decoder layers but {len(cross_attns)} cross-attention modules")
+            raise ValueError(
+                f"DeepInjection: layers has {len(layers)} decoder layers but cross_attns has {len(cross_attns)} "
+                "cross-attention modules; one module per layer"
+            )
         self.context = InjectionContext()
         self.cross_attns = cross_attns
         self._handles = [
@@ -93,7 +96,8 @@ class DeepInjection:
             hidden = output[0] if isinstance(output, tuple) else output
             if context.audio.size(0) != hidden.size(0):
                 raise ValueError(
-                    f"the audio memory has batch size {context.audio.size(0)} but the decoder layer's "
+                    f"DeepInjection: the audio memory (InjectionContext.active(audio=...)) has batch size "
+                    f"{context.audio.size(0)} but the decoder layer's "
                     f"hidden states have {hidden.size(0)}: one audio per sequence, expanded like the "
                     "inputs for beams or several returned sequences"
                 )

@@ -42,11 +42,12 @@ def check_batch_inputs(
     *,
     num_global_tokens: int,
     num_mel_bins: int,
+    num_frames: int,
 ) -> list[int]:
     """Every input of `forward` / `generate`, checked before any work; returns the row of each audio.
 
     input_ids [B, T_x] and labels [B, T_x] integer ids, attention_mask [B, T_x]; batch_features
-    [N, num_mel_bins, frames]; batch_transcription_ids N tensors [L_i] or [1, L_i];
+    [N, num_mel_bins, num_frames]; batch_transcription_ids N tensors [L_i] or [1, L_i];
     batch_start_positions N (row, start) pairs. Audio i occupies positions
     [start, start + num_global_tokens + L_i) of its row, which must fit in T_x, and a row holds
     at most one audio (the memory is one audio's tokens per row).
@@ -70,18 +71,25 @@ def check_batch_inputs(
     num_audio = len(batch_start_positions)
     if num_audio == 0:
         return []
-    if not isinstance(batch_features, torch.Tensor) or batch_features.dim() != 3:
-        shape = tuple(batch_features.shape) if isinstance(batch_features, torch.Tensor) else type(batch_features)
-        raise ValueError(f"{MODEL}: batch_features must be [N, n_mels, frames], got {shape}")
+    if not isinstance(batch_features, torch.Tensor):
+        raise TypeError(f"{MODEL}: batch_features must be a torch.Tensor, got {type(batch_features).__name__}")
+    if batch_features.dim() != 3:
+        shape = tuple(batch_features.shape)
+        raise ValueError(f"{MODEL}: batch_features must be [N, n_mels, frames], got shape {shape}")
     if batch_features.size(1) != num_mel_bins:
         raise ValueError(
             f"{MODEL}: batch_features has {batch_features.size(1)} mel bins but the Whisper encoder takes "
             f"{num_mel_bins}"
         )
+    if batch_features.size(2) != num_frames:
+        raise ValueError(
+            f"{MODEL}: batch_features has {batch_features.size(2)} frames but the Whisper encoder takes "
+            f"{num_frames}: pad the features to {num_frames} frames (the feature extractor does)"
+        )
     if len(batch_transcription_ids) != num_audio or batch_features.size(0) != num_audio:
         raise ValueError(
-            f"{MODEL}: {num_audio} start positions, {len(batch_transcription_ids)} transcriptions and "
-            f"{batch_features.size(0)} audio features: one of each per audio"
+            f"{MODEL}: batch_start_positions has {num_audio} entries, batch_transcription_ids "
+            f"{len(batch_transcription_ids)} and batch_features {batch_features.size(0)}: one of each per audio"
         )
     rows: list[int] = []
     audio_of_row: dict[int, int] = {}
@@ -92,9 +100,11 @@ def check_batch_inputs(
         start = _check_index(f"batch_start_positions[{index}] start", position[1])
         if not 0 <= row < batch:
             raise ValueError(f"{MODEL}: audio {index} is placed in row {row}, but the batch has rows 0..{batch - 1}")
-        if not isinstance(ids, torch.Tensor) or ids.dim() not in (1, 2) or (ids.dim() == 2 and ids.size(0) != 1):
-            shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
-            raise ValueError(f"{MODEL}: batch_transcription_ids[{index}] must be [L] or [1, L] token ids, got {shape}")
+        name = f"batch_transcription_ids[{index}]"
+        if not isinstance(ids, torch.Tensor):
+            raise TypeError(f"{MODEL}: {name} must be a torch.Tensor, got {type(ids).__name__}")
+        if ids.dim() not in (1, 2) or (ids.dim() == 2 and ids.size(0) != 1):
+            raise ValueError(f"{MODEL}: {name} must be [L] or [1, L] token ids, got shape {tuple(ids.shape)}")
         needed = num_global_tokens + ids.shape[-1]
         if start < 0 or start + needed > length:
             raise ValueError(

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import orca_kernels
-from orca_kernels import reference
 from orca_model.config import DeSTA25Config
 
 MAX_LOCAL_SAMPLES = 100  # local tokens the cross loss reads, as in the reference
@@ -78,10 +77,10 @@ def compute_orca_losses(
                 )
             else:
                 diversity = orca_kernels.ortho_diversity_loss(global_tokens)
-        else:
-            diversity = reference.ortho_diversity_loss(global_tokens)
+        else:  # the reference's formulas, behind the same input checks
+            diversity = orca_kernels.ortho_diversity_loss(global_tokens, backend="torch")
             if local_tokens is not None:
-                cross = reference.ortho_cross_loss(global_tokens, local_tokens, MAX_LOCAL_SAMPLES)
+                cross = orca_kernels.ortho_cross_loss(global_tokens, local_tokens, MAX_LOCAL_SAMPLES, backend="torch")
 
     losses = {}
     if diversity is not None:

@@ -55,17 +55,22 @@ class WhisperPerception(nn.Module):
         # transformers 4.x encoder layers require `layer_head_mask`; 5.x has none.
         self._layer_head_mask = "layer_head_mask" in inspect.signature(self.whisper.layers[0].forward).parameters
 
+    @property
+    def num_input_frames(self) -> int:
+        """The mel frames the encoder takes (3000 for Whisper): its positions times its conv strides."""
+        encoder = self.whisper
+        return encoder.config.max_source_positions * encoder.conv1.stride[0] * encoder.conv2.stride[0]
+
     def encoder_layer_outputs(self, input_features: torch.Tensor) -> list[torch.Tensor]:
         """input_features [N, n_mels, 2·max_source_positions] (30 s: 3000 frames) -> the output of
         every encoder layer, each [N, max_source_positions, D]."""
         encoder = self.whisper
         input_features = input_features.to(dtype=encoder.conv1.weight.dtype, device=encoder.conv1.weight.device)
         frames = encoder.config.max_source_positions
-        expected = frames * encoder.conv1.stride[0] * encoder.conv2.stride[0]
-        if input_features.shape[-1] != expected:
+        if input_features.shape[-1] != self.num_input_frames:
             raise ValueError(
-                f"Whisper expects mel features of length {expected}, got {input_features.shape[-1]}: pad the "
-                f"features to {expected} frames"
+                f"WhisperPerception: input_features has {input_features.shape[-1]} frames but the Whisper encoder "
+                f"takes {self.num_input_frames}: pad the features to {self.num_input_frames} frames"
             )
         hidden = nn.functional.gelu(encoder.conv1(input_features))
         hidden = nn.functional.gelu(encoder.conv2(hidden)).permute(0, 2, 1)
@@ -264,6 +269,7 @@ class DeSTA25AudioModel(nn.Module):
             positions,
             num_global_tokens=self.config.orca_global_num_tokens,
             num_mel_bins=self.perception.whisper.config.num_mel_bins,
+            num_frames=self.perception.num_input_frames,
         )
 
     def _audio_memory(

@@ -239,7 +239,7 @@ def test_functional_op_bad_inputs():
         op(hidden, audio, *params, 3)
     with pytest.raises(ValueError, match="in_proj_weight has shape"):
         op(hidden, audio, params[0][:, :8], *params[1:], 2)
-    with pytest.raises(ValueError, match="key_padding_mask must be a bool tensor"):
+    with pytest.raises(ValueError, match="key_padding_mask must have dtype torch.bool"):
         op(hidden, audio, *params, 2, key_padding_mask=torch.ones(2, 5))
     with pytest.raises(ValueError, match="key_padding_mask has shape"):
         op(hidden, audio, *params, 2, key_padding_mask=torch.ones(2, 4, dtype=torch.bool))
@@ -317,7 +317,7 @@ def test_cached_kv_pair_bad_inputs():
         bad[index] = bad[index][..., :-1]
         with pytest.raises(ValueError, match=f"attend_audio_kv: {name} has shape"):
             attend(hidden, kv, *bad, 2)
-    with pytest.raises(ValueError, match="attend_audio_kv: key_padding_mask must be a bool tensor"):
+    with pytest.raises(ValueError, match="attend_audio_kv: key_padding_mask must have dtype torch.bool"):
         attend(hidden, kv, *params, 2, torch.ones(2, 5))
     with pytest.raises(ValueError, match=r"attend_audio_kv: key_padding_mask has shape \(2, 4\)"):
         attend(hidden, kv, *params, 2, torch.ones(2, 4, dtype=torch.bool))

@@ -124,11 +124,14 @@ def _bad_inputs():
         (lambda b: b.update(labels=b["labels"][:1]), ValueError, "labels has shape"),
         (lambda b: b.update(batch_features=b["batch_features"][:, :5]), ValueError, "5 mel bins"),
         (lambda b: b.update(batch_features=b["batch_features"][0]), ValueError, "batch_features must be"),
+        (lambda b: b.update(batch_features=b["batch_features"][..., 1:]), ValueError, "frames but the Whisper"),
+        (lambda b: b.update(batch_features=b["batch_features"].tolist()), TypeError, "batch_features must be a"),
         (
             lambda b: b.update(batch_transcription_ids=[torch.zeros(1, 1, 2, dtype=torch.long)] * 2),
             ValueError,
             r"batch_transcription_ids\[0\] must be",
         ),
+        (lambda b: b.update(batch_transcription_ids=[[1], [2]]), TypeError, r"batch_transcription_ids\[0\] must be a"),
     ]
 
 

@@ -180,7 +180,7 @@ def test_memory_batch_mismatch_is_a_clear_error():
         injection.context.active(torch.randn(1, T_A, HIDDEN)),
     ):
         llm(input_ids=torch.randint(3, VOCAB, (3, 5)))
-    with pytest.raises(ValueError, match="2 decoder layers but 3"):
+    with pytest.raises(ValueError, match="layers has 2 decoder layers but cross_attns has 3"):
         DeepInjection(decoder_layers(llm), cross_attns(3))
 
 

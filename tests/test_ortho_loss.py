@@ -240,6 +240,8 @@ def test_torch_compile_fullgraph(device):
         (lambda g, l: (g.numpy(), l), TypeError, "global_tokens must be a torch.Tensor"),
         (lambda g, l: (g, l, 0), ValueError, "max_local_samples must be >= 1"),
         (lambda g, l: (g, l, 2.5), TypeError, "max_local_samples must be an int"),
+        (lambda g, l: (g, l, 2**64), ValueError, r"max_local_samples must be at most 2\*\*63 - 1"),
+        (lambda g, l: (g, None), TypeError, "local_tokens must be a torch.Tensor, got NoneType"),
     ],
 )
 @pytest.mark.parametrize("backend", ["auto", "torch"])

@@ -234,6 +234,7 @@ def test_bad_input_python_errors():
         (lambda: conv(x, weight, bias.half(), 4, 2), ValueError, "bias has dtype"),
         (lambda: conv(x.int(), weight, bias, 4, 2), ValueError, "x has dtype"),
         (lambda: conv(x, weight, bias, 4.0, 2), TypeError, "stride must be an int"),
+        (lambda: conv(x, weight, bias, 2**70, 2), ValueError, r"stride must be at most 2\*\*63 - 1"),
         (lambda: conv(x[:, :2], weight, bias, 4, 1), ValueError, "too short for one window"),
         (lambda: conv(x, weight, bias, 4, 2, backend="fast"), ValueError, "backend must be one of"),
         (lambda: conv(x, weight.to("meta"), bias, 4, 2), ValueError, "weight is on meta"),
