@@ -70,7 +70,8 @@ def autocast_lower_precision(*tensors: torch.Tensor | None, device_type: str) ->
     tensor on that device type other than fp64 goes to the autocast dtype; outside one (or for
     None, non-floating, fp64 or other-device tensors) nothing changes. For fused ops that take one
     dtype and replace such an op, so that they follow autocast instead of refusing mixed dtypes."""
-    if not torch.is_autocast_enabled(device_type):
+    # Autocast exists for cpu, cuda and a few accelerators; "meta" (shape inference) has none.
+    if device_type == "meta" or not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if _autocast_eligible(t, device_type) else t for t in tensors)
