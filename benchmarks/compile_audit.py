@@ -369,10 +369,16 @@ def _resource_usage(cubin: bytes) -> dict[str, int]:
 def contracted_multiply_adds(ptx: str) -> int:
     """fma instructions in `ptx` that round a product and a sum once. Triton's sm_80 bf16
     arithmetic is written as fma without contracting anything (sm_80 has no bf16 mul or add):
-    `fma a, b, -0` is a rounded product, `fma a, ±1, c` a rounded sum; those are not counted."""
-    constants = dict(re.findall(r"mov\.b(?:16|32|64)\s+(%\w+), (0[xX][0-9A-Fa-f]+);", ptx))
-    negative_zero = {"0x8000", "0x80000000", "0x8000000000000000", "0f80000000", "0d8000000000000000"}
-    one = {"0x3f80", "0xbf80", "0x3f800000", "0xbf800000", "0x3ff0000000000000", "0xbff0000000000000"}
+    `fma a, b, -0` is a rounded product, `fma a, ±1, c` a rounded sum (also as bf16x2 pairs);
+    those are not counted."""
+    constants = {  # register -> its bits in hex (ptxas writes some constants in signed decimal)
+        register: hex(int(value, 0) & ((1 << int(bits)) - 1))
+        for bits, register, value in re.findall(r"mov\.b(16|32|64)\s+(%\w+), (-?(?:0[xX][0-9A-Fa-f]+|\d+));", ptx)
+    }
+    # Scalars and the packed pairs of bf16x2 (-0, -0) and (±1, ±1).
+    negative_zero = {"0x8000", "0x80008000", "0x80000000", "0x8000000000000000", "0f80000000", "0d8000000000000000"}
+    one = {"0x3f80", "0xbf80", "0x3f803f80", "0xbf80bf80", "0x3f800000", "0xbf800000"}
+    one |= {"0x3ff0000000000000", "0xbff0000000000000"}
     one |= {"0f3f800000", "0fbf800000", "0d3ff0000000000000", "0dbff0000000000000"}
 
     def value(operand: str) -> str:

@@ -149,11 +149,18 @@ def _flash_cross_attention_fwd_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), ACC_DTYPE)
     l_i = tl.zeros((BLOCK_M,), ACC_DTYPE)
     acc = tl.zeros((BLOCK_M, BLOCK_D), ACC_DTYPE)
+    valid_keys = 0  # unmasked keys of this batch element: none makes every row fully masked
     for n0 in range(0, Ta, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         bias = _key_bias(bias_ptr, b, cols, Ta, sbb, sbt, HAS_MASK)
+        if HAS_MASK:
+            valid_keys += tl.sum((bias == 0.0).to(tl.int32), 0)
         k = _load_tile(k_base, cols, d, Ta, head_dim, skt, EVEN_D).to(DOT_DTYPE)
         s = tl.dot(q, tl.trans(k), input_precision="ieee").to(ACC_DTYPE) * qk_scale + bias[None, :]
+        if HAS_MASK:
+            # A masked key scores -inf whatever q and k hold (a NaN there must not reach the row).
+            # Without a mask only the tail past Ta is -inf, and a NaN in q makes the row NaN anyway.
+            s = tl.where(bias[None, :] == float("-inf"), float("-inf"), s)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with no valid key so far has max -inf: subtract 0 instead, so p = 0, not NaN.
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -165,11 +172,13 @@ def _flash_cross_attention_fwd_kernel(
         acc = tl.dot(p.to(DOT_DTYPE), v, acc * alpha[:, None], input_precision="ieee", out_dtype=ACC_DTYPE)
         m_i = m_new
 
-    # Fully masked rows: l = 0 and acc = 0 -> out 0 (the reference's safe softmax), lse +inf.
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    lse = tl.where(empty, float("inf"), m_i + tl.log2(l_safe))
+    # Fully masked rows (no unmasked key, whatever the scores): out 0 (the reference's safe
+    # softmax) even where a masked value is NaN (acc = 0 · NaN), and lse +inf, which the backward
+    # reads as "fully masked". A row with unmasked keys and l = 0 (a -inf in q) is 0/0 = NaN, as
+    # the reference gives for a non-finite query.
+    no_key = (valid_keys == 0) if HAS_MASK else (Ta == 0)
+    out = tl.where(no_key, 0.0, acc / l_i[:, None])
+    lse = tl.where(no_key, float("inf"), m_i + tl.log2(l_i))
     o_offsets = b * sob + h * soh + rows.to(tl.int64)[:, None] * sot + d[None, :]
     tl.store(out_ptr + o_offsets, cast_for_store(out, out_ptr), mask=_tile_mask(rows, d, Tx, head_dim, EVEN_D))
     tl.store(lse_ptr + (b * num_heads + h) * Tx + rows, lse, mask=rows < Tx)
@@ -272,10 +281,17 @@ def _flash_cross_attention_bwd_dkdv_kernel(
         lse = tl.load(lse_ptr + stats_base + rows, mask=rows < Tx, other=float("inf"))
         delta = tl.load(delta_ptr + stats_base + rows, mask=rows < Tx, other=0.0)
         s_t = tl.dot(k, tl.trans(q), input_precision="ieee").to(ACC_DTYPE) * qk_scale + bias[:, None]
+        if HAS_MASK:
+            s_t = tl.where(bias[:, None] == float("-inf"), float("-inf"), s_t)
         p_t = tl.exp2(s_t - lse[None, :])
         dv = tl.dot(p_t.to(DOT_DTYPE), do, dv, input_precision="ieee", out_dtype=ACC_DTYPE)  # for triton 3.6
         dp_t = tl.dot(v, tl.trans(do), input_precision="ieee").to(ACC_DTYPE)
         ds_t = p_t * (dp_t - delta[None, :])
+        if HAS_MASK:
+            # Fully masked rows (lse +inf) add nothing to dK, even holding NaN (0 · NaN would).
+            empty = lse == float("inf")
+            ds_t = tl.where(empty[None, :], 0.0, ds_t)
+            q = tl.where(empty[:, None], tl.zeros_like(q), q)
         dk = tl.dot(ds_t.to(DOT_DTYPE), q, dk, input_precision="ieee", out_dtype=ACC_DTYPE)
     dk = dk * _scalar(scale_hi, scale_lo, ACC_DTYPE)
 
@@ -349,11 +365,16 @@ def _flash_cross_attention_bwd_dq_kernel(
         k = _load_tile(k_base, cols, d, Ta, head_dim, skt, EVEN_D).to(DOT_DTYPE)
         v = _load_tile(v_base, cols, d, Ta, head_dim, svt, EVEN_D).to(DOT_DTYPE)
         s = tl.dot(q, tl.trans(k), input_precision="ieee").to(ACC_DTYPE) * qk_scale + bias[None, :]
+        if HAS_MASK:
+            s = tl.where(bias[None, :] == float("-inf"), float("-inf"), s)
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision="ieee").to(ACC_DTYPE)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(DOT_DTYPE), k, dq, input_precision="ieee", out_dtype=ACC_DTYPE)  # for triton 3.6
     dq = dq * _scalar(scale_hi, scale_lo, ACC_DTYPE)
+    if HAS_MASK:
+        # A fully masked row (lse +inf) has dQ 0, even where a masked k or v holds NaN (0 · NaN).
+        dq = tl.where((lse == float("inf"))[:, None], 0.0, dq)
 
     g_offsets = b * sgb + h * sgh + rows.to(tl.int64)[:, None] * sgt + d[None, :]
     tl.store(dq_ptr + g_offsets, cast_for_store(dq, dq_ptr), mask=_tile_mask(rows, d, Tx, head_dim, EVEN_D))
@@ -398,7 +419,8 @@ def _configs(dtype: torch.dtype, Tx: int, block_d: int, capability: tuple[int, i
     # Forward: 16 query rows for decode (Tx = 1), else 64 (one warpgroup) or 128 rows (two),
     # whichever pads Tx less (Tx = 300: 5 x 64 rather than 3 x 128).
     if Tx <= 16:
-        fwd = {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+        # (A cap for two blocks per SM: uncapped, triton 3.6's ptxas spilled at hd 128 with a mask.)
+        fwd = {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "maxnreg": register_cap(4, 2)}
     elif triton.cdiv(Tx, 128) * 128 > triton.cdiv(Tx, 64) * 64:
         fwd = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
     else:

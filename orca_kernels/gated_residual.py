@@ -54,6 +54,9 @@ def _layer_norm_and_gate(
     o = tl.load(o_ptr + row * stride_o + cols, mask=h_ok, other=0.0).to(COMPUTE)
     mean = tl.sum(o, axis=0) / H
     centered = tl.where(h_ok, o - mean, 0.0)
+    # A second pass over the residuals: the first mean can be an ulp off (sum / H rounds), which a
+    # near-constant row turns into x̂ noise of ulp / sqrt(eps). After it a constant row is exactly 0.
+    centered = tl.where(h_ok, centered - tl.sum(centered, axis=0) / H, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / H + eps)
     x_hat = centered * rstd
     ln_w = tl.load(lnw_ptr + cols, mask=h_ok, other=0.0).to(COMPUTE)
@@ -187,6 +190,11 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
+def _vector(parameter: torch.Tensor) -> torch.Tensor:
+    """A parameter as the unit-stride vector the kernels index (a strided view is copied: they are small)."""
+    return parameter.reshape(-1).contiguous()
+
+
 def _launch(hidden_size: int, gate_size: int) -> dict:
     """Block sizes and warps: a program holds whole rows, so the warps follow the row width."""
     block_h = triton.next_power_of_2(hidden_size)
@@ -206,10 +214,10 @@ def _forward(hidden, attended, gate_hidden, gate_out_weight, gate_out_bias, ln_w
             h,
             o,
             u,
-            gate_out_weight.reshape(-1),
-            gate_out_bias,
-            ln_weight,
-            ln_bias,
+            _vector(gate_out_weight),
+            _vector(gate_out_bias),
+            _vector(ln_weight),
+            _vector(ln_bias),
             out,
             h.stride(0),
             o.stride(0),
@@ -246,10 +254,10 @@ def _backward(grad_out, attended, gate_hidden, gate_out_weight, gate_out_bias, l
                 dout,
                 o,
                 u,
-                gate_out_weight.reshape(-1),
-                gate_out_bias,
-                ln_weight,
-                ln_bias,
+                _vector(gate_out_weight),
+                _vector(gate_out_bias),
+                _vector(ln_weight),
+                _vector(ln_bias),
                 d_attended.view(-1, size),
                 d_gate_hidden.view(-1, gate_size),
                 partial_lnw,

@@ -160,15 +160,21 @@ def flash_cross_attention(
 
     key_padding_mask [B, Ta] bool, True = ignore; scale defaults to 1/sqrt(hd).
 
-    Fully masked rows give 0 with zero gradients on every device and SDPA backend: their mask is
-    lifted (so the softmax stays finite) and their output replaced by 0, which is what the CPU
-    reference's safe softmax gives.
+    Fully masked rows (and every row when T_a = 0) give 0 with zero gradients on every device and
+    SDPA backend, whatever their q, k and v hold: their mask is lifted (so the softmax stays
+    finite) and their output replaced by 0, which is what the CPU reference's safe softmax gives.
+    The kernels give the same.
 
     A query row holding a NaN or ±inf gives a NaN output row, as the Triton kernel does (its scores
     are NaN). The CPU SDPA kernel without a mask returns 0 for such a row instead, which would hide
     the bad input, so NaN is added to those rows explicitly (+0 elsewhere: exact, and no gradient
     path). Fully masked rows stay 0, with zero gradients, even then.
     """
+    if k.shape[1] == 0:
+        # No key at all is a fully masked row for every query (SDPA would give NaN): 0, with zero
+        # gradients whatever q holds.
+        # (k and v are empty: their sums are exact zeros, which keeps them in the graph.)
+        return torch.where(torch.zeros_like(q, dtype=torch.bool), q, 0.0) + (k.sum() + v.sum()) * 0
     qt, kt, vt = (_sdpa_aligned(t.transpose(1, 2)) for t in (q, k, v))
     finite = qt.isfinite().all(dim=-1, keepdim=True)  # [B, nh, Tx, 1]
     if key_padding_mask is None:

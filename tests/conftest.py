@@ -34,3 +34,23 @@ def device(request) -> torch.device:
 def triton_device(request) -> torch.device:
     """Where the Triton kernels can run in this process."""
     return torch.device(request.param)
+
+
+# Hypothesis profiles, chosen by ORCA_HYPOTHESIS_PROFILE. "ci" (the default) is derandomized: the
+# same examples on every run, so a red CI means a change broke something, not that a new example
+# turned up. "nightly" draws fresh examples, 20x as many (the test files scale their counts by
+# max_examples / 100), and prints the blob that replays a failure. Neither keeps an example
+# database (no .hypothesis/ in the tree) or a deadline (the Triton interpreter is slow), and the
+# "explain" phase is off (it reruns a failing example dozens of times).
+from hypothesis import HealthCheck, Phase, settings  # noqa: E402
+
+_HYPOTHESIS_COMMON = {
+    "deadline": None,
+    "print_blob": True,
+    "database": None,
+    "suppress_health_check": [HealthCheck.too_slow, HealthCheck.filter_too_much],
+    "phases": [Phase.explicit, Phase.generate, Phase.shrink],
+}
+settings.register_profile("ci", max_examples=100, derandomize=True, **_HYPOTHESIS_COMMON)
+settings.register_profile("nightly", max_examples=2000, **_HYPOTHESIS_COMMON)
+settings.load_profile(os.environ.get("ORCA_HYPOTHESIS_PROFILE", "ci"))

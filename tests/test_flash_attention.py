@@ -475,27 +475,48 @@ def test_finite_inputs_are_unchanged_by_the_nan_check(masked):
     assert torch.equal(reference.flash_cross_attention(q, k, v, mask), expected.transpose(1, 2))
 
 
-def test_fully_masked_row_stays_zero_with_a_nan_query():
-    """The reference's fully masked rows are 0 with zero gradients whatever the query holds."""
-    q, k, v = (t.requires_grad_() for t in _qkv())
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_fully_masked_row_stays_zero_with_a_nan_query(triton_device, backend):
+    """Fully masked rows are 0 with zero gradients whatever the query holds, on both backends."""
+    q, k, v = (t.to(triton_device).requires_grad_() for t in _qkv())
     with torch.no_grad():
         q[0, 1, 0, 2] = float("nan")
-    mask = torch.zeros(2, 9, dtype=torch.bool)
+    mask = torch.zeros(2, 9, dtype=torch.bool, device=triton_device)
     mask[0] = True
-    out = reference.flash_cross_attention(q, k, v, mask)
+    out = flash_cross_attention(q, k, v, mask, backend=backend)
     assert torch.all(out[0] == 0) and not out[1].isnan().any()
     grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
     assert all(torch.all(g[0] == 0) for g in grads)
 
 
-def test_fully_masked_batch_with_nan_keys_and_values_stays_zero():
-    q, k, v = (t.requires_grad_() for t in _qkv())
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_fully_masked_batch_with_nan_keys_and_values_stays_zero(triton_device, backend):
+    """NaN and inf in the keys and values of a fully masked batch element: still 0 with zero
+    gradients there (the kernels select rather than multiply by 0), and the other element clean."""
+    q, k, v = (t.to(triton_device).requires_grad_() for t in _qkv())
     with torch.no_grad():
         k[0, 4, 1, 0] = float("nan")
         v[0, 2, 0, 3] = float("inf")
-    mask = torch.zeros(2, 9, dtype=torch.bool)
+        q[0, 0, 0, 0] = float("nan")
+    mask = torch.zeros(2, 9, dtype=torch.bool, device=triton_device)
     mask[0] = True
-    out = reference.flash_cross_attention(q, k, v, mask)
+    out = flash_cross_attention(q, k, v, mask, backend=backend)
     grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
     assert torch.all(out[0] == 0) and all(torch.all(g[0] == 0) for g in grads)
     assert all(not t[1].isnan().any() for t in (out, *grads))
+
+
+@pytest.mark.parametrize("bad", [float("-inf"), float("inf")], ids=["-inf", "inf"])
+def test_an_infinite_query_with_unmasked_keys_is_nan_not_empty(triton_device, bad):
+    """-inf in q can make every unmasked score -inf (a softmax sum of 0): the row is NaN, as the
+    reference gives for a non-finite query, not the 0 of a fully masked row."""
+    q, k, v = _qkv(triton_device)
+    k = k.abs()  # every q·k of the bad element is then -inf (or +inf)
+    q[0, 1, 0] = 0.0
+    q[0, 1, 0, 2] = bad
+    mask = torch.zeros(2, 9, dtype=torch.bool, device=triton_device)
+    mask[0, :4] = True
+    for backend in ("triton", "torch"):
+        out = flash_cross_attention(q, k, v, mask, backend=backend)
+        assert out[0, 1, 0].isnan().all(), backend
+        assert not out[0, 0].isnan().any() and not out[1].isnan().any(), backend

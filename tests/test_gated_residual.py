@@ -48,6 +48,25 @@ def test_matches_composition(triton_device, dtype, batch, length, size, contiguo
         assert_matches_truth(a, t, same_dtype_reference=r, name=name)
 
 
+@pytest.mark.parametrize("which", [3, 4, 5, 6], ids=NAMES[3:])
+def test_strided_parameters(triton_device, which):
+    """A parameter that is a strided view (every other element of a wider tensor) gives the
+    reference's values and gradients: the kernels read the parameters as unit-stride vectors, so
+    the launcher packs a strided one (it once read the gaps)."""
+    inputs = make_inputs(2, 3, 12, torch.float64, triton_device)
+    wide = torch.randn(
+        *inputs[which].shape[:-1], 2 * inputs[which].shape[-1], dtype=torch.float64, device=triton_device
+    )
+    wide[..., ::2] = inputs[which]
+    inputs[which] = wide[..., ::2]
+    assert not inputs[which].is_contiguous() or inputs[which].numel() == 1
+    grad_out = torch.randn(2, 3, 12, dtype=torch.float64, device=triton_device)
+    got = grads(gated_residual, inputs, grad_out)
+    truth = grads(reference.gated_residual, inputs, grad_out)
+    for name, a, t in zip(["out", *NAMES], got, truth, strict=True):
+        assert_matches_truth(a, t, name=name)
+
+
 def test_mixed_dtypes_follow_the_caller(triton_device):
     """Under autocast the LayerNorm output is fp32 while the GEMM outputs are half: the kernel
     reads each input in its own dtype and writes out_dtype; gradients keep each input's dtype."""
