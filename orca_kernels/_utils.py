@@ -189,9 +189,9 @@ def check_rope_arguments(op: str, position_scale, rope_theta, *, scale_name: str
     `scale_name` is the caller's name for the scale (the module's `audio_position_scale`)."""
     for name, value in ((scale_name, position_scale), ("rope_theta", rope_theta)):
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"{op}: {name} must be a real number (finite, > 0), got {type(value).__name__}")
+            raise TypeError(f"{op}: {name} must be a real number (finite and > 0), got {type(value).__name__}")
         if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{op}: {name} must be > 0 and finite, got {value}")
+            raise ValueError(f"{op}: {name} must be finite and > 0, got {value}")
 
 
 class TableCache:

@@ -335,7 +335,10 @@ class DeSTA25AudioModel(nn.Module):
             # The backward pass would recompute the decoder layers after the memory is gone,
             # without the injection: wrong gradients (docs/reference-behaviour.md#gradient-checkpointing).
             # Refuse instead.
-            raise NotImplementedError("gradient checkpointing of the LLM is not supported with deep injection")
+            raise NotImplementedError(
+                "DeSTA25AudioModel: gradient checkpointing of the LLM is not supported with deep injection; "
+                "turn it off (gradient_checkpointing_disable) or set orca_deep_injection_enabled=False"
+            )
         rows = self._check_inputs(
             input_ids, attention_mask, labels, batch_features, batch_transcription_ids, batch_start_positions
         )

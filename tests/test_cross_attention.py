@@ -344,11 +344,11 @@ def test_kernels_available(monkeypatch):
 
 BAD_ROPE_ARGUMENTS = [  # (keyword, value, error, message)
     *[
-        ("position_scale", value, ValueError, "position_scale must be > 0 and finite")
+        ("position_scale", value, ValueError, "position_scale must be finite and > 0")
         for value in (0.0, -2.5, float("nan"), float("inf"))
     ],
     *[
-        ("rope_theta", value, ValueError, "rope_theta must be > 0 and finite")
+        ("rope_theta", value, ValueError, "rope_theta must be finite and > 0")
         for value in (0.0, -1.0, float("nan"), float("inf"))
     ],
     ("position_scale", "2.5", TypeError, "position_scale must be a real number"),

@@ -71,9 +71,9 @@ def test_bad_inputs():
         rope.audio_rope(audio[0])
     with pytest.raises(ValueError, match="width must be even"):
         rope.audio_rope(torch.randn(2, 5, 7))
-    with pytest.raises(ValueError, match="position_scale must be > 0"):
+    with pytest.raises(ValueError, match="position_scale must be finite and > 0"):
         rope.audio_rope(audio, 0.0)
-    with pytest.raises(ValueError, match="rope_theta must be > 0"):
+    with pytest.raises(ValueError, match="rope_theta must be finite and > 0"):
         rope.audio_rope(audio, 2.5, -1.0)
     with pytest.raises(ValueError, match="backend must be one of"):
         rope.audio_rope(audio, backend="cuda")
