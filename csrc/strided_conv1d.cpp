@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <optional>
+#include <string>
 
 #include "conv1d_cpu.h"
 #include "conv1d_plan.h"
@@ -39,8 +40,20 @@ DType dtype_of(at::ScalarType t) {
 
 at::ScalarType accumulation_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
+// Integers in error messages are formatted here (std::to_string), not streamed into the message
+// that TORCH_CHECK builds: on the GPU machine's build (GCC 13.3, torch 2.11) the two checks that
+// streamed an int64 died with SIGSEGV while the checks without integers raised. Until a native
+// backtrace (benchmarks/gpu_check.sh) says why, no message streams an integer.
+std::string text(int64_t value) { return std::to_string(value); }
+
+std::string text(at::IntArrayRef sizes) {
+  std::string out = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + std::to_string(sizes[i]);
+  return out + "]";
+}
+
 void check_tensor(const at::Tensor& t, const char* name, int64_t dim, const at::Tensor& like) {
-  TORCH_CHECK(t.dim() == dim, "strided_conv1d: ", name, " must have ", dim, " dimensions, got shape ", t.sizes());
+  TORCH_CHECK(t.dim() == dim, "strided_conv1d: ", name, " must have ", text(dim), " dimensions, got shape ", text(t.sizes()));
   TORCH_CHECK(t.scalar_type() == like.scalar_type(), "strided_conv1d: ", name, " has dtype ", t.scalar_type(),
               " but expected ", like.scalar_type());
   TORCH_CHECK(t.device() == like.device(), "strided_conv1d: ", name, " is on ", t.device(), " but expected ",
@@ -49,12 +62,13 @@ void check_tensor(const at::Tensor& t, const char* name, int64_t dim, const at::
 }
 
 int64_t output_length(int64_t length_in, int64_t kernel_size, int64_t stride, int64_t padding) {
-  TORCH_CHECK(stride >= 1, "strided_conv1d: stride must be >= 1, got ", stride);
-  TORCH_CHECK(padding >= 0, "strided_conv1d: padding must be >= 0, got ", padding);
-  TORCH_CHECK(kernel_size >= 1, "strided_conv1d: weight kernel size must be >= 1, got ", kernel_size);
+  TORCH_CHECK(stride >= 1, "strided_conv1d: stride must be >= 1, got ", text(stride));
+  TORCH_CHECK(padding >= 0, "strided_conv1d: padding must be >= 0, got ", text(padding));
+  TORCH_CHECK(kernel_size >= 1, "strided_conv1d: weight kernel size must be >= 1, got ", text(kernel_size));
   const int64_t length_out = (length_in + 2 * padding - kernel_size) / stride + 1;
   TORCH_CHECK(length_in + 2 * padding >= kernel_size && length_out >= 1, "strided_conv1d: x has length ",
-              length_in, ", too short for one window of kernel size ", kernel_size, " with padding ", padding);
+              text(length_in), ", too short for one window of kernel size ", text(kernel_size), " with padding ",
+              text(padding));
   return length_out;
 }
 
@@ -122,13 +136,13 @@ at::Tensor strided_conv1d(const at::Tensor& x_in, const at::Tensor& weight, cons
                           int64_t stride, int64_t padding) {
   check_tensor(x_in, "x", 3, x_in);
   check_tensor(weight, "weight", 3, x_in);
-  TORCH_CHECK(weight.size(1) == x_in.size(2), "strided_conv1d: weight has ", weight.size(1),
-              " input channels but x has ", x_in.size(2));
+  TORCH_CHECK(weight.size(1) == x_in.size(2), "strided_conv1d: weight has ", text(weight.size(1)),
+              " input channels but x has ", text(x_in.size(2)));
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias) {
     check_tensor(*bias, "bias", 1, x_in);
-    TORCH_CHECK(bias->size(0) == weight.size(0), "strided_conv1d: bias has ", bias->size(0),
-                " elements but weight has ", weight.size(0), " output channels");
+    TORCH_CHECK(bias->size(0) == weight.size(0), "strided_conv1d: bias has ", text(bias->size(0)),
+                " elements but weight has ", text(weight.size(0)), " output channels");
   }
   const Conv1dGeometry g{x_in.size(0), x_in.size(1), x_in.size(2),
                          output_length(x_in.size(1), weight.size(2), stride, padding),
@@ -156,8 +170,8 @@ at::Tensor strided_conv1d_grad_input(const at::Tensor& grad_out_in, const at::Te
   check_tensor(weight, "weight", 3, grad_out_in);
   const int64_t length_out = output_length(input_length, weight.size(2), stride, padding);
   TORCH_CHECK(grad_out_in.size(1) == length_out && grad_out_in.size(2) == weight.size(0),
-              "strided_conv1d: grad_out has shape ", grad_out_in.sizes(), " but the convolution gives [B, ",
-              length_out, ", ", weight.size(0), "]");
+              "strided_conv1d: grad_out has shape ", text(grad_out_in.sizes()), " but the convolution gives [B, ",
+              text(length_out), ", ", text(weight.size(0)), "]");
   const Conv1dGeometry g{grad_out_in.size(0), input_length, weight.size(1), length_out,
                          weight.size(0), weight.size(2), stride, padding};
   at::Tensor grad_x = at::zeros({g.batch, g.length_in, g.channels_in},
@@ -178,8 +192,8 @@ at::Tensor strided_conv1d_grad_weight(const at::Tensor& grad_out_in, const at::T
   check_tensor(x_in, "x", 3, grad_out_in);
   const int64_t length_out = output_length(x_in.size(1), kernel_size, stride, padding);
   TORCH_CHECK(grad_out_in.size(0) == x_in.size(0) && grad_out_in.size(1) == length_out,
-              "strided_conv1d: grad_out has shape ", grad_out_in.sizes(), " but the convolution gives [",
-              x_in.size(0), ", ", length_out, ", C_out]");
+              "strided_conv1d: grad_out has shape ", text(grad_out_in.sizes()), " but the convolution gives [",
+              text(x_in.size(0)), ", ", text(length_out), ", C_out]");
   const Conv1dGeometry g{x_in.size(0), x_in.size(1), x_in.size(2), length_out,
                          grad_out_in.size(2), kernel_size, stride, padding};
   at::Tensor packed = at::zeros({g.channels_out, g.kernel_size, g.channels_in},
