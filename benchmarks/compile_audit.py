@@ -92,10 +92,11 @@ MODELS = (
 )
 TEXT_LENGTHS = {"decode": 1, "prefill-64": 64, "prefill-128": 128, "train": 300}
 MAX_LOCAL_SAMPLES = 100
+# Compiler options a launch may pass besides warps and stages.
 LAUNCH_OPTIONS = ("maxnreg", "num_ctas", "enable_fp_fusion")
 # Kernels bitwise equal to the reference's separate elementwise ops: ptxas must not contract a*b + c
 # into one fma (a launch passes enable_fp_fusion=False), or the result differs in the last bit.
-UNCONTRACTED_KERNELS = {"_audio_rope_fwd_kernel"}  # compiler options a launch may pass besides warps and stages
+UNCONTRACTED_KERNELS = {"_audio_rope_fwd_kernel"}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
 TL_DTYPE_NAMES = {
     torch.float16: "fp16",
