@@ -1,11 +1,10 @@
-"""Small helpers shared by the ops: backend names, input checks, output allocation."""
+"""Small helpers shared by the ops: backend resolution, output allocation, autocast, the table
+cache. Argument checks live in `orca_kernels.validation`."""
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import math
-import numbers
 import os
 import threading
 import warnings
@@ -13,7 +12,9 @@ from collections.abc import Callable
 
 import torch
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Transitional: strided_conv.py and flash_attention.py still import these checks from here.
+# Delete this import once they import them from orca_kernels.validation.
+from orca_kernels.validation import check_backend, check_int, check_key_padding_mask, check_tensor  # noqa: F401
 
 # Tests set this so that every output buffer an op allocates starts as NaN: an element a kernel
 # forgets to write then fails the comparison. The C++ glue reads the same variable.
@@ -133,65 +134,6 @@ def new_output(shape, *, dtype: torch.dtype, device: torch.device) -> torch.Tens
     if os.environ.get(POISON_ENV, "0") == "1":
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
-
-
-def check_backend(op: str, backend: str, allowed: tuple[str, ...]) -> None:
-    if backend not in allowed:
-        raise ValueError(f"{op}: backend must be one of {', '.join(map(repr, allowed))}, got {backend!r}")
-
-
-def check_tensor(op: str, name: str, value, ndim: int, *, like: torch.Tensor | None = None) -> None:
-    """A floating tensor of rank `ndim`, with the dtype and device of `like` when given."""
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
-    if value.dim() != ndim:
-        raise ValueError(f"{op}: {name} must have {ndim} dimensions, got shape {tuple(value.shape)}")
-    if value.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"{op}: {name} has dtype {value.dtype}; supported: float16, bfloat16, float32, float64")
-    if like is not None and value.dtype != like.dtype:
-        raise ValueError(f"{op}: {name} has dtype {value.dtype} but expected {like.dtype}")
-    if like is not None and value.device != like.device:
-        raise ValueError(f"{op}: {name} is on {value.device} but expected {like.device}")
-
-
-INT64_MAX = 2**63 - 1
-
-
-def check_int(op: str, name: str, value, minimum: int) -> None:
-    """An int (not bool) in [minimum, 2**63 - 1]: what the ops' int64 schema arguments hold."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{op}: {name} must be >= {minimum}, got {value}")
-    if value > INT64_MAX:
-        raise ValueError(f"{op}: {name} must be at most 2**63 - 1 (a 64-bit int), got {value}")
-
-
-def check_key_padding_mask(op: str, mask, batch: int, length: int, like: torch.Tensor) -> None:
-    """None, or a bool [batch, length] tensor (True = ignore that key) on like's device."""
-    if mask is None:
-        return
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{op}: key_padding_mask must be a torch.Tensor or None, got {type(mask).__name__}")
-    if mask.dtype != torch.bool:
-        raise ValueError(f"{op}: key_padding_mask must have dtype torch.bool (True = ignore), got {mask.dtype}")
-    if tuple(mask.shape) != (batch, length):
-        expected = (batch, length)
-        raise ValueError(f"{op}: key_padding_mask has shape {tuple(mask.shape)} but expected [B, T_a] = {expected}")
-    if mask.device != like.device:
-        raise ValueError(f"{op}: key_padding_mask is on {mask.device} but expected {like.device}")
-
-
-def check_rope_arguments(op: str, position_scale, rope_theta, *, scale_name: str = "position_scale") -> None:
-    """The audio RoPE's position_scale and rope_theta: real numbers (not bool), finite and > 0.
-    A scale of 0 divides the positions by zero and θ <= 0 gives NaN frequencies: NaN everywhere
-    downstream, silently. Every backend of every op that takes them calls this one check;
-    `scale_name` is the caller's name for the scale (the module's `audio_position_scale`)."""
-    for name, value in ((scale_name, position_scale), ("rope_theta", rope_theta)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"{op}: {name} must be a real number (finite and > 0), got {type(value).__name__}")
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{op}: {name} must be finite and > 0, got {value}")
 
 
 class TableCache:

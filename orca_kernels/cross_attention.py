@@ -20,18 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from orca_kernels import reference
-from orca_kernels._utils import (
-    autocast_fp32_normalisations,
-    check_backend,
-    check_int,
-    check_key_padding_mask,
-    check_rope_arguments,
-    check_tensor,
-    use_triton,
-)
+from orca_kernels._utils import autocast_fp32_normalisations, use_triton
 from orca_kernels.flash_attention import flash_cross_attention
 from orca_kernels.gated_residual import gated_residual
 from orca_kernels.rope import audio_rope
+from orca_kernels.validation import check_backend, check_int, check_key_padding_mask, check_rope_arguments, check_tensor
 
 OP = "gated_cross_attention"
 PROJECT_OP = "project_audio_kv"

@@ -46,14 +46,12 @@ from orca_kernels._utils import (
     TableCache,
     autocast_fp32_normalisations,
     autocast_lower_precision,
-    check_backend,
-    check_int,
-    check_tensor,
     device_context,
     new_output,
     refuse_double_backward,
     use_triton,
 )
+from orca_kernels.validation import check_backend, check_int, check_tensor
 
 BACKENDS = ("auto", "triton", "torch")
 _EPS = tl.constexpr(1e-12)  # F.normalize's default; the kernels clamp norms in the accumulator dtype

@@ -14,8 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-# Also reached as `reference.check_rope_arguments` by orca_model, which imports no private module.
-from orca_kernels._utils import check_rope_arguments
+from orca_kernels.validation import check_rope_arguments
 
 LAYER_NORM_EPS = 1e-5
 
@@ -279,6 +278,27 @@ def pool_rotated_audio(rotated_audio: torch.Tensor) -> torch.Tensor:
         return F.normalize(rotated_audio.mean(dim=1), dim=-1)
 
 
+def pool_transcription_spans(
+    hidden: torch.Tensor, transcription_positions: Sequence[tuple[int, int, int]]
+) -> tuple[list[int], torch.Tensor] | None:
+    """The transcription spans (b, s, e) of hidden [B, T_x, H] with s < e <= T_x, each the mean of
+    hidden[b, s:e], stacked and normalised -> (the row b of each span, [N, H]); None when no span
+    is valid. The span half of `layer_align_loss`, shared with `orca_model.losses`."""
+    valid = [(b, s, e) for b, s, e in transcription_positions if s < e and e <= hidden.size(1)]
+    if not valid:
+        return None
+    text_pooled = F.normalize(torch.stack([hidden[b, s:e, :].mean(dim=0) for b, s, e in valid], dim=0), dim=-1)
+    return [b for b, _, _ in valid], text_pooled
+
+
+def align_loss_per_row(hidden: torch.Tensor, audio_pooled: torch.Tensor) -> torch.Tensor:
+    """1 − cos(audio_pooled[b], normalize(mean over T_x of hidden[b])) for each row b -> [B]: the
+    loss without transcription spans, before its mean (every text token pooled, padding
+    included). The fallback of `layer_align_loss`, shared with `orca_model.losses`."""
+    text_pooled = F.normalize(hidden.mean(dim=1), dim=-1)
+    return 1 - F.cosine_similarity(audio_pooled, text_pooled, dim=-1)
+
+
 def layer_align_loss(
     hidden: torch.Tensor,
     audio_pooled: torch.Tensor,
@@ -293,14 +313,13 @@ def layer_align_loss(
     pooled. Loss = mean(1 − cos).
     """
     if transcription_positions is not None and len(transcription_positions) > 0:
-        spans = [hidden[b, s:e, :].mean(dim=0) for b, s, e in transcription_positions if s < e and e <= hidden.size(1)]
-        if not spans:
+        spans = pool_transcription_spans(hidden, transcription_positions)
+        if spans is None:
             return None
-        text_pooled = F.normalize(torch.stack(spans, dim=0), dim=-1)
+        _, text_pooled = spans
         n = min(audio_pooled.size(0), text_pooled.size(0))
         return (1 - F.cosine_similarity(audio_pooled[:n], text_pooled[:n], dim=-1)).mean()
-    text_pooled = F.normalize(hidden.mean(dim=1), dim=-1)
-    return (1 - F.cosine_similarity(audio_pooled, text_pooled, dim=-1)).mean()
+    return align_loss_per_row(hidden, audio_pooled).mean()
 
 
 # ----------------------------------------------------------------------------- local branch

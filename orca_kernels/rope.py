@@ -16,16 +16,8 @@ import triton.language as tl
 
 from orca_kernels import reference
 from orca_kernels._triton_helpers import TL_DTYPES, accumulator_dtype, cast_for_store, round_like
-from orca_kernels._utils import (
-    KERNELS_INTERPRETED,
-    TableCache,
-    check_backend,
-    check_rope_arguments,
-    check_tensor,
-    device_context,
-    new_output,
-    use_triton,
-)
+from orca_kernels._utils import KERNELS_INTERPRETED, TableCache, device_context, new_output, use_triton
+from orca_kernels.validation import check_backend, check_rope_arguments, check_tensor
 
 OP = "audio_rope"
 BACKENDS = ("auto", "triton", "torch")

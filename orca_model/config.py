@@ -10,6 +10,8 @@ from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
 
+from orca_kernels.validation import check_bool
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_ROPE_THETA = 10000.0  # the reference's fallback when the LLM config has no θ
@@ -61,8 +63,7 @@ def _finite(name: str, value: Any) -> None:
 
 
 def _boolean(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"DeSTA25Config: {name} must be a bool (True or False), got {value!r}")
+    check_bool("DeSTA25Config", name, value)
 
 
 def _one_of(choices: tuple[str, ...]) -> Callable[[str, Any], None]:

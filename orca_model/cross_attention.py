@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Sequence
 
 import torch
@@ -11,6 +9,14 @@ from torch import nn
 
 import orca_kernels
 from orca_kernels import reference
+from orca_kernels.validation import (
+    check_bool,
+    check_finite_real,
+    check_int,
+    check_is_tensor,
+    check_rank,
+    check_rope_arguments,
+)
 from orca_model.config import DeSTA25Config
 from orca_model.losses import layer_align_loss
 
@@ -75,21 +81,17 @@ class OrcaGatedCrossAttention(nn.Module):
                 "OrcaGatedCrossAttention: pass use_fused or config, not both "
                 "(with config, config.use_fused_orca decides)"
             )
-        _check_positive_int("hidden_size", hidden_size)
-        _check_positive_int("num_heads", num_heads)
+        check_int(MODULE, "hidden_size", hidden_size, 1)
+        check_int(MODULE, "num_heads", num_heads, 1)
         if hidden_size % num_heads:
             raise ValueError(
                 f"{MODULE}: num_heads={num_heads} must divide hidden_size={hidden_size} "
                 "(head dim = hidden_size / num_heads)"
             )
-        if isinstance(gate_init, bool) or not isinstance(gate_init, numbers.Real):
-            raise TypeError(f"{MODULE}: gate_init must be a real number, got {type(gate_init).__name__}")
-        if not math.isfinite(gate_init):
-            raise ValueError(f"{MODULE}: gate_init must be finite, got {gate_init}")
-        if not isinstance(use_fused, bool):
-            raise TypeError(f"{MODULE}: use_fused must be a bool, got {type(use_fused).__name__}")
+        check_finite_real(MODULE, "gate_init", gate_init)
+        check_bool(MODULE, "use_fused", use_fused)
         # The one check of orca_kernels' RoPE arguments, under this module's argument names.
-        reference.check_rope_arguments(MODULE, audio_position_scale, rope_theta, scale_name="audio_position_scale")
+        check_rope_arguments(MODULE, audio_position_scale, rope_theta, scale_name="audio_position_scale")
         self.cross_attn = nn.MultiheadAttention(embed_dim=hidden_size, num_heads=num_heads, batch_first=True)
         gate = hidden_size // 4
         self.gate_proj = nn.Sequential(nn.Linear(hidden_size, gate), nn.GELU(), nn.Linear(gate, 1))
@@ -184,7 +186,7 @@ class OrcaGatedCrossAttention(nn.Module):
     ) -> None:
         """Shapes that would otherwise fail deep inside MultiheadAttention (or the kernels) with an
         error that names neither tensor."""
-        _check_3d("hidden_states", hidden_states)
+        check_rank(MODULE, "hidden_states", hidden_states, 3, layout="[B, T, H]")
         if hidden_states.shape[2] != self.hidden_size:
             raise ValueError(
                 f"{MODULE}: hidden_states has hidden size {hidden_states.shape[2]} but the module has "
@@ -192,7 +194,7 @@ class OrcaGatedCrossAttention(nn.Module):
             )
         if audio_local is None:
             return
-        _check_3d("audio_local", audio_local)
+        check_rank(MODULE, "audio_local", audio_local, 3, layout="[B, T, H]")
         if audio_local.shape[0] != hidden_states.shape[0]:
             raise ValueError(
                 f"{MODULE}: hidden_states has batch size {hidden_states.shape[0]} but audio_local has batch size "
@@ -205,25 +207,10 @@ class OrcaGatedCrossAttention(nn.Module):
             )
         if audio_local_mask is None:
             return
-        if not isinstance(audio_local_mask, torch.Tensor):
-            raise TypeError(f"{MODULE}: audio_local_mask must be a torch.Tensor, got {type(audio_local_mask).__name__}")
+        check_is_tensor(MODULE, "audio_local_mask", audio_local_mask)
         expected = (audio_local.shape[0], audio_local.shape[1])
         if tuple(audio_local_mask.shape) != expected:
             raise ValueError(
                 f"{MODULE}: audio_local_mask has shape {tuple(audio_local_mask.shape)} but expected "
                 f"[B, T_a] = {expected} (True = keep)"
             )
-
-
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{MODULE}: {name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{MODULE}: {name} must be >= 1, got {value}")
-
-
-def _check_3d(name: str, value) -> None:
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{MODULE}: {name} must be a torch.Tensor, got {type(value).__name__}")
-    if value.dim() != 3:
-        raise ValueError(f"{MODULE}: {name} must be [B, T, H] (3 dimensions), got shape {tuple(value.shape)}")

@@ -9,27 +9,13 @@ order (docs/reference-behaviour.md#audio-to-row-alignment).
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 
 import torch
 
+from orca_kernels.validation import check_index, check_int_tensor, check_is_tensor, check_rank
+
 MODEL = "DeSTA25AudioModel"
-
-
-def _check_int_tensor(name: str, value, ndim: int) -> None:
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{MODEL}: {name} must be a torch.Tensor, got {type(value).__name__}")
-    if value.dim() != ndim:
-        raise ValueError(f"{MODEL}: {name} must have {ndim} dimensions, got shape {tuple(value.shape)}")
-    if value.dtype == torch.bool or value.is_floating_point() or value.is_complex():
-        raise ValueError(f"{MODEL}: {name} must hold integer token ids, got dtype {value.dtype}")
-
-
-def _check_index(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{MODEL}: {name} must be an int, got {type(value).__name__}")
-    return int(value)
 
 
 def check_batch_inputs(
@@ -52,13 +38,12 @@ def check_batch_inputs(
     [start, start + num_global_tokens + L_i) of its row, which must fit in T_x, and a row holds
     at most one audio (the memory is one audio's tokens per row).
     """
-    _check_int_tensor("input_ids", input_ids, 2)
+    check_int_tensor(MODEL, "input_ids", input_ids, 2, holding="integer token ids")
     batch, length = input_ids.shape
     for name, tensor in (("attention_mask", attention_mask), ("labels", labels)):
         if tensor is None:
             continue
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{MODEL}: {name} must be a torch.Tensor, got {type(tensor).__name__}")
+        check_is_tensor(MODEL, name, tensor)
         if tensor.shape != input_ids.shape:
             raise ValueError(
                 f"{MODEL}: {name} has shape {tuple(tensor.shape)} but input_ids has {tuple(input_ids.shape)}"
@@ -71,11 +56,7 @@ def check_batch_inputs(
     num_audio = len(batch_start_positions)
     if num_audio == 0:
         return []
-    if not isinstance(batch_features, torch.Tensor):
-        raise TypeError(f"{MODEL}: batch_features must be a torch.Tensor, got {type(batch_features).__name__}")
-    if batch_features.dim() != 3:
-        shape = tuple(batch_features.shape)
-        raise ValueError(f"{MODEL}: batch_features must be [N, n_mels, frames], got shape {shape}")
+    check_rank(MODEL, "batch_features", batch_features, 3, layout="[N, n_mels, frames]")
     if batch_features.size(1) != num_mel_bins:
         raise ValueError(
             f"{MODEL}: batch_features has {batch_features.size(1)} mel bins but the Whisper encoder takes "
@@ -96,13 +77,12 @@ def check_batch_inputs(
     for index, (position, ids) in enumerate(zip(batch_start_positions, batch_transcription_ids, strict=True)):
         if not isinstance(position, Sequence) or len(position) != 2:
             raise ValueError(f"{MODEL}: batch_start_positions[{index}] must be a (row, start) pair, got {position!r}")
-        row = _check_index(f"batch_start_positions[{index}] row", position[0])
-        start = _check_index(f"batch_start_positions[{index}] start", position[1])
+        row = check_index(MODEL, f"batch_start_positions[{index}] row", position[0])
+        start = check_index(MODEL, f"batch_start_positions[{index}] start", position[1])
         if not 0 <= row < batch:
             raise ValueError(f"{MODEL}: audio {index} is placed in row {row}, but the batch has rows 0..{batch - 1}")
         name = f"batch_transcription_ids[{index}]"
-        if not isinstance(ids, torch.Tensor):
-            raise TypeError(f"{MODEL}: {name} must be a torch.Tensor, got {type(ids).__name__}")
+        check_is_tensor(MODEL, name, ids)
         if ids.dim() not in (1, 2) or (ids.dim() == 2 and ids.size(0) != 1):
             raise ValueError(f"{MODEL}: {name} must be [L] or [1, L] token ids, got shape {tuple(ids.shape)}")
         needed = num_global_tokens + ids.shape[-1]

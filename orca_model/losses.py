@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import orca_kernels
+from orca_kernels import reference
 from orca_model.config import DeSTA25Config
 
 MAX_LOCAL_SAMPLES = 100  # local tokens the cross loss reads, as in the reference
@@ -31,16 +32,17 @@ def layer_align_loss(
 
     The reference pairs the valid spans with the audio rows by list index: the same numbers when
     audio i sits in row i and every span is valid, another row's audio otherwise
-    (docs/reference-behaviour.md#audio-to-row-alignment).
+    (docs/reference-behaviour.md#audio-to-row-alignment). The span pooling and the loss without
+    spans are the reference's own (`reference.pool_transcription_spans`,
+    `reference.align_loss_per_row`); only the pairing and the rows counted differ.
     """
     if transcription_positions is not None and len(transcription_positions) > 0:
-        valid = [(b, s, e) for b, s, e in transcription_positions if s < e and e <= hidden.size(1)]
-        if not valid:
+        spans = reference.pool_transcription_spans(hidden, transcription_positions)
+        if spans is None:
             return None
-        text_pooled = F.normalize(torch.stack([hidden[b, s:e, :].mean(dim=0) for b, s, e in valid]), dim=-1)
-        audio = audio_pooled[[b for b, _, _ in valid]]
-        return (1 - F.cosine_similarity(audio, text_pooled, dim=-1)).mean()
-    per_row = 1 - F.cosine_similarity(audio_pooled, F.normalize(hidden.mean(dim=1), dim=-1), dim=-1)
+        rows, text_pooled = spans
+        return (1 - F.cosine_similarity(audio_pooled[rows], text_pooled, dim=-1)).mean()
+    per_row = reference.align_loss_per_row(hidden, audio_pooled)
     if has_audio is None:
         return per_row.mean()
     weights = has_audio.to(per_row.dtype)

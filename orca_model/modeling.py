@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, WhisperModel
 
+from orca_kernels.validation import check_bool
 from orca_model.config import DeSTA25Config
 from orca_model.connector import ORCAHybridConnector
 from orca_model.cross_attention import OrcaGatedCrossAttention
@@ -157,8 +158,7 @@ class DeSTA25AudioModel(nn.Module):
         at once: the connector's Conv1d, each cross-attention module and the ORCA losses. They all
         read `config.use_fused_orca` at each call, so this equals assigning it; here the value is
         checked."""
-        if not isinstance(enabled, bool):
-            raise TypeError(f"set_use_fused_orca: enabled must be a bool, got {type(enabled).__name__}")
+        check_bool("set_use_fused_orca", "enabled", enabled)
         self.config.use_fused_orca = enabled
 
     # ------------------------------------------------------------------ parameters and checkpoints

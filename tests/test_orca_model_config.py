@@ -206,9 +206,9 @@ BAD_FIELDS = [
     ("orca_gate_init", INF, ValueError, "finite"),
     ("llm_dtype", "bf16", ValueError, "one of 'bfloat16', 'float16', 'float32', 'float64'"),
     ("llm_dtype", "int8", ValueError, "one of 'bfloat16', 'float16', 'float32', 'float64'"),
-    ("use_fused_orca", 1, TypeError, "must be a bool"),
-    ("use_fused_orca", "true", TypeError, "must be a bool"),
-    ("use_fused_orca", None, TypeError, "must be a bool"),
+    ("use_fused_orca", 1, TypeError, "must be a bool, got int"),
+    ("use_fused_orca", "true", TypeError, "must be a bool, got str"),
+    ("use_fused_orca", None, TypeError, "must be a bool, got NoneType"),
 ]
 
 
@@ -237,7 +237,7 @@ def test_bad_field_is_refused_by_from_pretrained_and_from_dict(tmp_path):
     # from_pretrained sets its keyword overrides after __init__
     with pytest.raises(ValueError, match="DeSTA25Config: orca_audio_position_scale must be finite and > 0"):
         DeSTA25Config.from_pretrained(tmp_path, orca_audio_position_scale=0.0)
-    with pytest.raises(TypeError, match="DeSTA25Config: use_fused_orca must be a bool"):
+    with pytest.raises(TypeError, match="DeSTA25Config: use_fused_orca must be a bool, got str"):
         DeSTA25Config.from_pretrained(tmp_path, use_fused_orca="yes")
     saved = json.loads((tmp_path / "config.json").read_text())
     saved["orca_local_downsample"] = 0
