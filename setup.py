@@ -79,7 +79,7 @@ def extensions():
             "orca-kernels needs torch at build time: `pip install torch`, then `pip install --no-build-isolation -e .`"
         ) from error
 
-    sources = [os.path.join("csrc", name) for name in ("strided_conv1d.cpp", "conv1d_cpu.cpp")]
+    sources = [os.path.join("csrc", "strided_conv1d.cpp")]
     cxx_flags = ["-O3"]  # the C++ standard is the one torch's cpp_extension picks for its headers
     cuda_home = cpp_extension.CUDA_HOME
     nvcc = os.path.join(cuda_home, "bin", "nvcc") if cuda_home else None

@@ -1,5 +1,6 @@
 // Torch glue of orca_kernels._C: validates inputs, fills the GEMM plan of conv1d_plan.h, allocates
-// the accumulation buffers, runs the plan on the CPU or CUDA executor and registers the ops.
+// the accumulation buffers, runs the plan (on the CPU through ATen's GEMM, on CUDA through the
+// cuBLAS executor) and registers the ops.
 // Autograd formulas and fake (meta) kernels are registered in Python (orca_kernels/conv_downsample.py)
 // so that they work with symbolic shapes under torch.compile.
 #include <Python.h>
@@ -14,8 +15,8 @@
 #include <cstring>
 #include <optional>
 #include <string>
+#include <vector>
 
-#include "conv1d_cpu.h"
 #include "conv1d_plan.h"
 
 #ifdef ORCA_WITH_CUDA
@@ -105,31 +106,60 @@ at::Tensor cast_result(const at::Tensor& accumulated, at::ScalarType dtype) {
   return new_output(accumulated.sizes(), accumulated.options().dtype(dtype)).copy_(accumulated);
 }
 
-void run_pass(const GemmPass& pass, const at::Device& device) {
+// A [rows, cols] matrix of a pass (op(X) when `m.transposed`) as a tensor over the pass's buffer.
+at::Tensor operand_view(const void* base, const MatrixOperand& m, int64_t batch_index, int64_t rows, int64_t cols,
+                        const at::TensorOptions& options) {
+  char* start = static_cast<char*>(const_cast<void*>(base)) +
+                (m.offset + batch_index * m.batch_stride) * options.dtype().itemsize();
+  const std::vector<int64_t> strides = m.transposed ? std::vector<int64_t>{1, m.row_stride}
+                                                    : std::vector<int64_t>{m.row_stride, 1};
+  return at::from_blob(start, {rows, cols}, strides, options);
+}
+
+// The CPU executor is ATen's own GEMM (MKL / oneDNN): every task becomes addmm_ on views with the
+// leading dimensions cuBLAS gets, one call per batch index. fp16/bf16 passes arrive widened to fp32.
+void run_pass_cpu(const GemmPass& pass) {
+  TORCH_CHECK(pass.ab_dtype == DType::kFloat32 || pass.ab_dtype == DType::kFloat64,
+              "strided_conv1d: internal error: the CPU executor takes fp32 or fp64 operands");
+  const auto options = at::TensorOptions().dtype(pass.ab_dtype == DType::kFloat64 ? at::kDouble : at::kFloat);
+  for (const GemmTask& t : pass.tasks) {
+    if (t.m <= 0 || t.n <= 0 || t.k <= 0 || t.batch <= 0) continue;
+    for (int64_t bi = 0; bi < t.batch; ++bi) {
+      at::Tensor c = operand_view(pass.c, t.c, t.c.batch_stride == 0 ? 0 : bi, t.m, t.n, options);
+      c.addmm_(operand_view(pass.a, t.a, bi, t.m, t.k, options), operand_view(pass.b, t.b, bi, t.k, t.n, options));
+    }
+  }
+}
+
+// `context` names the op and its shapes, so that a failure here says which call it was.
+void run_pass(const GemmPass& pass, const at::Device& device, const std::string& context) {
   for (const GemmTask& t : pass.tasks) {
     if (t.m <= 0 || t.n <= 0 || t.k <= 0 || t.batch <= 0) continue;
     const char* error = check_blas_task(t);
-    TORCH_CHECK(error == nullptr, "strided_conv1d: internal plan error: ", error);
+    TORCH_CHECK(error == nullptr, "strided_conv1d: internal plan error for ", context, ": ", error);
   }
-  if (device.is_cuda()) {
+  if (!device.is_cuda()) return run_pass_cpu(pass);
 #ifdef ORCA_WITH_CUDA
-    c10::cuda::CUDAGuard guard(device);
-    const char* error =
-        cuda_run_pass(pass, at::cuda::getCurrentCUDABlasHandle(), at::cuda::getCurrentCUDAStream().stream());
-    TORCH_CHECK(error == nullptr, "strided_conv1d: cuBLAS failed: ", error);
-    return;
+  c10::cuda::CUDAGuard guard(device);
+  const char* error =
+      cuda_run_pass(pass, at::cuda::getCurrentCUDABlasHandle(), at::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(error == nullptr, "strided_conv1d: cuBLAS failed for ", context, ": ", error);
 #else
-    TORCH_CHECK(false, "strided_conv1d: orca_kernels._C was built without CUDA");
+  TORCH_CHECK(false, "strided_conv1d: orca_kernels._C was built without CUDA");
 #endif
-  }
-  for (const GemmTask& t : pass.tasks) {
-    const int64_t items = t.k > 0 ? cpu_task_items(t) : 0;
-    if (items == 0) continue;
-    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, t.n * t.k));
-    at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
-      cpu_run_task_items(t, pass.ab_dtype, pass.a, pass.b, pass.c, begin, end);
-    });
-  }
+}
+
+// On the CPU, fp16/bf16 operands are widened to fp32 (exact) so that the plan runs on fp32 BLAS
+// with fp32 accumulation, as cuBLAS does on the GPU.
+at::Tensor cpu_operand(const at::Tensor& t) {
+  const bool widen = t.device().is_cpu() && (t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16);
+  return widen ? t.to(at::kFloat) : t;
+}
+
+std::string describe(const char* op, const Conv1dGeometry& g) {
+  return std::string(op) + " (x [" + text(g.batch) + ", " + text(g.length_in) + ", " + text(g.channels_in) +
+         "], weight [" + text(g.channels_out) + ", " + text(g.channels_in) + ", " + text(g.kernel_size) +
+         "], stride " + text(g.stride) + ", padding " + text(g.padding) + ")";
 }
 
 at::Tensor strided_conv1d(const at::Tensor& x_in, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -156,10 +186,10 @@ at::Tensor strided_conv1d(const at::Tensor& x_in, const at::Tensor& weight, cons
     out.zero_();
   }
   if (out.numel() > 0 && g.channels_in > 0) {
-    const at::Tensor x = as_row_matrix(x_in);
-    const at::Tensor w = pack_weight_forward(weight);
+    const at::Tensor x = as_row_matrix(cpu_operand(x_in));
+    const at::Tensor w = pack_weight_forward(cpu_operand(weight));
     run_pass({forward_tasks(g, row_strides(x)), dtype_of(x.scalar_type()), x.data_ptr(), w.data_ptr(), out.data_ptr()},
-             x.device());
+             x.device(), describe("strided_conv1d", g));
   }
   return cast_result(out, x_in.scalar_type());
 }
@@ -177,11 +207,11 @@ at::Tensor strided_conv1d_grad_input(const at::Tensor& grad_out_in, const at::Te
   at::Tensor grad_x = at::zeros({g.batch, g.length_in, g.channels_in},
                                 grad_out_in.options().dtype(accumulation_type(grad_out_in.scalar_type())));
   if (grad_x.numel() > 0 && g.channels_out > 0) {
-    const at::Tensor grad_out = as_row_matrix(grad_out_in);
-    const at::Tensor w = pack_weight_grad_input(weight);
+    const at::Tensor grad_out = as_row_matrix(cpu_operand(grad_out_in));
+    const at::Tensor w = pack_weight_grad_input(cpu_operand(weight));
     run_pass({grad_input_tasks(g, row_strides(grad_out)), dtype_of(grad_out.scalar_type()), grad_out.data_ptr(),
               w.data_ptr(), grad_x.data_ptr()},
-             grad_out.device());
+             grad_out.device(), describe("strided_conv1d_grad_input", g));
   }
   return cast_result(grad_x, grad_out_in.scalar_type());
 }
@@ -199,11 +229,11 @@ at::Tensor strided_conv1d_grad_weight(const at::Tensor& grad_out_in, const at::T
   at::Tensor packed = at::zeros({g.channels_out, g.kernel_size, g.channels_in},
                                 x_in.options().dtype(accumulation_type(x_in.scalar_type())));
   if (packed.numel() > 0 && g.batch > 0) {
-    const at::Tensor grad_out = as_row_matrix(grad_out_in);
-    const at::Tensor x = as_row_matrix(x_in);
+    const at::Tensor grad_out = as_row_matrix(cpu_operand(grad_out_in));
+    const at::Tensor x = as_row_matrix(cpu_operand(x_in));
     run_pass({grad_weight_tasks(g, row_strides(grad_out), row_strides(x)), dtype_of(x.scalar_type()),
               grad_out.data_ptr(), x.data_ptr(), packed.data_ptr()},
-             x.device());
+             x.device(), describe("strided_conv1d_grad_weight", g));
   }
   return new_output({g.channels_out, g.channels_in, g.kernel_size}, x_in.options()).copy_(packed.permute({0, 2, 1}));
 }

@@ -10,6 +10,7 @@ from orca_kernels import reference
 from orca_kernels._utils import kernels_available
 from orca_kernels.cross_attention import attend_audio_kv, gated_cross_attention, project_audio_kv
 from orca_kernels.flash_attention import flash_cross_attention
+from orca_kernels.local_fold import FoldedWeightCache, fold_pays, fold_projection, local_branch
 from orca_kernels.ortho_loss import ortho_cross_loss, ortho_diversity_loss, ortho_losses
 from orca_kernels.rope import audio_rope
 from orca_kernels.strided_conv import strided_conv1d
@@ -17,6 +18,10 @@ from orca_kernels.strided_conv import strided_conv1d
 __all__ = [
     "reference",
     "strided_conv1d",
+    "local_branch",
+    "fold_projection",
+    "fold_pays",
+    "FoldedWeightCache",
     "ortho_diversity_loss",
     "ortho_cross_loss",
     "ortho_losses",

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from orca_kernels import _extension, reference
-from orca_kernels._utils import autocast_lower_precision, check_backend, check_int, check_tensor, warn_once
+from orca_kernels._utils import autocast_lower_precision, warn_once
+from orca_kernels.validation import check_backend, check_int, check_tensor
 
 OP = "strided_conv1d"
 BACKENDS = ("auto", "extension", "cuda", "torch")

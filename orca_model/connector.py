@@ -40,8 +40,9 @@ class ORCAHybridConnector(nn.Module):
     layers, `local_proj_in` (Linear D -> H), `local_conv` (Conv1d(H, H, k, stride s, padding
     k//2)), `local_ln` (LayerNorm(H)) give local tokens [B, T_l, H], T_l = (T + 2·(k//2) − k)//s + 1.
     While `config.use_fused_orca` is set (read at every call, so flipping it takes effect at once)
-    the Conv1d runs through `orca_kernels.strided_conv1d` on the channels-last activations, with the
-    same `local_conv.weight` [H, H, k] and bias.
+    the branch runs through `orca_kernels.local_branch` on the channels-last activations, with the
+    same parameters: the Linear is folded into the Conv1d when that takes fewer FLOPs (composed in
+    the autograd graph in training, cached per weight version at inference; docs/ops.md).
     """
 
     def __init__(self, config: DeSTA25Config):
@@ -70,6 +71,8 @@ class ORCAHybridConnector(nn.Module):
                 d_llm, d_llm, kernel_size, stride=config.orca_local_downsample, padding=kernel_size // 2
             )
             self.local_ln = nn.LayerNorm(d_llm)
+            # The folded Linear·Conv1d weight for inference (not a parameter: checkpoints stay the reference's).
+            self._fold_cache = orca_kernels.FoldedWeightCache()
 
     def forward(self, encoder_hidden_states: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """encoder_hidden_states: the output of every encoder layer, each [B, T, D] (the
@@ -94,13 +97,25 @@ class ORCAHybridConnector(nn.Module):
 
         if not self.local_enabled:
             return global_tokens, None
+        if self.config.use_fused_orca:
+            local_tokens = orca_kernels.local_branch(
+                states,
+                self.local_layer_weights,
+                self.local_proj_in.weight,
+                self.local_proj_in.bias,
+                self.local_conv.weight,
+                self.local_conv.bias,
+                self.local_ln.weight,
+                self.local_ln.bias,
+                stride=self.local_conv.stride[0],
+                padding=self.local_conv.padding[0],
+                eps=self.local_ln.eps,
+                cache=self._fold_cache,
+            )
+            return global_tokens, local_tokens
         layers = torch.stack(states, dim=0).permute(1, 2, 0, 3)  # [B, T, L, D]
         local_mix = torch.softmax(self.local_layer_weights, dim=-1).unsqueeze(-1)
         local_mix = local_mix.to(dtype=weight.dtype, device=weight.device)
         features = self.local_proj_in((layers * local_mix).sum(dim=2))  # [B, T, H]
-        conv = self.local_conv
-        if self.config.use_fused_orca:
-            features = orca_kernels.strided_conv1d(features, conv.weight, conv.bias, conv.stride[0], conv.padding[0])
-        else:
-            features = conv(features.transpose(1, 2)).transpose(1, 2)
+        features = self.local_conv(features.transpose(1, 2)).transpose(1, 2)
         return global_tokens, self.local_ln(features)

@@ -147,3 +147,28 @@ def test_fused_conv_path_matches_and_keeps_the_checkpoint_layout(dtype):
     torch.testing.assert_close(fused_global, unfused_global, rtol=0, atol=0)  # the global branch is shared code
     assert_matches_truth(fused_local, truth_local, name="local tokens")
     assert_matches_truth(fused_grad, truth_grad, name="local_conv.weight gradient")
+
+
+def test_fused_inference_folds_and_follows_weight_updates(monkeypatch):
+    """At inference (no autograd) the fused connector folds the Linear into the Conv1d (it pays
+    at these shapes), composes the folded weight once, and recomposes after an optimizer step:
+    its local tokens track the unfused connector's through the update."""
+    import orca_kernels.local_fold as local_fold
+
+    calls = []
+    real = local_fold.fold_projection
+    monkeypatch.setattr(local_fold, "fold_projection", lambda *a: calls.append(1) or real(*a))
+    unfused = ORCAHybridConnector(make_config()).double().eval()
+    fused = ORCAHybridConnector(make_config(use_fused_orca=True)).double().eval()
+    fused.load_state_dict(unfused.state_dict())
+    states = [s.double() for s in encoder_states()]
+    for step in range(2):
+        with torch.no_grad():
+            expected = unfused(states)[1]
+            for _ in range(2):
+                torch.testing.assert_close(fused(states)[1], expected, rtol=0, atol=1e-12)
+        assert len(calls) == step + 1  # once per weight version
+        for connector in (fused, unfused):  # the same SGD step on both
+            connector.zero_grad()
+            (connector(states)[1] ** 3).sum().backward()
+            torch.optim.SGD(connector.parameters(), lr=0.1).step()

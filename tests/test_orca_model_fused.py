@@ -67,7 +67,7 @@ def fused_calls(monkeypatch):
     """Counts of the fused ops' public entry points, which orca_model calls like any user: the
     connector's Conv1d, the one fused ortho call per forward, and the per-layer audio K/V
     projection (once per layer and request)."""
-    calls = {"strided_conv1d": 0, "ortho_losses": 0, "project_audio_kv": 0}
+    calls = {"local_branch": 0, "ortho_losses": 0, "project_audio_kv": 0}
 
     def counting(module, name):
         original = getattr(module, name)
@@ -142,9 +142,9 @@ def test_fused_matches_unfused_in_fp32(checkpoints, kind, triton_device, fused_c
     unfused, fused = build_pair(checkpoints, kind, triton_device)
     batch = to_device(make_batch(length=LENGTH, transcription_lengths=(2, 1)), triton_device)  # spans: alignment loss
     want, want_grads = train_step(unfused, batch)
-    assert fused_calls == {"strided_conv1d": 0, "ortho_losses": 0, "project_audio_kv": 0}
+    assert fused_calls == {"local_branch": 0, "ortho_losses": 0, "project_audio_kv": 0}
     got, got_grads = train_step(fused, batch)
-    assert fused_calls == {"strided_conv1d": 1, "ortho_losses": 1, "project_audio_kv": NUM_LAYERS}
+    assert fused_calls == {"local_branch": 1, "ortho_losses": 1, "project_audio_kv": NUM_LAYERS}
 
     assert_model_close(got.logits, want.logits, "logits")
     assert_model_close(got.loss, want.loss, "LM loss")
@@ -212,7 +212,7 @@ def test_bf16_autocast_agrees_with_unfused(checkpoints, triton_device, fused_cal
     truth, truth_grads = train_step(truth_model, batch)
     want, want_grads = train_step(unfused, batch, autocast=True)
     got, got_grads = train_step(fused, batch, autocast=True)
-    assert fused_calls == {"strided_conv1d": 1, "ortho_losses": 1, "project_audio_kv": NUM_LAYERS}
+    assert fused_calls == {"local_branch": 1, "ortho_losses": 1, "project_audio_kv": NUM_LAYERS}
 
     assert len(layer_dtypes["fused"]) == NUM_LAYERS
     assert layer_dtypes["fused"] == layer_dtypes["unfused"]
@@ -290,7 +290,7 @@ def paths_taken(monkeypatch):
 
     # The cross-attention ops take the module's in_proj_weight third, after the hidden states and memory.
     by_in_proj = lambda hidden, memory, in_proj_weight, *rest: model_parts[id(in_proj_weight)]
-    spy(orca_kernels, "strided_conv1d", "fused", lambda *args: "connector")
+    spy(orca_kernels, "local_branch", "fused", lambda *args: "connector")
     spy(orca_kernels, "attend_audio_kv", "fused", by_in_proj)
     spy(reference, "attend_rotated", "reference", by_in_proj)
     spy(orca_kernels, "ortho_losses", "fused", lambda *args: "losses")
@@ -400,7 +400,7 @@ def test_example_trains_with_fused_kernels(triton_device, fused_calls, monkeypat
     assert "use_fused_orca=True" in printed
     step_lines = [line for line in printed.splitlines() if line.startswith("step")]
     assert len(step_lines) == 1 and "L_ortho_diversity" in step_lines[0] and "nan" not in step_lines[0]
-    assert fused_calls == {"strided_conv1d": 1, "ortho_losses": 1, "project_audio_kv": NUM_LAYERS}
+    assert fused_calls == {"local_branch": 1, "ortho_losses": 1, "project_audio_kv": NUM_LAYERS}
 
 
 def readme_model_example() -> str:
