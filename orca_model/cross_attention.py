@@ -31,6 +31,10 @@ class AudioMemoryCache:
     packed K/V projection (per layer). During generation one cache serves every decode step of a
     request, so RoPE and the K/V GEMM run once per request instead of once per step and layer.
 
+    The mask-derived tensors (the kernels' key padding mask and which rows have audio) are kept
+    too, so that a decode step allocates nothing but its outputs and reads no value on the host:
+    the per-token path of the injected layers is ready for CUDA-graph capture.
+
     Make a new cache for each audio memory (each forward in training, each request in generation):
     it is keyed by nothing but the layers that fill it.
     """
@@ -39,6 +43,8 @@ class AudioMemoryCache:
         self.rotated: dict[torch.dtype, torch.Tensor] = {}
         self.pooled: dict[torch.dtype, torch.Tensor] = {}
         self.kv: dict[int, torch.Tensor] = {}
+        # (key_padding_mask [B, T_a] True = ignore, has_audio [B]) from the memory's keep-mask.
+        self.masks: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class OrcaGatedCrossAttention(nn.Module):
@@ -156,7 +162,12 @@ class OrcaGatedCrossAttention(nn.Module):
                 else reference.audio_rope(audio, self.audio_position_scale, self.rope_theta)
             )
         rotated = cache.rotated[dtype]
-        key_padding_mask = ~audio_local_mask.bool() if audio_local_mask is not None else None
+        key_padding_mask = has_audio = None
+        if audio_local_mask is not None:
+            if cache.masks is None:
+                ignore = ~audio_local_mask.bool()
+                cache.masks = (ignore, ~ignore.all(dim=1))
+            key_padding_mask, has_audio = cache.masks
         parameters = self.parameters_in_order()
         if fused_path:
             if id(self) not in cache.kv:
@@ -165,11 +176,9 @@ class OrcaGatedCrossAttention(nn.Module):
             out = orca_kernels.attend_audio_kv(hidden_states, kv, *parameters, self.num_heads, key_padding_mask)
         else:
             out = reference.attend_rotated(hidden_states, rotated, *parameters, self.num_heads, key_padding_mask)
-        has_audio = None
-        if key_padding_mask is not None:
+        if has_audio is not None:
             # A row whose memory is entirely masked has no audio: it is left as it is. (Its
             # attention is 0, but the LayerNorm and gate would still add their biases.)
-            has_audio = ~key_padding_mask.all(dim=1)
             out = torch.where(has_audio[:, None, None], out, hidden_states)
         if self.training:
             if dtype not in cache.pooled:
