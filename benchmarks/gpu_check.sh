@@ -78,18 +78,9 @@ else
   [ "$code" -ne 0 ] && STATUS=1
   # A bad-input call of the compiled ops that died on a signal: its native backtrace.
   if grep -q "exit status -[0-9]* at" "$OUT/tests.log" && command -v cuda-gdb > /dev/null; then
-    timeout "$(cap 60 150)" cuda-gdb -batch -ex run -ex bt --args "$PY" -c "
-import sys; sys.path[:0] = ['tests']
-import torch, orca_kernels
-from test_strided_conv import BAD_OP_CALLS
-ops = torch.ops.orca_kernels
-x, weight, bias = torch.randn(2, 37, 6), torch.randn(5, 6, 5), torch.randn(5)
-for call, _ in BAD_OP_CALLS:
-    print('calling', call, flush=True)
-    try:
-        eval(call)
-    except RuntimeError:
-        pass" > "$OUT/crash_backtrace.txt" 2>&1
+    # The test's calls (tests/bad_op_calls.py), each announced before it runs.
+    timeout "$(cap 60 150)" cuda-gdb -batch -ex run -ex bt --args "$PY" tests/bad_op_calls.py \
+      > "$OUT/crash_backtrace.txt" 2>&1
     note "tests: a compiled op crashed on bad input; native backtrace in crash_backtrace.txt"
   fi
 fi

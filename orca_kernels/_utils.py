@@ -12,10 +12,6 @@ from collections.abc import Callable
 
 import torch
 
-# Transitional: strided_conv.py and flash_attention.py still import these checks from here.
-# Delete this import once they import them from orca_kernels.validation.
-from orca_kernels.validation import check_backend, check_int, check_key_padding_mask, check_tensor  # noqa: F401
-
 # Tests set this so that every output buffer an op allocates starts as NaN: an element a kernel
 # forgets to write then fails the comparison. The C++ glue reads the same variable.
 POISON_ENV = "ORCA_KERNELS_POISON_OUTPUTS"

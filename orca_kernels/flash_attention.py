@@ -48,14 +48,12 @@ from orca_kernels import _utils, reference
 from orca_kernels._triton_helpers import accumulator_dtype, cast_for_store, kernel_dtypes, register_cap
 from orca_kernels._utils import (
     KERNELS_INTERPRETED,
-    check_backend,
-    check_key_padding_mask,
-    check_tensor,
     device_context,
     new_output,
     refuse_double_backward,
     use_triton,
 )
+from orca_kernels.validation import check_backend, check_key_padding_mask, check_tensor
 
 OP = "flash_cross_attention"
 BACKENDS = ("auto", "triton", "torch")
@@ -79,6 +77,17 @@ def _key_bias(bias_ptr, b, cols, Ta, sbb, sbt, HAS_MASK: tl.constexpr):
         return tl.load(bias_ptr + b * sbb + cols.to(tl.int64) * sbt, mask=cols < Ta, other=float("-inf"))
     else:
         return tl.where(cols < Ta, 0.0, float("-inf"))
+
+
+@triton.jit
+def _mask_scores(s, bias, HAS_MASK: tl.constexpr):
+    """The score tile `s` with -inf where the key bias `bias`, broadcast along the tile's query
+    axis (bias[None, :], or bias[:, None] on a transposed tile), is -inf. With a mask, a masked key
+    scores -inf whatever q and k hold (a NaN there must not reach the row). Without one only the
+    tail past Ta is -inf, which the bias already added, and a NaN in q makes the row NaN anyway."""
+    if HAS_MASK:
+        s = tl.where(bias == float("-inf"), float("-inf"), s)
+    return s
 
 
 @triton.jit
@@ -157,10 +166,7 @@ def _flash_cross_attention_fwd_kernel(
             valid_keys += tl.sum((bias == 0.0).to(tl.int32), 0)
         k = _load_tile(k_base, cols, d, Ta, head_dim, skt, EVEN_D).to(DOT_DTYPE)
         s = tl.dot(q, tl.trans(k), input_precision="ieee").to(ACC_DTYPE) * qk_scale + bias[None, :]
-        if HAS_MASK:
-            # A masked key scores -inf whatever q and k hold (a NaN there must not reach the row).
-            # Without a mask only the tail past Ta is -inf, and a NaN in q makes the row NaN anyway.
-            s = tl.where(bias[None, :] == float("-inf"), float("-inf"), s)
+        s = _mask_scores(s, bias[None, :], HAS_MASK)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with no valid key so far has max -inf: subtract 0 instead, so p = 0, not NaN.
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -281,8 +287,7 @@ def _flash_cross_attention_bwd_dkdv_kernel(
         lse = tl.load(lse_ptr + stats_base + rows, mask=rows < Tx, other=float("inf"))
         delta = tl.load(delta_ptr + stats_base + rows, mask=rows < Tx, other=0.0)
         s_t = tl.dot(k, tl.trans(q), input_precision="ieee").to(ACC_DTYPE) * qk_scale + bias[:, None]
-        if HAS_MASK:
-            s_t = tl.where(bias[:, None] == float("-inf"), float("-inf"), s_t)
+        s_t = _mask_scores(s_t, bias[:, None], HAS_MASK)
         p_t = tl.exp2(s_t - lse[None, :])
         dv = tl.dot(p_t.to(DOT_DTYPE), do, dv, input_precision="ieee", out_dtype=ACC_DTYPE)  # for triton 3.6
         dp_t = tl.dot(v, tl.trans(do), input_precision="ieee").to(ACC_DTYPE)
@@ -365,8 +370,7 @@ def _flash_cross_attention_bwd_dq_kernel(
         k = _load_tile(k_base, cols, d, Ta, head_dim, skt, EVEN_D).to(DOT_DTYPE)
         v = _load_tile(v_base, cols, d, Ta, head_dim, svt, EVEN_D).to(DOT_DTYPE)
         s = tl.dot(q, tl.trans(k), input_precision="ieee").to(ACC_DTYPE) * qk_scale + bias[None, :]
-        if HAS_MASK:
-            s = tl.where(bias[None, :] == float("-inf"), float("-inf"), s)
+        s = _mask_scores(s, bias[None, :], HAS_MASK)
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision="ieee").to(ACC_DTYPE)
         ds = p * (dp - delta[:, None])

@@ -36,6 +36,14 @@ def triton_device(request) -> torch.device:
     return torch.device(request.param)
 
 
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, str]:
+    """Tiny random Whisper, Qwen3 and Llama checkpoints (tiny_models.py), saved once per module."""
+    from tiny_models import save_checkpoints  # transformers and orca_model: only where used
+
+    return save_checkpoints(str(tmp_path_factory.mktemp("tiny")))
+
+
 # Hypothesis profiles, chosen by ORCA_HYPOTHESIS_PROFILE. "ci" (the default) is derandomized: the
 # same examples on every run, so a red CI means a change broke something, not that a new example
 # turned up. "nightly" draws fresh examples, 20x as many (the test files scale their counts by

@@ -6,23 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from orca_model import DeSTA25AudioModel
 from orca_model.inputs import memory_by_row
-from tiny_models import desta_config, make_batch, save_llm, save_whisper
+from tiny_models import build, make_batch
 from tolerances import relative_error
 
 FP32_MODEL_TOLERANCE = 1e-5  # the same fp32 computation, batched in another order
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    directory = str(tmp_path_factory.mktemp("tiny"))
-    return {"whisper": save_whisper(directory), "qwen3": save_llm(directory, "qwen3")}
-
-
-def build(checkpoints, **overrides) -> DeSTA25AudioModel:
-    torch.manual_seed(0)
-    return DeSTA25AudioModel(desta_config(checkpoints["qwen3"], checkpoints["whisper"], **overrides))
 
 
 def reorder_audios(batch: dict, order: list[int]) -> dict:

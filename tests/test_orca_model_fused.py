@@ -26,7 +26,7 @@ from transformers import Qwen3ForCausalLM, WhisperForConditionalGeneration
 import orca_kernels
 from orca_kernels import reference
 from orca_model import DeSTA25AudioModel, OrcaGatedCrossAttention, total_training_loss
-from tiny_models import desta_config, llm_config, make_batch, save_llm, save_whisper, whisper_config
+from tiny_models import build, llm_config, make_batch, whisper_config
 from tolerances import MODEL_RELATIVE_TOLERANCE, assert_no_worse_than_unfused, relative_error
 
 NUM_LAYERS = 2  # decoder layers of the tiny LLMs: one injected cross-attention each
@@ -34,16 +34,6 @@ LENGTH = 10  # prompt tokens: short, the interpreter's cost grows with the rows
 ORCA_LOSSES = {"L_ortho_diversity", "L_ortho_qformer_local", "L_align_layerwise"}
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "train_tiny.py"
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    directory = str(tmp_path_factory.mktemp("tiny_fused"))
-    return {
-        "whisper": save_whisper(directory),
-        "qwen3": save_llm(directory, "qwen3"),
-        "llama": save_llm(directory, "llama"),
-    }
 
 
 @pytest.fixture(autouse=True)
@@ -81,10 +71,6 @@ def fused_calls(monkeypatch):
     for name in calls:
         counting(orca_kernels, name)
     return calls
-
-
-def build(checkpoints, kind, **overrides) -> DeSTA25AudioModel:
-    return DeSTA25AudioModel(desta_config(checkpoints[kind], checkpoints["whisper"], **overrides))
 
 
 def build_pair(checkpoints, kind, device, **overrides) -> tuple[DeSTA25AudioModel, DeSTA25AudioModel]:

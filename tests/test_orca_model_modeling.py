@@ -10,28 +10,14 @@ from transformers.models.bert.modeling_bert import BertEncoder
 from orca_kernels import reference
 from orca_model import DeSTA25AudioModel, total_training_loss
 from orca_model.connector import qformer_config
-from tiny_models import HIDDEN, NUM_GLOBAL_TOKENS, ROPE_THETA, desta_config, make_batch, save_llm, save_whisper
+from tiny_models import HIDDEN, NUM_GLOBAL_TOKENS, ROPE_THETA, build, make_batch
 
 LOCAL_TOKENS = 4  # (16 frames + 2·2 − 5) // 4 + 1
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    directory = str(tmp_path_factory.mktemp("tiny"))
-    return {
-        "whisper": save_whisper(directory),
-        "qwen3": save_llm(directory, "qwen3"),
-        "llama": save_llm(directory, "llama"),
-    }
 
 
 @pytest.fixture(params=["qwen3", "llama"])
 def kind(request):
     return request.param
-
-
-def build(checkpoints, kind: str = "qwen3", **overrides) -> DeSTA25AudioModel:
-    return DeSTA25AudioModel(desta_config(checkpoints[kind], checkpoints["whisper"], **overrides))
 
 
 def test_structure_and_trainable_parameters(checkpoints, kind):

@@ -10,7 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM, WhisperForConditionalGeneration
 
 from benchmarks import model_configs
-from orca_model import DeSTA25Config
+from orca_model import DeSTA25AudioModel, DeSTA25Config
 
 VOCAB = model_configs.TINY_VOCAB
 HIDDEN = model_configs.TINY_HIDDEN
@@ -41,12 +41,27 @@ def save_llm(directory: str, kind: str) -> str:
     return path
 
 
+def save_checkpoints(directory: str) -> dict[str, str]:
+    """The tiny Whisper, Qwen3 and Llama checkpoints saved under `directory`: name -> path (the
+    `checkpoints` fixture of tests/conftest.py)."""
+    return {
+        "whisper": save_whisper(directory),
+        "qwen3": save_llm(directory, "qwen3"),
+        "llama": save_llm(directory, "llama"),
+    }
+
+
 def desta_config(llm_path: str, whisper_path: str, **overrides) -> DeSTA25Config:
     """An ORCAHybrid config as the reference's YAMLs set it (global tokens in the memory, deep
     injection), at tiny sizes, fp32 LLM, 1 Q-Former layer."""
     return DeSTA25Config(
         **model_configs.tiny_desta_fields(llm_model_id=llm_path, encoder_model_id=whisper_path, **overrides)
     )
+
+
+def build(checkpoints: dict[str, str], kind: str = "qwen3", **overrides) -> DeSTA25AudioModel:
+    """A model on the saved tiny Whisper and the `kind` LLM, its config's fields overridden."""
+    return DeSTA25AudioModel(desta_config(checkpoints[kind], checkpoints["whisper"], **overrides))
 
 
 def make_batch(
