@@ -134,11 +134,12 @@ inline std::vector<WindowPiece> window_pieces(const Conv1dGeometry& g, int64_t m
   return pieces;
 }
 
-// Weight operands: the glue repacks nn.Conv1d's [C_out, C_in, k] (a weight-sized copy) so that the
-// frames of a chunk are contiguous: W^T = [k, C_in, C_out] for the forward, W' = [C_out, k, C_in]
-// for the input gradient. Every B operand is then stored untransposed (rows over the reduction).
+// Weight operand: the glue repacks nn.Conv1d's [C_out, C_in, k] as W' = [C_out, k, C_in] (a
+// weight-sized copy that moves only the k taps, cheap next to a full transpose), so that the
+// frames of a chunk are contiguous in every row. The forward reads it transposed (its reduction
+// runs along W' rows), the input gradient untransposed.
 
-// y[b, t, :] += sum_f x[b, t*s - p + f, :] . W^T[f] ; A = x, B = W^T, C = y [B, T_out, C_out].
+// y[b, t, :] += sum_f x[b, t*s - p + f, :] . W'[:, f, :]^T ; A = x, B = W'^T, C = y [B, T_out, C_out].
 inline std::vector<GemmTask> forward_tasks(const Conv1dGeometry& g, RowStrides x) {
   const bool packed = x.row == g.channels_in;
   std::vector<GemmTask> tasks;
@@ -149,7 +150,7 @@ inline std::vector<GemmTask> forward_tasks(const Conv1dGeometry& g, RowStrides x
     t.k = p.frame_count * g.channels_in;
     t.batch = g.batch;
     t.a = {(p.t_begin * g.stride - g.padding + p.frame_begin) * x.row, g.stride * x.row, x.batch, false};
-    t.b = {p.frame_begin * g.channels_in * g.channels_out, g.channels_out, 0, false};
+    t.b = {p.frame_begin * g.channels_in, g.kernel_size * g.channels_in, 0, true};
     t.c = {p.t_begin * g.channels_out, g.channels_out, g.length_out * g.channels_out, false};
     tasks.push_back(t);
   }

@@ -87,10 +87,9 @@ RowStrides row_strides(const at::Tensor& t) {
   return {batch, row};
 }
 
-// nn.Conv1d's [C_out, C_in, k] repacked so that a chunk of frames is contiguous (conv1d_plan.h):
-// [k, C_in, C_out] for the forward, [C_out, k, C_in] for the input gradient.
-at::Tensor pack_weight_forward(const at::Tensor& weight) { return weight.permute({2, 1, 0}).contiguous(); }
-at::Tensor pack_weight_grad_input(const at::Tensor& weight) { return weight.permute({0, 2, 1}).contiguous(); }
+// nn.Conv1d's [C_out, C_in, k] repacked as [C_out, k, C_in], so that a chunk of frames is
+// contiguous in every row (conv1d_plan.h); the forward and the input gradient share it.
+at::Tensor pack_weight(const at::Tensor& weight) { return weight.permute({0, 2, 1}).contiguous(); }
 
 // Output buffers start as NaN when ORCA_KERNELS_POISON_OUTPUTS=1 (the tests set it), so an element
 // no kernel writes fails loudly. Accumulation buffers are zero- or bias-initialised by design.
@@ -187,7 +186,7 @@ at::Tensor strided_conv1d(const at::Tensor& x_in, const at::Tensor& weight, cons
   }
   if (out.numel() > 0 && g.channels_in > 0) {
     const at::Tensor x = as_row_matrix(cpu_operand(x_in));
-    const at::Tensor w = pack_weight_forward(cpu_operand(weight));
+    const at::Tensor w = pack_weight(cpu_operand(weight));
     run_pass({forward_tasks(g, row_strides(x)), dtype_of(x.scalar_type()), x.data_ptr(), w.data_ptr(), out.data_ptr()},
              x.device(), describe("strided_conv1d", g));
   }
@@ -208,7 +207,7 @@ at::Tensor strided_conv1d_grad_input(const at::Tensor& grad_out_in, const at::Te
                                 grad_out_in.options().dtype(accumulation_type(grad_out_in.scalar_type())));
   if (grad_x.numel() > 0 && g.channels_out > 0) {
     const at::Tensor grad_out = as_row_matrix(cpu_operand(grad_out_in));
-    const at::Tensor w = pack_weight_grad_input(cpu_operand(weight));
+    const at::Tensor w = pack_weight(cpu_operand(weight));
     run_pass({grad_input_tasks(g, row_strides(grad_out)), dtype_of(grad_out.scalar_type()), grad_out.data_ptr(),
               w.data_ptr(), grad_x.data_ptr()},
              grad_out.device(), describe("strided_conv1d_grad_input", g));
