@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from orca_kernels import _utils, reference
+from orca_kernels import _tuned, _utils, reference
 from orca_kernels._triton_helpers import accumulator_dtype, cast_for_store, kernel_dtypes, register_cap
 from orca_kernels._utils import (
     KERNELS_INTERPRETED,
@@ -110,6 +110,15 @@ def _load_tile(ptr, rows, d, num_rows, head_dim, row_stride, EVEN_D: tl.constexp
 
 
 @triton.jit
+def _dot_t(a, a_tail, b, b_tail, ACC_DTYPE: tl.constexpr, HAS_TAIL: tl.constexpr):
+    """a · bᵀ over the head dim, as one dot over the main columns plus one over the tail's."""
+    out = tl.dot(a, tl.trans(b), input_precision="ieee").to(ACC_DTYPE)
+    if HAS_TAIL:
+        out += tl.dot(a_tail, tl.trans(b_tail), input_precision="ieee").to(ACC_DTYPE)
+    return out
+
+
+@triton.jit
 def _flash_cross_attention_fwd_kernel(
     q_ptr,
     k_ptr,
@@ -144,6 +153,8 @@ def _flash_cross_attention_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr,
+    BLOCK_DT: tl.constexpr,
+    HAS_TAIL: tl.constexpr,
 ):
     """out[b, rows, h] and lse[b, h, rows] (base 2, of the scores · scale·log2e) for BLOCK_M query rows."""
     h = tl.program_id(1).to(tl.int64)
@@ -151,13 +162,17 @@ def _flash_cross_attention_fwd_kernel(
     qk_scale = _scalar(qk_scale_hi, qk_scale_lo, ACC_DTYPE)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
-    q = _load_tile(q_ptr + b * sqb + h * sqh, rows, d, Tx, head_dim, sqt, EVEN_D).to(DOT_DTYPE)
+    dt = BLOCK_D + tl.arange(0, BLOCK_DT)
+    q_base = q_ptr + b * sqb + h * sqh
+    q = _load_tile(q_base, rows, d, Tx, head_dim, sqt, EVEN_D).to(DOT_DTYPE)
+    q_t = _load_tile(q_base, rows, dt, Tx, head_dim, sqt, False).to(DOT_DTYPE) if HAS_TAIL else q
     k_base = k_ptr + b * skb + h * skh
     v_base = v_ptr + b * svb + h * svh
 
     m_i = tl.full((BLOCK_M,), float("-inf"), ACC_DTYPE)
     l_i = tl.zeros((BLOCK_M,), ACC_DTYPE)
     acc = tl.zeros((BLOCK_M, BLOCK_D), ACC_DTYPE)
+    acc_t = tl.zeros((BLOCK_M, BLOCK_DT), ACC_DTYPE)  # the tail columns' (unused without a tail)
     valid_keys = 0  # unmasked keys of this batch element: none makes every row fully masked
     for n0 in range(0, Ta, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
@@ -165,7 +180,8 @@ def _flash_cross_attention_fwd_kernel(
         if HAS_MASK:
             valid_keys += tl.sum((bias == 0.0).to(tl.int32), 0)
         k = _load_tile(k_base, cols, d, Ta, head_dim, skt, EVEN_D).to(DOT_DTYPE)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee").to(ACC_DTYPE) * qk_scale + bias[None, :]
+        k_t = _load_tile(k_base, cols, dt, Ta, head_dim, skt, False).to(DOT_DTYPE) if HAS_TAIL else k
+        s = _dot_t(q, q_t, k, k_t, ACC_DTYPE, HAS_TAIL) * qk_scale + bias[None, :]
         s = _mask_scores(s, bias[None, :], HAS_MASK)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with no valid key so far has max -inf: subtract 0 instead, so p = 0, not NaN.
@@ -176,6 +192,9 @@ def _flash_cross_attention_fwd_kernel(
         v = _load_tile(v_base, cols, d, Ta, head_dim, svt, EVEN_D).to(DOT_DTYPE)
         # out_dtype: triton 3.6 asserts it equals a non-fp32 accumulator's dtype (no default from acc).
         acc = tl.dot(p.to(DOT_DTYPE), v, acc * alpha[:, None], input_precision="ieee", out_dtype=ACC_DTYPE)
+        if HAS_TAIL:
+            v_t = _load_tile(v_base, cols, dt, Ta, head_dim, svt, False).to(DOT_DTYPE)
+            acc_t = tl.dot(p.to(DOT_DTYPE), v_t, acc_t * alpha[:, None], input_precision="ieee", out_dtype=ACC_DTYPE)
         m_i = m_new
 
     # Fully masked rows (no unmasked key, whatever the scores): out 0 (the reference's safe
@@ -187,6 +206,10 @@ def _flash_cross_attention_fwd_kernel(
     lse = tl.where(no_key, float("inf"), m_i + tl.log2(l_i))
     o_offsets = b * sob + h * soh + rows.to(tl.int64)[:, None] * sot + d[None, :]
     tl.store(out_ptr + o_offsets, cast_for_store(out, out_ptr), mask=_tile_mask(rows, d, Tx, head_dim, EVEN_D))
+    if HAS_TAIL:
+        out_t = tl.where(no_key, 0.0, acc_t / l_i[:, None])
+        o_offsets = b * sob + h * soh + rows.to(tl.int64)[:, None] * sot + dt[None, :]
+        tl.store(out_ptr + o_offsets, cast_for_store(out_t, out_ptr), mask=_tile_mask(rows, dt, Tx, head_dim, False))
     tl.store(lse_ptr + (b * num_heads + h) * Tx + rows, lse, mask=rows < Tx)
 
 
@@ -262,6 +285,8 @@ def _flash_cross_attention_bwd_dkdv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr,
+    BLOCK_DT: tl.constexpr,
+    HAS_TAIL: tl.constexpr,
 ):
     """dK, dV [B, Ta, nh, hd] (strides sg*) of BLOCK_N keys, accumulated over every query block:
     dV = Pᵀ dO, dK = scale · dSᵀ Q with dS = P ∘ (dO Vᵀ − delta). Works on transposed tiles."""
@@ -270,40 +295,61 @@ def _flash_cross_attention_bwd_dkdv_kernel(
     qk_scale = _scalar(qk_scale_hi, qk_scale_lo, ACC_DTYPE)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
+    dt = BLOCK_D + tl.arange(0, BLOCK_DT)
     bias = _key_bias(bias_ptr, b, cols, Ta, sbb, sbt, HAS_MASK)
-    k = _load_tile(k_ptr + b * skb + h * skh, cols, d, Ta, head_dim, skt, EVEN_D).to(DOT_DTYPE)
-    v = _load_tile(v_ptr + b * svb + h * svh, cols, d, Ta, head_dim, svt, EVEN_D).to(DOT_DTYPE)
+    k_base = k_ptr + b * skb + h * skh
+    v_base = v_ptr + b * svb + h * svh
+    k = _load_tile(k_base, cols, d, Ta, head_dim, skt, EVEN_D).to(DOT_DTYPE)
+    v = _load_tile(v_base, cols, d, Ta, head_dim, svt, EVEN_D).to(DOT_DTYPE)
+    k_t = _load_tile(k_base, cols, dt, Ta, head_dim, skt, False).to(DOT_DTYPE) if HAS_TAIL else k
+    v_t = _load_tile(v_base, cols, dt, Ta, head_dim, svt, False).to(DOT_DTYPE) if HAS_TAIL else v
     q_base = q_ptr + b * sqb + h * sqh
     do_base = do_ptr + b * sdob + h * sdoh
     stats_base = (b * num_heads + h) * Tx
 
     dk = tl.zeros((BLOCK_N, BLOCK_D), ACC_DTYPE)
     dv = tl.zeros((BLOCK_N, BLOCK_D), ACC_DTYPE)
+    dk_t = tl.zeros((BLOCK_N, BLOCK_DT), ACC_DTYPE)  # the tail columns' (unused without a tail)
+    dv_t = tl.zeros((BLOCK_N, BLOCK_DT), ACC_DTYPE)
     for m0 in range(0, Tx, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         q = _load_tile(q_base, rows, d, Tx, head_dim, sqt, EVEN_D).to(DOT_DTYPE)
         do = _load_tile(do_base, rows, d, Tx, head_dim, sdot, EVEN_D).to(DOT_DTYPE)
+        q_t = _load_tile(q_base, rows, dt, Tx, head_dim, sqt, False).to(DOT_DTYPE) if HAS_TAIL else q
+        do_t = _load_tile(do_base, rows, dt, Tx, head_dim, sdot, False).to(DOT_DTYPE) if HAS_TAIL else do
         # Rows past Tx get lse = +inf, hence P = 0, like fully masked rows.
         lse = tl.load(lse_ptr + stats_base + rows, mask=rows < Tx, other=float("inf"))
         delta = tl.load(delta_ptr + stats_base + rows, mask=rows < Tx, other=0.0)
-        s_t = tl.dot(k, tl.trans(q), input_precision="ieee").to(ACC_DTYPE) * qk_scale + bias[:, None]
+        s_t = _dot_t(k, k_t, q, q_t, ACC_DTYPE, HAS_TAIL) * qk_scale + bias[:, None]
         s_t = _mask_scores(s_t, bias[:, None], HAS_MASK)
         p_t = tl.exp2(s_t - lse[None, :])
         dv = tl.dot(p_t.to(DOT_DTYPE), do, dv, input_precision="ieee", out_dtype=ACC_DTYPE)  # for triton 3.6
-        dp_t = tl.dot(v, tl.trans(do), input_precision="ieee").to(ACC_DTYPE)
+        if HAS_TAIL:
+            dv_t = tl.dot(p_t.to(DOT_DTYPE), do_t, dv_t, input_precision="ieee", out_dtype=ACC_DTYPE)
+        dp_t = _dot_t(v, v_t, do, do_t, ACC_DTYPE, HAS_TAIL)
         ds_t = p_t * (dp_t - delta[None, :])
         if HAS_MASK:
             # Fully masked rows (lse +inf) add nothing to dK, even holding NaN (0 · NaN would).
             empty = lse == float("inf")
             ds_t = tl.where(empty[None, :], 0.0, ds_t)
             q = tl.where(empty[:, None], tl.zeros_like(q), q)
+            if HAS_TAIL:
+                q_t = tl.where(empty[:, None], tl.zeros_like(q_t), q_t)
         dk = tl.dot(ds_t.to(DOT_DTYPE), q, dk, input_precision="ieee", out_dtype=ACC_DTYPE)
+        if HAS_TAIL:
+            dk_t = tl.dot(ds_t.to(DOT_DTYPE), q_t, dk_t, input_precision="ieee", out_dtype=ACC_DTYPE)
     dk = dk * _scalar(scale_hi, scale_lo, ACC_DTYPE)
 
     g_offsets = b * sgb + h * sgh + cols.to(tl.int64)[:, None] * sgt + d[None, :]
     g_mask = _tile_mask(cols, d, Ta, head_dim, EVEN_D)
     tl.store(dk_ptr + g_offsets, cast_for_store(dk, dk_ptr), mask=g_mask)
     tl.store(dv_ptr + g_offsets, cast_for_store(dv, dv_ptr), mask=g_mask)
+    if HAS_TAIL:
+        dk_t = dk_t * _scalar(scale_hi, scale_lo, ACC_DTYPE)
+        g_offsets = b * sgb + h * sgh + cols.to(tl.int64)[:, None] * sgt + dt[None, :]
+        g_mask = _tile_mask(cols, dt, Ta, head_dim, False)
+        tl.store(dk_ptr + g_offsets, cast_for_store(dk_t, dk_ptr), mask=g_mask)
+        tl.store(dv_ptr + g_offsets, cast_for_store(dv_t, dv_ptr), mask=g_mask)
 
 
 @triton.jit
@@ -348,6 +394,8 @@ def _flash_cross_attention_bwd_dq_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr,
+    BLOCK_DT: tl.constexpr,
+    HAS_TAIL: tl.constexpr,
 ):
     """dQ [B, Tx, nh, hd] (strides sg*) of BLOCK_M query rows: scale · dS K over every key block."""
     h = tl.program_id(1).to(tl.int64)
@@ -355,8 +403,13 @@ def _flash_cross_attention_bwd_dq_kernel(
     qk_scale = _scalar(qk_scale_hi, qk_scale_lo, ACC_DTYPE)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
-    q = _load_tile(q_ptr + b * sqb + h * sqh, rows, d, Tx, head_dim, sqt, EVEN_D).to(DOT_DTYPE)
-    do = _load_tile(do_ptr + b * sdob + h * sdoh, rows, d, Tx, head_dim, sdot, EVEN_D).to(DOT_DTYPE)
+    dt = BLOCK_D + tl.arange(0, BLOCK_DT)
+    q_base = q_ptr + b * sqb + h * sqh
+    do_base = do_ptr + b * sdob + h * sdoh
+    q = _load_tile(q_base, rows, d, Tx, head_dim, sqt, EVEN_D).to(DOT_DTYPE)
+    do = _load_tile(do_base, rows, d, Tx, head_dim, sdot, EVEN_D).to(DOT_DTYPE)
+    q_t = _load_tile(q_base, rows, dt, Tx, head_dim, sqt, False).to(DOT_DTYPE) if HAS_TAIL else q
+    do_t = _load_tile(do_base, rows, dt, Tx, head_dim, sdot, False).to(DOT_DTYPE) if HAS_TAIL else do
     stats_base = (b * num_heads + h) * Tx
     lse = tl.load(lse_ptr + stats_base + rows, mask=rows < Tx, other=float("inf"))
     delta = tl.load(delta_ptr + stats_base + rows, mask=rows < Tx, other=0.0)
@@ -364,17 +417,22 @@ def _flash_cross_attention_bwd_dq_kernel(
     v_base = v_ptr + b * svb + h * svh
 
     dq = tl.zeros((BLOCK_M, BLOCK_D), ACC_DTYPE)
+    dq_t = tl.zeros((BLOCK_M, BLOCK_DT), ACC_DTYPE)  # the tail columns' (unused without a tail)
     for n0 in range(0, Ta, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         bias = _key_bias(bias_ptr, b, cols, Ta, sbb, sbt, HAS_MASK)
         k = _load_tile(k_base, cols, d, Ta, head_dim, skt, EVEN_D).to(DOT_DTYPE)
         v = _load_tile(v_base, cols, d, Ta, head_dim, svt, EVEN_D).to(DOT_DTYPE)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee").to(ACC_DTYPE) * qk_scale + bias[None, :]
+        k_t = _load_tile(k_base, cols, dt, Ta, head_dim, skt, False).to(DOT_DTYPE) if HAS_TAIL else k
+        v_t = _load_tile(v_base, cols, dt, Ta, head_dim, svt, False).to(DOT_DTYPE) if HAS_TAIL else v
+        s = _dot_t(q, q_t, k, k_t, ACC_DTYPE, HAS_TAIL) * qk_scale + bias[None, :]
         s = _mask_scores(s, bias[None, :], HAS_MASK)
         p = tl.exp2(s - lse[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision="ieee").to(ACC_DTYPE)
+        dp = _dot_t(do, do_t, v, v_t, ACC_DTYPE, HAS_TAIL)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(DOT_DTYPE), k, dq, input_precision="ieee", out_dtype=ACC_DTYPE)  # for triton 3.6
+        if HAS_TAIL:
+            dq_t = tl.dot(ds.to(DOT_DTYPE), k_t, dq_t, input_precision="ieee", out_dtype=ACC_DTYPE)
     dq = dq * _scalar(scale_hi, scale_lo, ACC_DTYPE)
     if HAS_MASK:
         # A fully masked row (lse +inf) has dQ 0, even where a masked k or v holds NaN (0 · NaN).
@@ -382,6 +440,12 @@ def _flash_cross_attention_bwd_dq_kernel(
 
     g_offsets = b * sgb + h * sgh + rows.to(tl.int64)[:, None] * sgt + d[None, :]
     tl.store(dq_ptr + g_offsets, cast_for_store(dq, dq_ptr), mask=_tile_mask(rows, d, Tx, head_dim, EVEN_D))
+    if HAS_TAIL:
+        dq_t = dq_t * _scalar(scale_hi, scale_lo, ACC_DTYPE)
+        if HAS_MASK:
+            dq_t = tl.where((lse == float("inf"))[:, None], 0.0, dq_t)
+        g_offsets = b * sgb + h * sgh + rows.to(tl.int64)[:, None] * sgt + dt[None, :]
+        tl.store(dq_ptr + g_offsets, cast_for_store(dq_t, dq_ptr), mask=_tile_mask(rows, dt, Tx, head_dim, False))
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -402,13 +466,53 @@ def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
+def head_dim_blocks(head_dim: int) -> tuple[int, int]:
+    """(main, tail) column blocks that cover head_dim: tiles are powers of two, so a head dim
+    that is not one is covered by a main block (the largest power of two below it) plus a tail
+    block (>= 16, a dot's minimum), where that is narrower than rounding up: 80 = 64 + 16 rather
+    than 128 (40% less tensor-core work), 96 = 64 + 32, 40 = 32 + 16. A tail of 0 means one
+    block (powers of two; 112, whose tail would be 64 anyway; widths up to 16)."""
+    whole = max(16, triton.next_power_of_2(head_dim))
+    main = whole // 2
+    tail = max(16, triton.next_power_of_2(head_dim - main)) if head_dim > main else 0
+    if head_dim <= 16 or head_dim == whole or main + tail >= whole:
+        return whole, 0
+    return main, tail
+
+
+def _head_dim_args(head_dim: int) -> dict:
+    """The kernels' head-dim constexprs. Without a tail BLOCK_DT is a placeholder (dead code)."""
+    main, tail = head_dim_blocks(head_dim)
+    return {"BLOCK_D": main, "EVEN_D": tail > 0 or head_dim == main, "BLOCK_DT": max(tail, 16), "HAS_TAIL": tail > 0}
+
+
 def _configs(dtype: torch.dtype, Tx: int, block_d: int, capability: tuple[int, int]) -> dict[str, dict[str, int]]:
-    """Launch parameters of the forward ("fwd"), dK/dV ("dkdv") and dQ ("dq") kernels."""
+    """Launch parameters of the forward ("fwd"), dK/dV ("dkdv") and dQ ("dq") kernels: the
+    interpreter's, else those `python -m benchmarks.tune` measured for this card, dtype, head
+    width and phase (orca_kernels/_tuned.py), else the heuristics of `heuristic_configs`."""
     if KERNELS_INTERPRETED:
         # The interpreter's cost is per op, not per element: few, mid-sized blocks (two of them
         # already at the test shapes, so the block loops and tails are exercised).
         one = {"BLOCK_M": 32, "BLOCK_N": 32}
         return {"fwd": one, "dkdv": one, "dq": one}
+    configs = heuristic_configs(dtype, Tx, block_d, capability)
+    for kernel in configs:
+        key = tuning_key(kernel, dtype, Tx, block_d, capability)
+        configs[kernel] = _tuned.TUNED.get(key, configs[kernel])
+    return configs
+
+
+def tuning_key(kernel: str, dtype: torch.dtype, Tx: int, block_d: int, capability: tuple[int, int]) -> str:
+    """The key of a launch in the measured table: kernel, sm, dtype, head width (main + tail
+    blocks) and phase (decode for one query row, else prefill)."""
+    phase = "decode" if Tx == 1 else "prefill"
+    return f"flash_{kernel}/sm{capability[0]}{capability[1]}/{str(dtype).removeprefix('torch.')}/d{block_d}/{phase}"
+
+
+def heuristic_configs(
+    dtype: torch.dtype, Tx: int, block_d: int, capability: tuple[int, int]
+) -> dict[str, dict[str, int]]:
+    """The launch rules used where nothing was measured (and the tuner's first candidate)."""
     if dtype == torch.float32:
         # IEEE fp32 dots run on FMA units, whose operand layouts hold whole rows of a tile per
         # thread: 8 warps, and narrower key blocks for wide heads, keep every kernel free of
@@ -433,8 +537,13 @@ def _configs(dtype: torch.dtype, Tx: int, block_d: int, capability: tuple[int, i
     # 8 warps and one block per SM's registers keep both kernels free of spills. 64-key blocks
     # feed Hopper's wgmma (two warpgroups); Ampere's mma.sync spills there with triton 3.6 at
     # head dim 64, so it takes 32.
+    # A head dim split into main + tail blocks (80 = 64 + 16) holds two more tiles of each operand:
+    # on Ampere the dK/dV kernel spills with them (triton 3.6) at every setting the compile audit
+    # tried but 32 query rows on 4 warps.
     keys = 64 if capability >= (9, 0) else 32
     bwd = {"BLOCK_M": 64, "BLOCK_N": keys, "num_warps": 8, "num_stages": 2, "maxnreg": register_cap(8, 1)}
+    if block_d & (block_d - 1) and capability < (9, 0):
+        bwd = {"BLOCK_M": 32, "BLOCK_N": keys, "num_warps": 4, "num_stages": 2, "maxnreg": register_cap(4, 1)}
     return {"fwd": fwd, "dkdv": bwd, "dq": bwd}
 
 
@@ -460,8 +569,9 @@ def _forward(q, k, v, mask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         return out, lse
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     dot_dtype, acc_dtype = kernel_dtypes(q.dtype)
-    block_d = max(16, triton.next_power_of_2(hd))
-    cfg = _configs(q.dtype, Tx, block_d, _utils.cuda_capability(q.device))["fwd"]
+    head = _head_dim_args(hd)
+    width = head["BLOCK_D"] + (head["BLOCK_DT"] if head["HAS_TAIL"] else 0)
+    cfg = _configs(q.dtype, Tx, width, _utils.cuda_capability(q.device))["fwd"]
     grid = (triton.cdiv(Tx, cfg["BLOCK_M"]), nh, B)
     bias, sbb, sbt = _bias_args(mask, q.dtype, q)
     with device_context(q):
@@ -494,8 +604,7 @@ def _forward(q, k, v, mask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
             HAS_MASK=mask is not None,
             DOT_DTYPE=dot_dtype,
             ACC_DTYPE=acc_dtype,
-            BLOCK_D=block_d,
-            EVEN_D=hd == block_d,
+            **head,
             **cfg,
         )
     return out, lse
@@ -516,16 +625,17 @@ def _backward(q, k, v, mask, out, lse, grad_out, scale: float) -> tuple[torch.Te
     grad_out = _unit_last_stride(grad_out)  # e.g. expanded from .sum(): all strides 0
     lse = lse.contiguous()  # indexed as [B, nh, Tx]; the forward's own lse already is
     dot_dtype, acc_dtype = kernel_dtypes(q.dtype)
-    block_d = max(16, triton.next_power_of_2(hd))
-    cfgs = _configs(q.dtype, Tx, block_d, _utils.cuda_capability(q.device))
+    head = _head_dim_args(hd)
+    width = head["BLOCK_D"] + (head["BLOCK_DT"] if head["HAS_TAIL"] else 0)
+    cfgs = _configs(q.dtype, Tx, width, _utils.cuda_capability(q.device))
+    block_d = max(16, triton.next_power_of_2(hd))  # the elementwise preprocess takes one padded block
     delta = new_output((B, nh, Tx), dtype=accumulator_dtype(q.dtype), device=q.device)
     bias, sbb, sbt = _bias_args(mask, q.dtype, q)
     common = dict(
         HAS_MASK=mask is not None,
         DOT_DTYPE=dot_dtype,
         ACC_DTYPE=acc_dtype,
-        BLOCK_D=block_d,
-        EVEN_D=hd == block_d,
+        **head,
     )
     strides = (
         q.stride(0),

@@ -28,6 +28,11 @@ CASES = [
     (2, 1, 65, 2, 10, True, True),
     (1, 7, 65, 1, 80, False, True),
     (2, 7, 1, 2, 16, False, False),
+    # Head dims split into a main and a tail block (head_dim_blocks): 40 = 32 + 16, 96 = 64 + 32,
+    # 80 = 64 + 16 with a mask and query rows in two blocks.
+    (2, 5, 13, 2, 40, True, True),
+    (1, 3, 37, 1, 96, True, False),
+    (1, 40, 9, 1, 80, True, True),
 ]
 
 
@@ -121,7 +126,7 @@ def test_longest_audio(device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("case", [CASES[2], CASES[1]], ids=_case_id)
+@pytest.mark.parametrize("case", [CASES[2], CASES[1], CASES[-1]], ids=_case_id)
 def test_low_precision_within_twice_reference_error(device, dtype, case):
     """fp16/bf16: at most 2x the same-dtype PyTorch reference's error against fp64 (out and grads).
     On CPU bf16 dot operands are upcast under the interpreter, so the GPU run is the real bf16 check."""
@@ -342,6 +347,18 @@ def test_model_shapes_bf16_on_gpu(hd, Tx):
     assert_matches_truth(out, out_truth, same_dtype_reference=out_ref, name="out")
     for grad, grad_ref, grad_truth in zip(grads, grads_ref, grads_truth, strict=True):
         assert_matches_truth(grad, grad_truth, same_dtype_reference=grad_ref, name="grad")
+
+
+def test_head_dim_blocks():
+    """Head dims that are not a power of two run as main + tail blocks where that is narrower."""
+    from orca_kernels.flash_attention import head_dim_blocks
+
+    expected = {8: (16, 0), 16: (16, 0), 24: (32, 0), 40: (32, 16), 64: (64, 0), 72: (64, 16), 80: (64, 16)}
+    expected |= {96: (64, 32), 112: (128, 0), 128: (128, 0), 160: (128, 32), 200: (256, 0), 256: (256, 0)}
+    for head_dim, blocks in expected.items():
+        assert head_dim_blocks(head_dim) == blocks, head_dim
+        main, tail = blocks
+        assert main + tail >= head_dim and (tail == 0 or main < head_dim)
 
 
 # ----------------------------------------------------------------------------- errors and backends

@@ -1,0 +1,58 @@
+"""benchmarks.tune: its launches and candidates, the table it writes, and that the kernels read it.
+
+The measuring itself needs a GPU (gpu_check.sh runs the tuner's dry run; a GPU session runs it)."""
+
+from __future__ import annotations
+
+import torch
+
+from benchmarks import tune
+from orca_kernels import _tuned
+from orca_kernels import flash_attention as attention
+
+
+def test_dry_run_lists_every_launch(capsys):
+    assert tune.main(["--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    keys = {line.split()[0] for line in lines}
+    # Llama-3.1-8B and Qwen3-0.6B (head dim 128 and 64) and Qwen3-4B (80: 64 + 16 columns).
+    for width in (64, 80, 128):
+        for kernel in ("fwd", "dkdv", "dq"):
+            for phase in ("decode", "prefill"):
+                assert f"flash_{kernel}/sm90/bfloat16/d{width}/{phase}" in keys
+    assert len(keys) == len(lines) == 2 * 3 * 3 * 2  # two cards, three widths, three kernels, two phases
+
+
+def test_candidates_start_with_the_heuristic_and_are_distinct():
+    for launch in tune.launches([torch.bfloat16]):
+        found = list(tune.candidates(launch, (9, 0)))
+        heuristic = attention.heuristic_configs(torch.bfloat16, tune.PHASES[launch.phase], launch.width, (9, 0))
+        assert found[0] == heuristic[launch.kernel]
+        assert len({tuple(sorted(c.items())) for c in found}) == len(found) > 10
+
+
+def test_written_table_reads_back():
+    table = {"flash_fwd/sm90/bfloat16/d80/prefill": {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3}}
+    namespace: dict = {}
+    exec(tune.render(table, "Measured on a test."), namespace)  # noqa: S102 - our own generated source
+    assert namespace["TUNED"] == table
+
+
+def test_kernels_use_a_measured_setting(monkeypatch):
+    """A measured entry replaces the heuristic for its key only (the GPU path of _configs)."""
+    monkeypatch.setattr(attention, "KERNELS_INTERPRETED", False)
+    measured = {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 4, "num_stages": 4}
+    key = attention.tuning_key("fwd", torch.bfloat16, 300, 80, (9, 0))
+    monkeypatch.setattr(_tuned, "TUNED", {key: measured})
+    configs = attention._configs(torch.bfloat16, 300, 80, (9, 0))
+    heuristic = attention.heuristic_configs(torch.bfloat16, 300, 80, (9, 0))
+    assert configs["fwd"] == measured
+    assert configs["dkdv"] == heuristic["dkdv"] and configs["dq"] == heuristic["dq"]
+    decode = attention.heuristic_configs(torch.bfloat16, 1, 80, (9, 0))["fwd"]
+    assert attention._configs(torch.bfloat16, 1, 80, (9, 0))["fwd"] == decode  # another key: the heuristic
+
+
+def test_measuring_needs_a_gpu(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert tune.main([]) == 2
+    assert "--dry-run" in capsys.readouterr().err
