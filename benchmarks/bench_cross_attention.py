@@ -105,30 +105,31 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
             )
         )
 
-        decode_batch = min(DECODE_BATCH, batch)
+        # A batch of requests, and one request alone (whose few programs the keys are split over).
+        for decode_batch in sorted({1, min(DECODE_BATCH, batch)}):
 
-        def decode_inputs(decode_batch=decode_batch, t_a=t_a, size=size):
-            step = torch.randn(decode_batch, 1, size, device=device, dtype=dtype)
-            return step, torch.randn(decode_batch, t_a, size, device=device, dtype=dtype)
+            def decode_inputs(decode_batch=decode_batch, t_a=t_a, size=size):
+                step = torch.randn(decode_batch, 1, size, device=device, dtype=dtype)
+                return step, torch.randn(decode_batch, t_a, size, device=device, dtype=dtype)
 
-        cache = AudioMemoryCache()
+            cache = AudioMemoryCache()
 
-        def cached_step(step, audio, cache=cache, fused=fused):
-            return fused(step, audio, audio_cache=cache)  # the cache is filled at the first call
+            def cached_step(step, audio, cache=cache, fused=fused):
+                return fused(step, audio, audio_cache=cache)  # the cache is filled at the first call
 
-        result.append(
-            Case(
-                op="decode_step",
-                shape=f"{label} B{decode_batch} Tx1 H{size} Ta{t_a}",
-                dtype=dtype,
-                make_inputs=decode_inputs,
-                providers=[
-                    Provider("eager", eager),
-                    Provider("orca-uncached", fused),
-                    Provider("orca-cached", cached_step),
-                ],
-                reference_fp64=_reference_fp64(eager, heads, theta),
-                backward=False,
+            result.append(
+                Case(
+                    op="decode_step",
+                    shape=f"{label} B{decode_batch} Tx1 H{size} Ta{t_a}",
+                    dtype=dtype,
+                    make_inputs=decode_inputs,
+                    providers=[
+                        Provider("eager", eager),
+                        Provider("orca-uncached", fused),
+                        Provider("orca-cached", cached_step),
+                    ],
+                    reference_fp64=_reference_fp64(eager, heads, theta),
+                    backward=False,
+                )
             )
-        )
     return result

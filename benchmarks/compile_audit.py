@@ -220,6 +220,14 @@ def cases(models=MODELS) -> Iterator[tuple[str, str, Callable[[], None]]]:
                         precision,
                         lambda m=model, t=text, d=dtype, k=masked, b=train: _attention_launches(m, t, d, k, b),
                     )
+                # One request decoding alone: too few programs, so the keys are split (flash-decoding).
+                yield (
+                    f"{m} {precision} attention decode-b1 {label} fwd",
+                    precision,
+                    lambda m=model, d=dtype, k=masked: _attention_launches(
+                        dataclasses.replace(m, batch=1), 1, d, k, False
+                    ),
+                )
             for phase, text in TEXT_LENGTHS.items():
                 train = phase == "train"
                 yield (

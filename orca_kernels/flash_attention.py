@@ -146,6 +146,9 @@ def _flash_cross_attention_fwd_kernel(
     sob,
     sot,
     soh,
+    keys_per_split,
+    sos,
+    sls,
     HAS_MASK: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
@@ -155,12 +158,21 @@ def _flash_cross_attention_fwd_kernel(
     EVEN_D: tl.constexpr,
     BLOCK_DT: tl.constexpr,
     HAS_TAIL: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
-    """out[b, rows, h] and lse[b, h, rows] (base 2, of the scores · scale·log2e) for BLOCK_M query rows."""
+    """out[b, rows, h] and lse[b, h, rows] (base 2, of the scores · scale·log2e) for BLOCK_M query rows.
+
+    SPLIT (flash-decoding): program_id(0) also picks a range of `keys_per_split` keys (a multiple
+    of BLOCK_N); the program writes that range's normalised partial output and logsumexp at split
+    offsets `sos` / `sls` (fp32 scratch), which `_flash_decode_combine_kernel` merges."""
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     qk_scale = _scalar(qk_scale_hi, qk_scale_lo, ACC_DTYPE)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_blocks = tl.cdiv(Tx, BLOCK_M)
+    split = tl.program_id(0) // row_blocks
+    rows = (tl.program_id(0) % row_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    key_begin = split * keys_per_split
+    key_end = tl.minimum(Ta, key_begin + keys_per_split)
     d = tl.arange(0, BLOCK_D)
     dt = BLOCK_D + tl.arange(0, BLOCK_DT)
     q_base = q_ptr + b * sqb + h * sqh
@@ -174,7 +186,7 @@ def _flash_cross_attention_fwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_D), ACC_DTYPE)
     acc_t = tl.zeros((BLOCK_M, BLOCK_DT), ACC_DTYPE)  # the tail columns' (unused without a tail)
     valid_keys = 0  # unmasked keys of this batch element: none makes every row fully masked
-    for n0 in range(0, Ta, BLOCK_N):
+    for n0 in range(key_begin, key_end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         bias = _key_bias(bias_ptr, b, cols, Ta, sbb, sbt, HAS_MASK)
         if HAS_MASK:
@@ -201,15 +213,72 @@ def _flash_cross_attention_fwd_kernel(
     # softmax) even where a masked value is NaN (acc = 0 · NaN), and lse +inf, which the backward
     # reads as "fully masked". A row with unmasked keys and l = 0 (a -inf in q) is 0/0 = NaN, as
     # the reference gives for a non-finite query.
-    no_key = (valid_keys == 0) if HAS_MASK else (Ta == 0)
+    no_key = (valid_keys == 0) if HAS_MASK else (key_end <= key_begin)
     out = tl.where(no_key, 0.0, acc / l_i[:, None])
-    lse = tl.where(no_key, float("inf"), m_i + tl.log2(l_i))
+    if SPLIT:
+        # A split without an unmasked key weighs nothing in the combine (-inf); one whose keys all
+        # scored -inf (l = 0) is NaN there, as the whole row is without the split.
+        lse = tl.where(no_key, float("-inf"), tl.where(l_i == 0.0, float("nan"), m_i + tl.log2(l_i)))
+    else:
+        lse = tl.where(no_key, float("inf"), m_i + tl.log2(l_i))
+    out_ptr += split.to(tl.int64) * sos
+    lse_ptr += split.to(tl.int64) * sls
     o_offsets = b * sob + h * soh + rows.to(tl.int64)[:, None] * sot + d[None, :]
     tl.store(out_ptr + o_offsets, cast_for_store(out, out_ptr), mask=_tile_mask(rows, d, Tx, head_dim, EVEN_D))
     if HAS_TAIL:
         out_t = tl.where(no_key, 0.0, acc_t / l_i[:, None])
         o_offsets = b * sob + h * soh + rows.to(tl.int64)[:, None] * sot + dt[None, :]
         tl.store(out_ptr + o_offsets, cast_for_store(out_t, out_ptr), mask=_tile_mask(rows, dt, Tx, head_dim, False))
+    tl.store(lse_ptr + (b * num_heads + h) * Tx + rows, lse, mask=rows < Tx)
+
+
+@triton.jit
+def _flash_decode_combine_kernel(
+    part_out_ptr,
+    part_lse_ptr,
+    out_ptr,
+    lse_ptr,
+    Tx,
+    num_heads,
+    head_dim,
+    num_splits,
+    sps,
+    spb,
+    spt,
+    sph,
+    sls,
+    sob,
+    sot,
+    soh,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr,
+):
+    """out[b, rows, h] and lse[b, h, rows] from the splits' partial outputs (strides sp*) and
+    logsumexps (split stride sls): out = Σ_s 2^(lse_s − lse) · out_s with lse = log2 Σ_s 2^lse_s.
+    No split with a key: out 0 and lse +inf, the unsplit kernel's fully masked row."""
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    stats = part_lse_ptr + (b * num_heads + h) * Tx + rows
+    m = tl.full((BLOCK_M,), float("-inf"), ACC_DTYPE)
+    for split in range(0, num_splits):
+        m = tl.maximum(m, tl.load(stats + split * sls, mask=rows < Tx, other=float("-inf")))
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    total = tl.zeros((BLOCK_M,), ACC_DTYPE)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), ACC_DTYPE)
+    for split in range(0, num_splits):
+        weight = tl.exp2(tl.load(stats + split * sls, mask=rows < Tx, other=float("-inf")) - m_use)
+        part = _load_tile(part_out_ptr + split * sps + b * spb + h * sph, rows, d, Tx, head_dim, spt, EVEN_D)
+        total += weight
+        acc += weight[:, None] * part
+    no_key = m == float("-inf")
+    out = tl.where(no_key[:, None], 0.0, acc / total[:, None])
+    lse = tl.where(no_key, float("inf"), m + tl.log2(total))
+    o_offsets = b * sob + h * soh + rows.to(tl.int64)[:, None] * sot + d[None, :]
+    tl.store(out_ptr + o_offsets, cast_for_store(out, out_ptr), mask=_tile_mask(rows, d, Tx, head_dim, EVEN_D))
     tl.store(lse_ptr + (b * num_heads + h) * Tx + rows, lse, mask=rows < Tx)
 
 
@@ -527,8 +596,12 @@ def heuristic_configs(
     # Forward: 16 query rows for decode (Tx = 1), else 64 (one warpgroup) or 128 rows (two),
     # whichever pads Tx less (Tx = 300: 5 x 64 rather than 3 x 128).
     if Tx <= 16:
-        # (A cap for two blocks per SM: uncapped, triton 3.6's ptxas spilled at hd 128 with a mask.)
-        fwd = {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "maxnreg": register_cap(4, 2)}
+        # A cap for two blocks per SM: uncapped, triton 3.6's ptxas spilled at hd 128 with a mask.
+        # A split head dim (80 = 64 + 16) is the other way round: triton 3.8 spills under the cap
+        # and needs 168 registers without it.
+        fwd = {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+        if not block_d & (block_d - 1):
+            fwd["maxnreg"] = register_cap(4, 2)
     elif triton.cdiv(Tx, 128) * 128 > triton.cdiv(Tx, 64) * 64:
         fwd = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
     else:
@@ -572,7 +645,14 @@ def _forward(q, k, v, mask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     head = _head_dim_args(hd)
     width = head["BLOCK_D"] + (head["BLOCK_DT"] if head["HAS_TAIL"] else 0)
     cfg = _configs(q.dtype, Tx, width, _utils.cuda_capability(q.device))["fwd"]
-    grid = (triton.cdiv(Tx, cfg["BLOCK_M"]), nh, B)
+    row_blocks = triton.cdiv(Tx, cfg["BLOCK_M"])
+    splits, keys_per_split = decode_splits(B * nh * row_blocks, Tx, Ta, cfg["BLOCK_N"], q.device)
+    # Split: the kernel writes fp32 (fp64) partials [S, B, Tx, nh, hd] and [S, B, nh, Tx] instead.
+    dest, dest_lse = out, lse
+    if splits > 1:
+        dest = new_output((splits, B, Tx, nh, hd), dtype=accumulator_dtype(q.dtype), device=q.device)
+        dest_lse = new_output((splits, B, nh, Tx), dtype=lse.dtype, device=q.device)
+    grid = (row_blocks * splits, nh, B)
     bias, sbb, sbt = _bias_args(mask, q.dtype, q)
     with device_context(q):
         _flash_cross_attention_fwd_kernel[grid](
@@ -580,8 +660,8 @@ def _forward(q, k, v, mask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
             k,
             v,
             bias,
-            out,
-            lse,
+            dest,
+            dest_lse,
             Tx,
             Ta,
             nh,
@@ -598,16 +678,54 @@ def _forward(q, k, v, mask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
             v.stride(2),
             sbb,
             sbt,
-            out.stride(0),
-            out.stride(1),
-            out.stride(2),
+            *dest.stride()[-4:-1],
+            keys_per_split,
+            dest.stride(0) if splits > 1 else 0,
+            dest_lse.stride(0) if splits > 1 else 0,
             HAS_MASK=mask is not None,
             DOT_DTYPE=dot_dtype,
             ACC_DTYPE=acc_dtype,
+            SPLIT=splits > 1,
             **head,
             **cfg,
         )
+        if splits > 1:
+            block_d = max(16, triton.next_power_of_2(hd))
+            _flash_decode_combine_kernel[(row_blocks, nh, B)](
+                dest,
+                dest_lse,
+                out,
+                lse,
+                Tx,
+                nh,
+                hd,
+                splits,
+                *dest.stride()[:4],
+                dest_lse.stride(0),
+                out.stride(0),
+                out.stride(1),
+                out.stride(2),
+                ACC_DTYPE=acc_dtype,
+                BLOCK_M=cfg["BLOCK_M"],
+                BLOCK_D=block_d,
+                EVEN_D=hd == block_d,
+            )
     return out, lse
+
+
+def decode_splits(programs: int, Tx: int, Ta: int, block_n: int, device: torch.device) -> tuple[int, int]:
+    """(splits, keys per split) of the forward over the keys (flash-decoding). A decode step
+    (Tx <= 16: one row block) has B·nh programs, too few to fill a GPU when B is small (B = 1 and
+    32 heads: 32 programs for 132 SMs), each walking all Ta keys; splitting the keys into ranges
+    of whole key blocks gives about two programs per SM. The interpreter splits every decode
+    into single key blocks, so the tests exercise the split and the combine."""
+    blocks = triton.cdiv(Ta, block_n)
+    if Tx > 16 or blocks <= 1:
+        return 1, max(Ta, 1)
+    wanted = blocks if KERNELS_INTERPRETED else _utils.persistent_programs(device) // 2 // max(programs, 1)
+    splits = min(blocks, max(1, wanted))
+    blocks_per_split = triton.cdiv(blocks, splits)
+    return triton.cdiv(blocks, blocks_per_split), blocks_per_split * block_n
 
 
 def _backward(q, k, v, mask, out, lse, grad_out, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

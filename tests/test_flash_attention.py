@@ -361,6 +361,22 @@ def test_head_dim_blocks():
         assert main + tail >= head_dim and (tail == 0 or main < head_dim)
 
 
+def test_decode_splits_fill_the_gpu(monkeypatch):
+    """Flash-decoding's rule on a 132-SM card (4 persistent programs per SM): one clip of Llama's
+    32 heads over 383 keys in 64-key blocks splits into all 6 blocks; 8 clips (256 programs)
+    already fill it; a prefill never splits."""
+    from orca_kernels import flash_attention as attention
+
+    monkeypatch.setattr(attention, "KERNELS_INTERPRETED", False)
+    monkeypatch.setattr(attention._utils, "persistent_programs", lambda device: 4 * 132)
+    cuda = torch.device("cuda")
+    assert attention.decode_splits(32, 1, 383, 64, cuda) == (6, 64)
+    assert attention.decode_splits(4 * 32, 1, 383, 64, cuda) == (2, 192)
+    assert attention.decode_splits(8 * 32, 1, 383, 64, cuda) == (1, 384)
+    assert attention.decode_splits(32, 300, 383, 64, cuda) == (1, 383)
+    assert attention.decode_splits(32, 1, 40, 64, cuda) == (1, 40)
+
+
 # ----------------------------------------------------------------------------- errors and backends
 
 

@@ -338,11 +338,13 @@ def test_audio_rope_matches_reference(data, dtype, batch, length, half, position
 
 
 @st.composite
-def attention_problems(draw, finite: bool = True):
-    """(dtype, q, k, v leaves and views, mask, scale, grad_out) of a small attention problem."""
+def attention_problems(draw, finite: bool = True, long_memory: bool = False):
+    """(dtype, q, k, v leaves and views, mask, scale, grad_out) of a small attention problem.
+    long_memory: 33 to 100 keys, more than one of the interpreter's 32-key blocks."""
     dtype = draw(dtypes)
     smallest = 0 if finite else 1  # a non-finite query needs a query
-    batch, t_x, t_a = draw(st.integers(smallest, 3)), draw(st.integers(smallest, 9)), draw(st.integers(0, 10))
+    batch, t_x = draw(st.integers(smallest, 3)), draw(st.integers(smallest, 9))
+    t_a = draw(st.integers(33, 100) if long_memory else st.integers(0, 10))
     # Head dims that fit one block, and ones the kernels split into main + tail blocks (33, 40, 80).
     heads, head_dim = draw(st.integers(1, 3)), draw(st.integers(1, 20) | st.sampled_from([33, 40, 80]))
     gen = torch.Generator().manual_seed(draw(seeds))
@@ -435,6 +437,23 @@ def test_flash_cross_attention_matches_reference(problem):
         for b in torch.nonzero(mask.all(-1)).flatten().tolist():
             for name, t in zip(names, [out, *grads], strict=False):
                 assert torch.all(t[b] == 0), name
+
+
+@_examples(40)
+@given(problem=attention_problems(long_memory=True))
+def test_flash_decode_split_matches_reference(problem):
+    """A decode step (Tx <= 9 <= 16) over a memory of several key blocks runs split over the keys
+    (one program per block under the interpreter) and merged by the combine kernel: its output
+    is the reference's, with masks that leave whole splits without a key or mask whole rows."""
+    dtype, leaves, views, packed, mask, scale, _, _ = problem
+    with torch.no_grad():
+        out = _attention(views, mask, scale, "triton")(*leaves)
+        truth = _attention(views, mask, scale, "torch")(*_to64(leaves))
+        ref = _attention(views, mask, scale, "torch")(*leaves)
+    _check_all(["output"], [out], [truth], [ref])
+    if mask is not None:
+        for b in torch.nonzero(mask.all(-1)).flatten().tolist():
+            assert torch.all(out[b] == 0)
 
 
 @_examples(40)
