@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from orca_kernels.reference import LAYER_NORM_EPS
 from orca_kernels.strided_conv import strided_conv1d
-from orca_kernels.validation import check_backend, check_int, check_tensor
+from orca_kernels.validation import check_backend, check_bool, check_int, check_tensor
 
 OP = "local_branch"
 FOLD_MODES = ("auto", "always", "never")
@@ -98,7 +98,19 @@ def fold_pays(
     Training composes W' every step and runs the backward of every GEMM (twice the forward), so
     both sides count three times, the composition included; inference reuses a cached W' and
     counts the folded conv alone."""
-    length_out = (frames + 2 * padding - kernel_size) // stride + 1
+    for name, value, minimum in (
+        ("batch", batch, 0),
+        ("frames", frames, 0),
+        ("encoder_width", encoder_width, 1),
+        ("hidden", hidden, 1),
+        ("out_channels", out_channels, 1),
+        ("kernel_size", kernel_size, 1),
+        ("stride", stride, 1),
+        ("padding", padding, 0),
+    ):
+        check_int("fold_pays", name, value, minimum)
+    check_bool("fold_pays", "training", training)
+    length_out = max(0, (frames + 2 * padding - kernel_size) // stride + 1)
     channels = folded_channels(encoder_width)
     unfolded = batch * frames * encoder_width * hidden + batch * length_out * kernel_size * hidden * out_channels
     folded = batch * length_out * kernel_size * channels * out_channels
@@ -186,6 +198,12 @@ def local_branch(
             raise ValueError(
                 f"{OP}: target_layer_states[{i}] has shape {tuple(state.shape)}; every state must be "
                 f"[B, T, {proj_weight.shape[1]}] like target_layer_states[0] {tuple(target_layer_states[0].shape)}"
+            )
+    if proj_bias is not None:
+        check_tensor(OP, "proj_bias", proj_bias, 1, like=proj_weight)
+        if proj_bias.shape[0] != proj_weight.shape[0]:
+            raise ValueError(
+                f"{OP}: proj_bias has {proj_bias.shape[0]} elements but proj_weight has {proj_weight.shape[0]} rows"
             )
     check_tensor(OP, "layer_weights", layer_weights, 1)
     if layer_weights.shape[0] != len(target_layer_states):

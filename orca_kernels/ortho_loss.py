@@ -40,9 +40,10 @@ import torch
 import triton
 import triton.language as tl
 
-from orca_kernels import reference
+from orca_kernels import _utils, reference
 from orca_kernels._triton_helpers import accumulator_dtype, cast_for_store, kernel_dtypes, register_cap
 from orca_kernels._utils import (
+    KERNELS_INTERPRETED,
     TableCache,
     autocast_fp32_normalisations,
     autocast_lower_precision,
@@ -109,6 +110,8 @@ def _similarities(
     K,
     n,
     H,
+    h_begin,
+    h_end,
     sgb,
     sgk,
     sgh,
@@ -123,11 +126,12 @@ def _similarities(
     BLOCK_N: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    """Raw dot products [BLOCK_M, BLOCK_N] of token-list rows × cols, and both sums of squares."""
+    """Raw dot products [BLOCK_M, BLOCK_N] of token-list rows × cols, and both sums of squares,
+    over the hidden range [h_begin, h_end) (h_begin a multiple of BLOCK_H)."""
     dots = tl.zeros((BLOCK_M, BLOCK_N), ACC_DTYPE)
     row_sq = tl.zeros((BLOCK_M,), ACC_DTYPE)
     col_sq = tl.zeros((BLOCK_N,), ACC_DTYPE)
-    for h0 in range(0, H, BLOCK_H):
+    for h0 in range(h_begin, h_end, BLOCK_H):
         h = h0 + tl.arange(0, BLOCK_H)
         x = _load_tokens(
             g_ptr, l_ptr, idx_ptr, b, rows, h, K, n, H, sgb, sgk, sgh, slb, slt, slh, ROWS_LOCAL, SUBSAMPLE
@@ -144,19 +148,19 @@ def _similarities(
 
 
 @triton.jit
-def _ortho_losses_fwd_kernel(
+def _ortho_losses_split_kernel(
     g_ptr,
     l_ptr,
     idx_ptr,
-    partial_ptr,
+    parts_ptr,
     K,
     n,
     H,
+    h_per_split,
     col_start,
-    col_end,
     num_row_blocks,
     num_col_blocks,
-    num_programs,
+    num_splits,
     sgb,
     sgk,
     sgh,
@@ -170,13 +174,17 @@ def _ortho_losses_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    """partial[0, pid] = Σ (Gram − I)², partial[1, pid] = Σ cross² over this program's tile of
-    global rows × token-list columns [col_start, col_end)."""
+    """One hidden range [split·h_per_split, ...) of one tile's dots and sums of squares, stored
+    as part (tile, split) for `_ortho_losses_fwd_kernel` (FROM_PARTS) to add up: with few tiles
+    (B·Kg small) the H loop is what keeps a GPU busy, so it is spread over programs."""
     pid = tl.program_id(0)
+    tile = pid // num_splits
+    split = pid % num_splits
     tiles = num_row_blocks * num_col_blocks
-    b = (pid // tiles).to(tl.int64)
-    rows = ((pid % tiles) // num_col_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = col_start + (pid % num_col_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    b = (tile // tiles).to(tl.int64)
+    rows = ((tile % tiles) // num_col_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = col_start + (tile % num_col_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    h_begin = split * h_per_split
     dots, row_sq, col_sq = _similarities(
         g_ptr,
         l_ptr,
@@ -187,6 +195,8 @@ def _ortho_losses_fwd_kernel(
         K,
         n,
         H,
+        h_begin,
+        tl.minimum(H, h_begin + h_per_split),
         sgb,
         sgk,
         sgh,
@@ -201,6 +211,88 @@ def _ortho_losses_fwd_kernel(
         BLOCK_N,
         BLOCK_H,
     )
+    # A part: the dots [BLOCK_M, BLOCK_N], then the row and the column sums of squares.
+    part = parts_ptr + pid.to(tl.int64) * (BLOCK_M * BLOCK_N + BLOCK_M + BLOCK_N)
+    tl.store(part + tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :], dots)
+    tl.store(part + BLOCK_M * BLOCK_N + tl.arange(0, BLOCK_M), row_sq)
+    tl.store(part + BLOCK_M * BLOCK_N + BLOCK_M + tl.arange(0, BLOCK_N), col_sq)
+
+
+@triton.jit
+def _ortho_losses_fwd_kernel(
+    g_ptr,
+    l_ptr,
+    idx_ptr,
+    partial_ptr,
+    K,
+    n,
+    H,
+    col_start,
+    col_end,
+    num_row_blocks,
+    num_col_blocks,
+    num_programs,
+    parts_ptr,
+    num_splits,
+    sgb,
+    sgk,
+    sgh,
+    slb,
+    slt,
+    slh,
+    FROM_PARTS: tl.constexpr,
+    SUBSAMPLE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """partial[0, pid] = Σ (Gram − I)², partial[1, pid] = Σ cross² over this program's tile of
+    global rows × token-list columns [col_start, col_end). FROM_PARTS: the dots and sums of
+    squares are the sum, in split order, of the `num_splits` parts `_ortho_losses_split_kernel`
+    wrote (one per hidden range), instead of one pass over H."""
+    pid = tl.program_id(0)
+    tiles = num_row_blocks * num_col_blocks
+    b = (pid // tiles).to(tl.int64)
+    rows = ((pid % tiles) // num_col_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = col_start + (pid % num_col_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if FROM_PARTS:
+        dots = tl.zeros((BLOCK_M, BLOCK_N), ACC_DTYPE)
+        row_sq = tl.zeros((BLOCK_M,), ACC_DTYPE)
+        col_sq = tl.zeros((BLOCK_N,), ACC_DTYPE)
+        for split in range(0, num_splits):
+            part = parts_ptr + (pid.to(tl.int64) * num_splits + split) * (BLOCK_M * BLOCK_N + BLOCK_M + BLOCK_N)
+            dots += tl.load(part + tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :])
+            row_sq += tl.load(part + BLOCK_M * BLOCK_N + tl.arange(0, BLOCK_M))
+            col_sq += tl.load(part + BLOCK_M * BLOCK_N + BLOCK_M + tl.arange(0, BLOCK_N))
+    else:
+        dots, row_sq, col_sq = _similarities(
+            g_ptr,
+            l_ptr,
+            idx_ptr,
+            b,
+            rows,
+            cols,
+            K,
+            n,
+            H,
+            0,
+            H,
+            sgb,
+            sgk,
+            sgh,
+            slb,
+            slt,
+            slh,
+            False,
+            SUBSAMPLE,
+            DOT_DTYPE,
+            ACC_DTYPE,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_H,
+        )
     row_norm = tl.maximum(tl.sqrt(row_sq), tl.full((BLOCK_M,), _EPS, ACC_DTYPE))
     col_norm = tl.maximum(tl.sqrt(col_sq), tl.full((BLOCK_N,), _EPS, ACC_DTYPE))
     sim = dots / (row_norm[:, None] * col_norm[None, :])
@@ -334,6 +426,8 @@ def _ortho_losses_bwd_kernel(
             K,
             n,
             H,
+            0,
+            H,
             sgb,
             sgk,
             sgh,
@@ -419,6 +513,23 @@ def _block(size: int, low: int, high: int) -> int:
     return max(low, min(high, triton.next_power_of_2(max(size, 1))))
 
 
+def hidden_splits(tiles: int, H: int, block_h: int, device: torch.device) -> tuple[int, int]:
+    """(splits, hidden width per split) of the forward's H loop. The forward has one program per
+    tile of rows x columns per batch element: B·⌈Kg/BLOCK_M⌉·⌈(Kg + n)/BLOCK_N⌉, 24 at
+    Llama-3.1-8B's shape (B = 12, Kg = 8, 100 sampled local rows) for 132 SMs, each looping over
+    H = 4096. Below about two programs per SM the loop is split into ranges of whole BLOCK_H
+    chunks, at least four chunks each. The interpreter splits any loop of two chunks or more in
+    two, so the tests exercise the parts."""
+    chunks = triton.cdiv(H, block_h)
+    if KERNELS_INTERPRETED:
+        wanted = 2
+    else:
+        wanted = min(chunks // 4, _utils.persistent_programs(device) // 2 // max(tiles, 1))
+    splits = max(1, min(chunks, wanted))
+    chunks_per_split = triton.cdiv(chunks, splits)
+    return triton.cdiv(chunks, chunks_per_split), chunks_per_split * block_h
+
+
 def _diversity_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
@@ -447,13 +558,44 @@ def _forward(
     num_row_blocks = triton.cdiv(K, block_m)
     num_col_blocks = triton.cdiv(col_end - col_start, block_n)
     num_programs = B * num_row_blocks * num_col_blocks
+    splits, h_per_split = hidden_splits(num_programs, H, block_h, g.device)
     partials = new_output((2, num_programs), dtype=accumulator_dtype(g.dtype), device=g.device)
+    part_size = block_m * block_n + block_m + block_n
+    parts = (
+        new_output((num_programs * splits * part_size,), dtype=accumulator_dtype(g.dtype), device=g.device)
+        if splits > 1
+        else g
+    )
     if kernel_div:
         div = new_output((), dtype=_diversity_dtype(g.dtype), device=g.device)
     if kernel_cross:
         cross = new_output((), dtype=g.dtype, device=g.device)
     lt = l if kernel_cross else g  # pointers the kernel does not read stand in for absent ones
     with device_context(g):
+        if splits > 1:
+            _ortho_losses_split_kernel[(num_programs * splits,)](
+                g,
+                lt,
+                idx if idx is not None else g,
+                parts,
+                K,
+                n,
+                H,
+                h_per_split,
+                col_start,
+                num_row_blocks,
+                num_col_blocks,
+                splits,
+                *g.stride(),
+                *lt.stride(),
+                SUBSAMPLE=idx is not None,
+                DOT_DTYPE=dot_dtype,
+                ACC_DTYPE=acc_dtype,
+                BLOCK_M=block_m,
+                BLOCK_N=block_n,
+                BLOCK_H=block_h,
+                num_warps=8,
+            )
         _ortho_losses_fwd_kernel[(num_programs,)](
             g,
             lt,
@@ -467,8 +609,11 @@ def _forward(
             num_row_blocks,
             num_col_blocks,
             num_programs,
+            parts,
+            splits,
             *g.stride(),
             *lt.stride(),
+            FROM_PARTS=splits > 1,
             SUBSAMPLE=idx is not None,
             DOT_DTYPE=dot_dtype,
             ACC_DTYPE=acc_dtype,

@@ -9,6 +9,7 @@ from torch import nn
 
 import orca_kernels
 from orca_kernels import reference
+from orca_kernels.flash_attention import MAX_HEAD_DIM
 from orca_kernels.validation import (
     check_bool,
     check_finite_real,
@@ -152,6 +153,12 @@ class OrcaGatedCrossAttention(nn.Module):
             self.layer_align_loss = None
             return hidden_states
         fused_path = self.use_fused and orca_kernels.kernels_available(hidden_states.device)
+        head_dim = self.hidden_size // self.num_heads
+        if fused_path and head_dim > MAX_HEAD_DIM:
+            raise ValueError(
+                f"{MODULE}: head dim {head_dim} (hidden_size / num_heads) > {MAX_HEAD_DIM} is not supported by the "
+                "fused kernels; run the reference path (use_fused=False, or use_fused_orca=False in the config)"
+            )
         cache = audio_cache if audio_cache is not None else AudioMemoryCache()
         dtype = hidden_states.dtype
         if dtype not in cache.rotated:

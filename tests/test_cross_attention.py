@@ -383,3 +383,11 @@ def test_small_and_int_rope_arguments_are_accepted():
         hidden, audio, *params, 2, position_scale=1e-3, rope_theta=2, backend="torch"
     )
     assert out.isfinite().all()
+
+
+def test_fused_module_refuses_head_dims_the_kernels_lack(triton_device):
+    """A fused module whose head dim exceeds the kernels' 256 says how to run it (no backend= here)."""
+    module = OrcaGatedCrossAttention(2 * 257, 2, use_fused=True).to(triton_device)
+    hidden, audio = torch.zeros(1, 1, 2 * 257, device=triton_device), torch.zeros(1, 3, 2 * 257, device=triton_device)
+    with pytest.raises(ValueError, match=r"head dim 257 \(hidden_size / num_heads\) > 256 .*\(use_fused=False"):
+        module(hidden, audio)

@@ -251,6 +251,10 @@ def test_cache_under_concurrent_requests(monkeypatch):
             r"conv_weight has 9 input channels but the Linear gives 10",
         ),
         (dict(stride=0), r"local_branch: stride must be"),
+        (
+            dict(proj_bias=torch.zeros(9, dtype=torch.float64)),
+            r"local_branch: proj_bias has 9 elements but proj_weight has 10 rows",
+        ),
         (dict(padding=-1), r"local_branch: padding must be"),
     ],
 )
@@ -261,12 +265,21 @@ def test_bad_input_is_a_clear_error(change, message):
     layer_weights, proj_weight, proj_bias, conv_weight, conv_bias, ln_weight, ln_bias = parameters
     layer_weights = change.get("layer_weights", layer_weights)
     conv_weight = change.get("conv_weight", conv_weight)
+    proj_bias = change.get("proj_bias", proj_bias)
     states = change.get("states", states)
     options = {key: change[key] for key in ("fold", "backend", "stride", "padding") if key in change}
     with pytest.raises((ValueError, TypeError), match=message):
         orca_kernels.local_branch(
             states, layer_weights, proj_weight, proj_bias, conv_weight, conv_bias, ln_weight, ln_bias, **options
         )
+
+
+def test_fold_pays_bad_input():
+    geometry = dict(frames=8, encoder_width=2, hidden=3, out_channels=3, kernel_size=1, stride=1, padding=0)
+    with pytest.raises(ValueError, match="fold_pays: stride must be >= 1, got 0"):
+        fold_pays(1, training=True, **(geometry | {"stride": 0}))
+    with pytest.raises(TypeError, match="fold_pays: training must be a bool, got int"):
+        fold_pays(1, training=1, **geometry)
 
 
 def test_fold_projection_bad_input():

@@ -327,3 +327,17 @@ def test_autocast_follows_the_reference_dtypes(device, local_dtype):
     ]:
         # bf16 computations whatever the result's dtype: the 2x rule, not the fp32 table.
         assert_matches_truth(actual, truth, same_dtype_reference=ref, name=name, tolerances={})
+
+
+def test_hidden_splits_fill_the_gpu(monkeypatch):
+    """At Llama-3.1-8B's shape (B = 12, Kg = 8, 100 sampled local rows: 24 tiles of 16 x 64 in
+    bf16, H = 4096 in 32-wide chunks) a 132-SM card gets 11 splits of 12 chunks each: 264
+    programs; a shape with enough tiles is not split, nor a short H loop."""
+    from orca_kernels import ortho_loss
+
+    monkeypatch.setattr(ortho_loss, "KERNELS_INTERPRETED", False)
+    monkeypatch.setattr(ortho_loss._utils, "persistent_programs", lambda device: 4 * 132)
+    cuda = torch.device("cuda")
+    assert ortho_loss.hidden_splits(24, 4096, 32, cuda) == (11, 12 * 32)
+    assert ortho_loss.hidden_splits(300, 4096, 32, cuda) == (1, 4096)
+    assert ortho_loss.hidden_splits(24, 96, 32, cuda) == (1, 96)
