@@ -43,12 +43,16 @@ def save_llm(directory: str, kind: str) -> str:
 
 def save_checkpoints(directory: str) -> dict[str, str]:
     """The tiny Whisper, Qwen3 and Llama checkpoints saved under `directory`: name -> path (the
-    `checkpoints` fixture of tests/conftest.py)."""
-    return {
-        "whisper": save_whisper(directory),
-        "qwen3": save_llm(directory, "qwen3"),
-        "llama": save_llm(directory, "llama"),
-    }
+    `checkpoints` fixture of tests/conftest.py). Their weights come from seed 0 whatever ran
+    before (a module-scoped fixture is built before the per-test seed), so a test sees the same
+    model alone and in the whole suite; the global random state is left as it was."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return {
+            "whisper": save_whisper(directory),
+            "qwen3": save_llm(directory, "qwen3"),
+            "llama": save_llm(directory, "llama"),
+        }
 
 
 def desta_config(llm_path: str, whisper_path: str, **overrides) -> DeSTA25Config:
