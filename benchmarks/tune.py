@@ -10,6 +10,7 @@ shared memory, too many registers) are skipped and counted.
     python -m benchmarks.tune                  # measure, then write orca_kernels/_tuned.py
     python -m benchmarks.tune --dry-run        # list the launches and candidates (no GPU needed)
     python -m benchmarks.tune --out FILE       # write somewhere else (and keep _tuned.py as it is)
+    python -m benchmarks.tune --widths 80 --budget-s 240   # part of the work, within a time budget
 
 Kernels are timed inside their op (`_forward`, or `_backward` for dK/dV and dQ, the other kernel
 on its current setting), so a winner is the fastest end to end, launch overheads included.
@@ -22,6 +23,7 @@ import datetime
 import itertools
 import pprint
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,8 +144,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["bf16"])
     parser.add_argument("--dry-run", action="store_true", help="list launches and candidates; measure nothing")
     parser.add_argument("--out", type=Path, default=TABLE, help="the table to write (default: orca_kernels/_tuned.py)")
+    parser.add_argument(
+        "--widths", type=int, nargs="+", help="only these head widths (main + tail blocks: 64, 80, 128)"
+    )
+    parser.add_argument(
+        "--budget-s", type=float, help="start no launch after this many seconds; what was measured is still written"
+    )
     args = parser.parse_args(argv)
-    todo = launches([DTYPES[name] for name in args.dtypes])
+    todo = [
+        launch
+        for launch in launches([DTYPES[name] for name in args.dtypes])
+        if launch.width in (args.widths or [launch.width])
+    ]
 
     if args.dry_run:
         for capability in ((9, 0), (8, 0)):
@@ -158,7 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda")
     capability = torch.cuda.get_device_capability(device)
     table = dict(_tuned.TUNED)
+    start = time.monotonic()
     for index, launch in enumerate(todo, 1):
+        if args.budget_s is not None and time.monotonic() - start > args.budget_s:
+            print(f"budget of {args.budget_s:.0f} s spent: {len(todo) - index + 1} launches left unmeasured")
+            break
         best, best_ms, heuristic_ms, failed = measure(launch, device, capability)
         table[launch.key(capability)] = best
         print(

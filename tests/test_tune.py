@@ -23,6 +23,12 @@ def test_dry_run_lists_every_launch(capsys):
     assert len(keys) == len(lines) == 2 * 3 * 3 * 2  # two cards, three widths, three kernels, two phases
 
 
+def test_dry_run_filters_widths(capsys):
+    assert tune.main(["--dry-run", "--widths", "80"]) == 0
+    keys = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert len(keys) == 2 * 3 * 2 and all("/d80/" in key for key in keys)
+
+
 def test_candidates_start_with_the_heuristic_and_are_distinct():
     for launch in tune.launches([torch.bfloat16]):
         found = list(tune.candidates(launch, (9, 0)))
