@@ -33,6 +33,14 @@ def _ortho(device: torch.device) -> list[torch.Tensor]:
     return [diversity, cross, *torch.autograd.grad(diversity + cross, (g, local))]
 
 
+def _ortho_split(device: torch.device) -> list[torch.Tensor]:
+    """Few tiles and a long H: the forward splits its H loop (ortho_loss.hidden_splits)."""
+    g = torch.randn(1, 8, 2056, device=device, dtype=torch.bfloat16, requires_grad=True)
+    local = torch.randn(1, 131, 2056, device=device, dtype=torch.bfloat16, requires_grad=True)
+    diversity, cross = orca_kernels.ortho_losses(g, local, max_local_samples=100, backend="triton")
+    return [diversity, cross, *torch.autograd.grad(diversity + cross, (g, local))]
+
+
 def _rope(device: torch.device) -> list[torch.Tensor]:
     audio = torch.randn(2, 23, 80, device=device, dtype=torch.bfloat16, requires_grad=True)
     out = orca_kernels.audio_rope(audio, 2.5, 1e4, backend="triton")
@@ -48,6 +56,17 @@ def _attention(device: torch.device) -> list[torch.Tensor]:
     mask[1] = True  # a fully masked batch element: the kernels' zero-output path
     out = orca_kernels.flash_cross_attention(q, k, v, mask, backend="triton")
     return [out, *torch.autograd.grad(out.float().square().sum(), (q, k, v))]
+
+
+def _decode(device: torch.device) -> list[torch.Tensor]:
+    """One request's decode step: the keys are split (flash_attention.decode_splits) and merged;
+    keys 64..127 are masked, so one split has no key at all."""
+    q = torch.randn(1, 1, 2, 80, device=device, dtype=torch.bfloat16)
+    k = torch.randn(1, 203, 2, 80, device=device, dtype=torch.bfloat16)
+    v = torch.randn(1, 203, 2, 80, device=device, dtype=torch.bfloat16)
+    mask = torch.zeros(1, 203, dtype=torch.bool, device=device)
+    mask[0, 64:128] = True
+    return [orca_kernels.flash_cross_attention(q, k, v, mask, backend="triton")]
 
 
 def _gated_cross_attention(device: torch.device) -> list[torch.Tensor]:
@@ -66,8 +85,10 @@ def _gated_cross_attention(device: torch.device) -> list[torch.Tensor]:
 CALLS: dict[str, Callable[[torch.device], list[torch.Tensor]]] = {
     "strided_conv1d (extension) fwd+bwd": _conv,
     "ortho_losses fwd+bwd (sub-sampled)": _ortho,
+    "ortho_losses fwd+bwd (H loop split)": _ortho_split,
     "audio_rope fwd+bwd": _rope,
     "flash_cross_attention fwd+bwd (masked, hd 80)": _attention,
+    "flash_cross_attention decode (keys split, an empty split)": _decode,
     "gated_cross_attention fwd+bwd (gated_residual)": _gated_cross_attention,
 }
 
