@@ -142,7 +142,9 @@ class FoldedWeightCache:
             same = len(self._sources) == 3 and all(a is b for a, b in zip(self._sources, sources, strict=True))
             if same and self._versions == versions and self._folded is not None:
                 return self._folded
-            with torch.no_grad():
+            # In the parameters' dtype whatever autocast region the first call ran in: the conv
+            # casts it for its own autocast region, so one cached weight serves both.
+            with torch.no_grad(), torch.autocast(proj_weight.device.type, enabled=False):
                 folded = fold_projection(proj_weight, proj_bias, conv_weight)
             capturing = proj_weight.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
             if not capturing:

@@ -212,6 +212,22 @@ def test_cache_composes_once_per_weight_version(monkeypatch):
     assert copied._folded is None
 
 
+def test_cached_weight_serves_calls_in_and_out_of_autocast():
+    """The cache composes in the parameters' dtype even when its first call runs under autocast,
+    so a later call without autocast still gets a weight of its own dtype."""
+    states, parameters = make_branch(2, 21, 6, 10, 5, dtype=torch.float32)
+    parameters = [p.detach() for p in parameters]
+    cache = FoldedWeightCache()
+
+    def run():
+        return orca_kernels.local_branch(states, *parameters, stride=4, padding=2, fold="always", cache=cache)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        run()
+    assert cache._folded.dtype == torch.float32
+    torch.testing.assert_close(run(), unfolded_truth(states, parameters, 4, 2).float(), rtol=1e-5, atol=1e-5)
+
+
 def test_cache_under_concurrent_requests(monkeypatch):
     """Eight threads, two weight sets alternating in place: every result is that of the weights
     it ran with, and each version is composed once at most per switch."""
