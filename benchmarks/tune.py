@@ -53,8 +53,7 @@ class Launch:
     @property
     def width(self) -> int:
         """The head width the kernels tile (main + tail blocks), as `_configs` receives it."""
-        main, tail = attention.head_dim_blocks(self.head_dim)
-        return main + tail
+        return attention.head_width(self.head_dim)
 
     def key(self, capability: tuple[int, int]) -> str:
         return attention.tuning_key(self.kernel, self.dtype, PHASES[self.phase], self.width, capability)

@@ -549,6 +549,12 @@ def head_dim_blocks(head_dim: int) -> tuple[int, int]:
     return main, tail
 
 
+def head_width(head_dim: int) -> int:
+    """The columns the kernels tile for head_dim (main + tail blocks): what `_configs` and the
+    tuning keys are keyed by."""
+    return sum(head_dim_blocks(head_dim))
+
+
 def _head_dim_args(head_dim: int) -> dict:
     """The kernels' head-dim constexprs. Without a tail BLOCK_DT is a placeholder (dead code)."""
     main, tail = head_dim_blocks(head_dim)
@@ -643,8 +649,7 @@ def _forward(q, k, v, mask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     dot_dtype, acc_dtype = kernel_dtypes(q.dtype)
     head = _head_dim_args(hd)
-    width = head["BLOCK_D"] + (head["BLOCK_DT"] if head["HAS_TAIL"] else 0)
-    cfg = _configs(q.dtype, Tx, width, _utils.cuda_capability(q.device))["fwd"]
+    cfg = _configs(q.dtype, Tx, head_width(hd), _utils.cuda_capability(q.device))["fwd"]
     row_blocks = triton.cdiv(Tx, cfg["BLOCK_M"])
     splits, keys_per_split = decode_splits(B * nh * row_blocks, Tx, Ta, cfg["BLOCK_N"], q.device)
     # Split: the kernel writes fp32 (fp64) partials [S, B, Tx, nh, hd] and [S, B, nh, Tx] instead.
@@ -744,8 +749,7 @@ def _backward(q, k, v, mask, out, lse, grad_out, scale: float) -> tuple[torch.Te
     lse = lse.contiguous()  # indexed as [B, nh, Tx]; the forward's own lse already is
     dot_dtype, acc_dtype = kernel_dtypes(q.dtype)
     head = _head_dim_args(hd)
-    width = head["BLOCK_D"] + (head["BLOCK_DT"] if head["HAS_TAIL"] else 0)
-    cfgs = _configs(q.dtype, Tx, width, _utils.cuda_capability(q.device))
+    cfgs = _configs(q.dtype, Tx, head_width(hd), _utils.cuda_capability(q.device))
     block_d = max(16, triton.next_power_of_2(hd))  # the elementwise preprocess takes one padded block
     delta = new_output((B, nh, Tx), dtype=accumulator_dtype(q.dtype), device=q.device)
     bias, sbb, sbt = _bias_args(mask, q.dtype, q)

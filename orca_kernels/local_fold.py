@@ -45,13 +45,24 @@ def folded_channels(encoder_width: int) -> int:
     return -(-(encoder_width + 1) // CHANNEL_ALIGNMENT) * CHANNEL_ALIGNMENT
 
 
+def _check_projection(op: str, proj_weight, proj_bias) -> None:
+    """The Linear's weight [H, D] and bias [H] (or None)."""
+    check_tensor(op, "proj_weight", proj_weight, 2)
+    if proj_bias is not None:
+        check_tensor(op, "proj_bias", proj_bias, 1, like=proj_weight)
+        if proj_bias.shape[0] != proj_weight.shape[0]:
+            raise ValueError(
+                f"{op}: proj_bias has {proj_bias.shape[0]} elements but proj_weight has {proj_weight.shape[0]} rows"
+            )
+
+
 def fold_projection(
     proj_weight: torch.Tensor, proj_bias: torch.Tensor | None, conv_weight: torch.Tensor
 ) -> torch.Tensor:
     """W' [H_out, C, k] of the folded conv from the Linear's weight [H, D] and bias [H] (or None)
     and the Conv1d's weight [H_out, H, k]: channels [0, D) are W_conv·W_lin, channel D is
     W_conv·b_lin (the bias channel), the rest are zero. Differentiable in all three inputs."""
-    check_tensor("fold_projection", "proj_weight", proj_weight, 2)
+    _check_projection("fold_projection", proj_weight, proj_bias)
     check_tensor("fold_projection", "conv_weight", conv_weight, 3, like=proj_weight)
     hidden, width = proj_weight.shape
     if conv_weight.shape[1] != hidden:
@@ -59,12 +70,6 @@ def fold_projection(
             f"fold_projection: conv_weight has {conv_weight.shape[1]} input channels but proj_weight has "
             f"{hidden} output features (proj_weight is [H, D], conv_weight [H_out, H, k])"
         )
-    if proj_bias is not None:
-        check_tensor("fold_projection", "proj_bias", proj_bias, 1, like=proj_weight)
-        if proj_bias.shape[0] != hidden:
-            raise ValueError(
-                f"fold_projection: proj_bias has {proj_bias.shape[0]} elements but proj_weight has {hidden} rows"
-            )
     bias_column = proj_bias.unsqueeze(1) if proj_bias is not None else proj_weight.new_zeros(hidden, 1)
     padding = proj_weight.new_zeros(hidden, folded_channels(width) - width - 1)
     projection = torch.cat([proj_weight, bias_column, padding], dim=1)  # [H, C]
@@ -193,19 +198,13 @@ def local_branch(
         raise ValueError(f"{OP}: fold must be one of {FOLD_MODES}, got {fold!r}")
     if not isinstance(target_layer_states, Sequence) or len(target_layer_states) == 0:
         raise ValueError(f"{OP}: target_layer_states must be a non-empty sequence of [B, T, D] tensors")
-    check_tensor(OP, "proj_weight", proj_weight, 2)
+    _check_projection(OP, proj_weight, proj_bias)
     for i, state in enumerate(target_layer_states):
         check_tensor(OP, f"target_layer_states[{i}]", state, 3)
         if state.shape != target_layer_states[0].shape or state.shape[2] != proj_weight.shape[1]:
             raise ValueError(
                 f"{OP}: target_layer_states[{i}] has shape {tuple(state.shape)}; every state must be "
                 f"[B, T, {proj_weight.shape[1]}] like target_layer_states[0] {tuple(target_layer_states[0].shape)}"
-            )
-    if proj_bias is not None:
-        check_tensor(OP, "proj_bias", proj_bias, 1, like=proj_weight)
-        if proj_bias.shape[0] != proj_weight.shape[0]:
-            raise ValueError(
-                f"{OP}: proj_bias has {proj_bias.shape[0]} elements but proj_weight has {proj_weight.shape[0]} rows"
             )
     check_tensor(OP, "layer_weights", layer_weights, 1)
     if layer_weights.shape[0] != len(target_layer_states):

@@ -148,6 +148,27 @@ def _similarities(
 
 
 @triton.jit
+def _tile(tile, col_start, num_row_blocks, num_col_blocks, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(batch element, global rows [BLOCK_M], token-list columns [BLOCK_N]) of forward tile `tile`."""
+    tiles = num_row_blocks * num_col_blocks
+    b = (tile // tiles).to(tl.int64)
+    rows = ((tile % tiles) // num_col_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = col_start + (tile % num_col_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return b, rows, cols
+
+
+@triton.jit
+def _part(parts_ptr, index, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Pointers of part `index` of the split forward: the dots [BLOCK_M, BLOCK_N], then the row
+    and the column sums of squares, stored one after the other."""
+    part = parts_ptr + index.to(tl.int64) * (BLOCK_M * BLOCK_N + BLOCK_M + BLOCK_N)
+    dots = part + tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    row_sq = part + BLOCK_M * BLOCK_N + tl.arange(0, BLOCK_M)
+    col_sq = part + BLOCK_M * BLOCK_N + BLOCK_M + tl.arange(0, BLOCK_N)
+    return dots, row_sq, col_sq
+
+
+@triton.jit
 def _ortho_losses_split_kernel(
     g_ptr,
     l_ptr,
@@ -178,12 +199,8 @@ def _ortho_losses_split_kernel(
     as part (tile, split) for `_ortho_losses_fwd_kernel` (FROM_PARTS) to add up: with few tiles
     (B·Kg small) the H loop is what keeps a GPU busy, so it is spread over programs."""
     pid = tl.program_id(0)
-    tile = pid // num_splits
     split = pid % num_splits
-    tiles = num_row_blocks * num_col_blocks
-    b = (tile // tiles).to(tl.int64)
-    rows = ((tile % tiles) // num_col_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = col_start + (tile % num_col_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    b, rows, cols = _tile(pid // num_splits, col_start, num_row_blocks, num_col_blocks, BLOCK_M, BLOCK_N)
     h_begin = split * h_per_split
     dots, row_sq, col_sq = _similarities(
         g_ptr,
@@ -211,11 +228,10 @@ def _ortho_losses_split_kernel(
         BLOCK_N,
         BLOCK_H,
     )
-    # A part: the dots [BLOCK_M, BLOCK_N], then the row and the column sums of squares.
-    part = parts_ptr + pid.to(tl.int64) * (BLOCK_M * BLOCK_N + BLOCK_M + BLOCK_N)
-    tl.store(part + tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :], dots)
-    tl.store(part + BLOCK_M * BLOCK_N + tl.arange(0, BLOCK_M), row_sq)
-    tl.store(part + BLOCK_M * BLOCK_N + BLOCK_M + tl.arange(0, BLOCK_N), col_sq)
+    dots_ptrs, row_sq_ptrs, col_sq_ptrs = _part(parts_ptr, pid, BLOCK_M, BLOCK_N)
+    tl.store(dots_ptrs, dots)
+    tl.store(row_sq_ptrs, row_sq)
+    tl.store(col_sq_ptrs, col_sq)
 
 
 @triton.jit
@@ -253,19 +269,16 @@ def _ortho_losses_fwd_kernel(
     squares are the sum, in split order, of the `num_splits` parts `_ortho_losses_split_kernel`
     wrote (one per hidden range), instead of one pass over H."""
     pid = tl.program_id(0)
-    tiles = num_row_blocks * num_col_blocks
-    b = (pid // tiles).to(tl.int64)
-    rows = ((pid % tiles) // num_col_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = col_start + (pid % num_col_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    b, rows, cols = _tile(pid, col_start, num_row_blocks, num_col_blocks, BLOCK_M, BLOCK_N)
     if FROM_PARTS:
         dots = tl.zeros((BLOCK_M, BLOCK_N), ACC_DTYPE)
         row_sq = tl.zeros((BLOCK_M,), ACC_DTYPE)
         col_sq = tl.zeros((BLOCK_N,), ACC_DTYPE)
         for split in range(0, num_splits):
-            part = parts_ptr + (pid.to(tl.int64) * num_splits + split) * (BLOCK_M * BLOCK_N + BLOCK_M + BLOCK_N)
-            dots += tl.load(part + tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :])
-            row_sq += tl.load(part + BLOCK_M * BLOCK_N + tl.arange(0, BLOCK_M))
-            col_sq += tl.load(part + BLOCK_M * BLOCK_N + BLOCK_M + tl.arange(0, BLOCK_N))
+            dots_ptrs, row_sq_ptrs, col_sq_ptrs = _part(parts_ptr, pid * num_splits + split, BLOCK_M, BLOCK_N)
+            dots += tl.load(dots_ptrs)
+            row_sq += tl.load(row_sq_ptrs)
+            col_sq += tl.load(col_sq_ptrs)
     else:
         dots, row_sq, col_sq = _similarities(
             g_ptr,
