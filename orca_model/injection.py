@@ -6,11 +6,19 @@ instead, and the memory is held by an explicit `InjectionContext` that is set fo
 of one LLM call (forward or generate) and cleared on the way out, also when the call raises.
 The module tree is untouched, so the state-dict keys stay the reference's
 (`llm_model.model.layers.{i}.…`, `orca_cross_attns.{i}.…`) and torch.compile traces the hooks.
+
+Gradient checkpointing of the LLM: the injection always runs outside the checkpointed region, once
+per layer call, while the memory is active. Whether a decoder layer's forward hooks fall inside
+Hugging Face's checkpoint depends on the transformers version (5.17 checkpoints `Module.__call__`,
+hooks included; 5.24 checkpoints `forward` only). Inside, the recomputation in the backward pass
+would run after the memory is cleared and skip the injection (the reference's bug), so
+`DeepInjection.keep_outside_checkpoints` wraps each layer's checkpoint function: the hook stands
+down inside it and the wrapper applies the cross-attention to the checkpoint's output instead.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -48,6 +56,9 @@ class InjectionContext:
         self.audio_mask: torch.Tensor | None = None
         self.transcription_positions: Sequence[tuple[int, int, int]] | None = None
         self.audio_cache: AudioMemoryCache | None = None
+        # Set while a checkpointed decoder layer runs: its hook defers the injection to the
+        # checkpoint wrapper (`_CheckpointOutsideInjection`) and records that it did.
+        self.deferred: _DeferredInjection | None = None
 
     @contextmanager
     def active(
@@ -82,6 +93,7 @@ class DeepInjection:
                 "cross-attention modules; one module per layer"
             )
         self.context = InjectionContext()
+        self.layers = layers
         self.cross_attns = cross_attns
         self._handles = [
             layer.register_forward_hook(self._hook(xattn)) for layer, xattn in zip(layers, cross_attns, strict=True)
@@ -93,24 +105,43 @@ class DeepInjection:
         def inject(module: nn.Module, args: tuple, output):
             if context.audio is None:
                 return None
-            hidden = output[0] if isinstance(output, tuple) else output
-            if context.audio.size(0) != hidden.size(0):
-                raise ValueError(
-                    f"DeepInjection: the audio memory (InjectionContext.active(audio=...)) has batch size "
-                    f"{context.audio.size(0)} but the decoder layer's "
-                    f"hidden states have {hidden.size(0)}: one audio per sequence, expanded like the "
-                    "inputs for beams or several returned sequences"
-                )
-            hidden = cross_attn(
-                hidden,
-                context.audio,
-                audio_local_mask=context.audio_mask,
-                transcription_positions=context.transcription_positions,
-                audio_cache=context.audio_cache,
-            )
-            return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
+            if context.deferred is not None:
+                context.deferred.skipped = True
+                return None
+            return self._apply(cross_attn, output)
 
         return inject
+
+    def _apply(self, cross_attn: OrcaGatedCrossAttention, output):
+        """cross_attn on a decoder layer's output (a tensor, or a tuple led by the hidden state)."""
+        context = self.context
+        hidden = output[0] if isinstance(output, tuple) else output
+        if context.audio.size(0) != hidden.size(0):
+            raise ValueError(
+                f"DeepInjection: the audio memory (InjectionContext.active(audio=...)) has batch size "
+                f"{context.audio.size(0)} but the decoder layer's "
+                f"hidden states have {hidden.size(0)}: one audio per sequence, expanded like the "
+                "inputs for beams or several returned sequences"
+            )
+        hidden = cross_attn(
+            hidden,
+            context.audio,
+            audio_local_mask=context.audio_mask,
+            transcription_positions=context.transcription_positions,
+            audio_cache=context.audio_cache,
+        )
+        return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
+
+    def keep_outside_checkpoints(self) -> None:
+        """Wrap the checkpoint function of every decoder layer that has one (Hugging Face sets
+        `_gradient_checkpointing_func` when checkpointing is enabled) so that the injection runs
+        outside the checkpoint: see the module docstring. Idempotent; a function set later (by
+        enabling checkpointing again) is wrapped by the next call."""
+        for layer, cross_attn in zip(self.layers, self.cross_attns, strict=True):
+            checkpoint = getattr(layer, "_gradient_checkpointing_func", None)
+            if checkpoint is not None and not isinstance(checkpoint, _CheckpointOutsideInjection):
+                apply = lambda output, cross_attn=cross_attn: self._apply(cross_attn, output)
+                layer._gradient_checkpointing_func = _CheckpointOutsideInjection(checkpoint, self.context, apply)
 
     def pop_layer_align_losses(self) -> list[torch.Tensor]:
         """The per-layer alignment losses set during the last forward (non-None only, in layer
@@ -127,3 +158,40 @@ class DeepInjection:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+class _DeferredInjection:
+    """One checkpointed layer call: whether its hook stood down (the memory was active)."""
+
+    def __init__(self):
+        self.skipped = False
+
+
+class _CheckpointOutsideInjection:
+    """A decoder layer's checkpoint function with the injection moved after it.
+
+    Calls `checkpoint(function, *args)` with the layer's hooks told to stand down during every run
+    of `function` (the forward and, later, the backward's recomputation), then applies the
+    cross-attention to the output if the hook stood down in the forward. Where the checkpoint wraps
+    `forward` only (hooks outside) the hook never runs inside, so nothing is deferred and the hook
+    injects as usual.
+    """
+
+    def __init__(self, checkpoint: Callable, context: InjectionContext, apply: Callable):
+        self.checkpoint = checkpoint
+        self.context = context
+        self.apply = apply
+
+    def __call__(self, function: Callable, *args, **kwargs):
+        call = _DeferredInjection()
+        context = self.context
+
+        def layer_without_injection(*inner_args, **inner_kwargs):
+            outer, context.deferred = context.deferred, call
+            try:
+                return function(*inner_args, **inner_kwargs)
+            finally:
+                context.deferred = outer
+
+        output = self.checkpoint(layer_without_injection, *args, **kwargs)
+        return self.apply(output) if call.skipped else output

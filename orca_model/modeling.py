@@ -38,6 +38,22 @@ def _dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
     return {key: dtype}
 
 
+# The reference's LoRA on the LLM (`use_lora=True`): rank 16, alpha 16, dropout 0.1 on the query,
+# key and value projections of every attention layer.
+LORA_SETTINGS = {"r": 16, "lora_alpha": 16, "lora_dropout": 0.1, "target_modules": ["q_proj", "k_proj", "v_proj"]}
+
+
+def _with_lora(llm_model: nn.Module) -> nn.Module:
+    """The LLM with peft's LoRA layers injected in place (the reference keeps the bare model,
+    `get_peft_model(...).base_model.model`, so the parameter names are the LLM's with peft's
+    `base_layer` / `lora_A.default` / `lora_B.default` inside the projections)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as error:
+        raise ImportError("DeSTA25AudioModel: use_lora=True needs peft: pip install 'orca-kernels[train]'") from error
+    return get_peft_model(llm_model, LoraConfig(**LORA_SETTINGS)).base_model.model
+
+
 class WhisperPerception(nn.Module):
     """`perception`: the frozen Whisper encoder (`whisper`) and the connector (`connector`).
 
@@ -102,8 +118,9 @@ class DeSTA25AudioModel(nn.Module):
     named in brackets): the ORCA losses are a field of the output (silent-orca-losses), θ is read
     under transformers 5.x too (rope-theta-under-transformers-5), `num_beams` /
     `num_return_sequences` > 1 work in `generate` (batch-alignment-and-beam-search), and LLM
-    gradient checkpointing, which the reference silently breaks (gradient-checkpointing), is
-    refused. Whisper is loaded in fp32 explicitly, the
+    gradient checkpointing, which the reference silently breaks (gradient-checkpointing), keeps
+    the injection (it runs outside the checkpoints). `use_lora=True` puts the reference's LoRA
+    (`LORA_SETTINGS`) on the LLM. Whisper is loaded in fp32 explicitly, the
     LLM in `config.llm_dtype` (the reference hardcodes bf16). `generate` takes the prepared
     tensors (the reference's `_generate_step`); the chat-message front end with VAD and ASR is
     not part of this package. `config.use_fused_orca` swaps in the fused ops and changes nothing
@@ -122,14 +139,14 @@ class DeSTA25AudioModel(nn.Module):
                 f"DeSTA25AudioModel builds the ORCAHybrid model (connector_mode='orca_hybrid'); got "
                 f"connector_mode={config.connector_mode!r}"
             )
-        if config.use_lora:
-            raise NotImplementedError("use_lora=True (LoRA on the LLM) is not supported by orca_model")
         self.config = config
         llm_dtype = getattr(torch, config.llm_dtype)
         logger.info("Loading the LLM from %s", config.llm_model_id)
         self.llm_model = AutoModelForCausalLM.from_pretrained(
             config.llm_model_id, config=config.llm_config, **_dtype_kwargs(llm_dtype)
         )
+        if config.use_lora:
+            self.llm_model = _with_lora(self.llm_model)
         logger.info("Loading the audio encoder from %s", config.encoder_model_id)
         self.perception = WhisperPerception(config)
 
@@ -164,13 +181,17 @@ class DeSTA25AudioModel(nn.Module):
     # ------------------------------------------------------------------ parameters and checkpoints
 
     def configure_trainable_parameters(self) -> None:
-        """Freeze the LLM and the encoder; everything else (connector, cross-attention) trains.
-        Sets `trainable_parameter_names`."""
-        for param in self.llm_model.parameters():
-            param.requires_grad = False
+        """Freeze the LLM (except its LoRA weights with `use_lora`) and the encoder; everything
+        else (connector, cross-attention) trains. Sets `trainable_parameter_names`. The LoRA rule
+        is the reference's: an LLM parameter trains when "lora" is in its name."""
+        frozen = set()
+        for name, param in self.llm_model.named_parameters():
+            if "lora" not in name:
+                param.requires_grad = False
+                frozen.add(id(param))
         for param in self.perception.whisper.parameters():
             param.requires_grad = False
-        frozen = {id(p) for p in self.llm_model.parameters()} | {id(p) for p in self.perception.whisper.parameters()}
+            frozen.add(id(param))
         self.trainable_parameter_names = []
         for name, param in self.named_parameters():
             if id(param) not in frozen:
@@ -251,11 +272,17 @@ class DeSTA25AudioModel(nn.Module):
         num_tokens = self.config.orca_global_num_tokens
 
         inputs_embeds = embed_tokens(input_ids)
-        spans = []
+        spans, rows, positions = [], [], []
         for index, (row, start) in enumerate(batch_start_positions):
-            audio_embeddings = torch.cat([global_tokens[index], transcriptions[index]], dim=0)
-            spans.append((row, start + num_tokens, start + num_tokens + transcriptions[index].size(0)))
-            inputs_embeds[row, start : start + audio_embeddings.size(0)] = audio_embeddings
+            end = start + num_tokens + transcriptions[index].size(0)
+            spans.append((row, start + num_tokens, end))
+            rows += [row] * (end - start)
+            positions += range(start, end)
+        # Out of place: with gradient checkpointing's input-gradient hook the embeddings are a
+        # leaf that requires grad, which an in-place write into a view of would fail.
+        audio_embeddings = torch.cat([torch.cat(pair) for pair in zip(global_tokens, transcriptions, strict=True)])
+        index = (torch.tensor(rows, device=device), torch.tensor(positions, device=device))
+        inputs_embeds = inputs_embeds.index_put(index, audio_embeddings.to(inputs_embeds.dtype))
         return inputs_embeds, global_tokens, local_tokens, spans
 
     def _check_inputs(self, input_ids, attention_mask, labels, batch_features, transcriptions, positions) -> list[int]:
@@ -331,14 +358,9 @@ class DeSTA25AudioModel(nn.Module):
 
         Returns a `DeSTA25Output` with the LM loss, logits, hidden states and `orca_losses`.
         """
-        if self._injection is not None and self.training and self._llm_checkpointing():
-            # The backward pass would recompute the decoder layers after the memory is gone,
-            # without the injection: wrong gradients (docs/reference-behaviour.md#gradient-checkpointing).
-            # Refuse instead.
-            raise NotImplementedError(
-                "DeSTA25AudioModel: gradient checkpointing of the LLM is not supported with deep injection; "
-                "turn it off (gradient_checkpointing_disable) or set orca_deep_injection_enabled=False"
-            )
+        if self._injection is not None and self.training:
+            # Checkpointing may have been enabled on the LLM directly since the last call.
+            self._injection.keep_outside_checkpoints()
         rows = self._check_inputs(
             input_ids, attention_mask, labels, batch_features, batch_transcription_ids, batch_start_positions
         )
@@ -361,12 +383,30 @@ class DeSTA25AudioModel(nn.Module):
             audio_local=local_tokens,
         )
 
-    def _llm_checkpointing(self) -> bool:
-        # transformers 5.x names it activation checkpointing (the old name warns), 4.x gradient.
-        for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
-            if hasattr(type(self.llm_model), name):
-                return bool(getattr(self.llm_model, name))
-        return False
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        """Checkpoint the LLM's decoder layers (what `TrainingArguments(gradient_checkpointing=True)`
+        calls); the injected cross-attention runs outside the checkpoints and sees the audio memory
+        (docs/reference-behaviour.md#gradient-checkpointing). kwargs go to the LLM's own method
+        (`every_n_layers`, `offload` where the transformers version has them)."""
+        llm, options = self.llm_model, activation_checkpointing_kwargs
+        # transformers 5.24 names it activation checkpointing (the old name warns); 5.17 and 4.x gradient.
+        if hasattr(llm, "activation_checkpointing_enable"):
+            llm.activation_checkpointing_enable(activation_checkpointing_kwargs=options, **kwargs)
+        else:
+            llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options, **kwargs)
+        if self._injection is not None:
+            self._injection.keep_outside_checkpoints()
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        """The older name of `activation_checkpointing_enable` (transformers 5.17's Trainer calls it)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    def activation_checkpointing_disable(self) -> None:
+        """Stop checkpointing the LLM's decoder layers."""
+        llm = self.llm_model
+        (getattr(llm, "activation_checkpointing_disable", None) or llm.gradient_checkpointing_disable)()
+
+    gradient_checkpointing_disable = activation_checkpointing_disable
 
     def compute_orca_losses(
         self,
