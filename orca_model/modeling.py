@@ -230,11 +230,19 @@ class DeSTA25AudioModel(nn.Module):
         # torch's own named tuple, without the frozen parameters among the missing keys.
         return result._replace(missing_keys=missing)
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """config.json and model.safetensors (trainable parameters), the reference's layout."""
+    def save_pretrained(
+        self, directory: str | os.PathLike, state_dict: Mapping[str, torch.Tensor] | None = None
+    ) -> None:
+        """config.json and model.safetensors (trainable parameters), the reference's layout.
+        `state_dict`: the weights to write instead of this model's (a Trainer passes the full
+        state dict it gathered across processes); only the trainable keys are kept."""
         os.makedirs(directory, exist_ok=True)
         self.config.save_pretrained(directory)
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, os.path.join(directory, WEIGHTS_NAME))
+        if state_dict is None:
+            state_dict = self.state_dict()
+        trainable = self._trainable_keys()
+        weights = {k: v.detach().contiguous() for k, v in state_dict.items() if k in trainable}
+        save_file(weights, os.path.join(directory, WEIGHTS_NAME))
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, **config_overrides) -> DeSTA25AudioModel:

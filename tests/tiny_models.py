@@ -98,3 +98,34 @@ def make_batch(
         "batch_start_positions": starts,
         "labels": labels,
     }
+
+
+# Encoder frames of the audio-file tests: Whisper's hop of 160 samples over a 1 s window gives
+# 100 mel frames, which a Whisper with 50 positions takes.
+AUDIO_FRAMES = 50
+
+
+def save_audio_checkpoints(directory: str) -> dict[str, str]:
+    """Checkpoints for the audio-file paths (manifests, the trainer, serving): a tiny Whisper with
+    AUDIO_FRAMES positions and its feature extractor (1 s windows, 16 mel bins), and the tiny Qwen3
+    with the tiny character tokenizer (tests/tiny_tokenizer.py) saved beside it, so that a
+    DeSTA25Config pointing at them builds the model and the processor offline. Seeded like
+    `save_checkpoints`."""
+    from tiny_tokenizer import save_tiny_tokenizer
+    from transformers import WhisperFeatureExtractor
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        whisper = os.path.join(directory, "whisper-audio")
+        WhisperForConditionalGeneration(whisper_config(frames=AUDIO_FRAMES)).save_pretrained(whisper)
+        WhisperFeatureExtractor(feature_size=MEL_BINS, chunk_length=1).save_pretrained(whisper)
+        llm = save_llm(directory, "qwen3")
+        save_tiny_tokenizer(llm)
+    return {"whisper": whisper, "qwen3": llm}
+
+
+def audio_desta_config(checkpoints: dict[str, str], **overrides) -> DeSTA25Config:
+    """`desta_config` on the audio checkpoints with the tiny tokenizer's placeholder token."""
+    from tiny_tokenizer import PLACEHOLDER
+
+    return desta_config(checkpoints["qwen3"], checkpoints["whisper"], placeholder_token=PLACEHOLDER, **overrides)

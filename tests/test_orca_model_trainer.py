@@ -1,0 +1,169 @@
+"""DeSTA25Trainer and `python -m orca_model.train` on a manifest of generated audio files (tiny
+models, the CPU): accelerate's bf16 wrapper, the ORCA losses in the optimised loss and in the
+logs, checkpoints in the reference's layout."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from tiny_tokenizer import write_wav
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from orca_model import DeSTA25AudioModel, DeSTA25Config
+from orca_model.data import DeSTA25Collator, ManifestDataset
+from orca_model.processing import DeSTA25Processor
+from orca_model.train import main as train_main
+from orca_model.training import LOGGED_TERMS, DeSTA25Trainer, DeSTA25TrainingArguments
+from tiny_models import audio_desta_config, save_audio_checkpoints
+
+ORCA_TERMS = LOGGED_TERMS[1:]
+
+
+@pytest.fixture(scope="module")
+def run_files(tmp_path_factory) -> dict[str, str]:
+    """Tiny checkpoints, a config JSON pointing at them, wav files of two kinds (tones, noise) and
+    lengths 0.3-1.2 s, and a manifest mixing the reference's prompt-only records with message
+    records that carry a transcription (so the per-layer alignment loss is on)."""
+    root = tmp_path_factory.mktemp("trainer")
+    checkpoints = save_audio_checkpoints(str(root))
+    config = str(root / "config.json")
+    audio_desta_config(
+        checkpoints,
+        orca_ortho_diversity_weight=0.05,
+        orca_ortho_weight_qformer_local=0.05,
+        orca_align_weight_local=0.05,
+    ).to_json_file(config)
+    audio = root / "audio"
+    audio.mkdir()
+    records = []
+    for index in range(4):
+        kind = ("tone", "noise")[index % 2]
+        write_wav(audio / f"{index}.wav", seconds=0.3 + 0.3 * index, kind=kind, seed=index)
+        answer = {"tone": "a tone.", "noise": "noise."}[kind]
+        if index < 2:
+            records.append({"id": f"{index}.wav", "prompt": "what is it?", "response": answer})
+        else:
+            message = {"role": "user", "content": "what is it? <|AUDIO|>", "audios": [{"audio": f"{index}.wav"}]}
+            message["audios"][0]["text"] = "hi"
+            records.append({"messages": [message], "response": answer})
+    manifest = root / "train.jsonl"
+    manifest.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return {"config": config, "manifest": str(manifest), "data_root": str(audio), "root": str(root)}
+
+
+def training_arguments(output_dir: str, **overrides) -> DeSTA25TrainingArguments:
+    """A short CPU run that learns fast: every step sees the whole (4-record) manifest."""
+    settings = dict(
+        output_dir=output_dir,
+        max_steps=6,
+        per_device_train_batch_size=4,
+        optim="adamw_torch",
+        learning_rate=3e-3,
+        warmup_steps=0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        auto_find_batch_size=False,
+        disable_tqdm=True,
+        seed=0,
+    )
+    settings.update(overrides)
+    return DeSTA25TrainingArguments(**settings)
+
+
+def test_reference_defaults():
+    args = DeSTA25TrainingArguments(output_dir="unused", use_cpu=True, report_to=[])
+    assert (args.optim, args.learning_rate, args.warmup_steps, args.weight_decay) == ("adafactor", 1e-4, 5000, 0.01)
+    assert (args.bf16, args.max_grad_norm, args.auto_find_batch_size) == (True, 1.0, True)
+    assert not args.remove_unused_columns
+
+
+# The fused run takes 2 steps (6 steps of the Triton interpreter under bf16 cost minutes): it
+# checks the logs and the loss's composition; the unfused run also checks that the loss falls.
+@pytest.mark.parametrize(("use_fused_orca", "steps"), [(False, 6), (True, 2)], ids=["unfused", "fused"])
+def test_trainer_under_bf16_logs_every_loss_and_learns(run_files, tmp_path, use_fused_orca, steps):
+    config = DeSTA25Config.from_json_file(run_files["config"])
+    config.use_fused_orca = use_fused_orca
+    model = DeSTA25AudioModel(config)
+    processor = DeSTA25Processor.from_config(config)
+    dataset = ManifestDataset(run_files["manifest"], processor, data_root=run_files["data_root"])
+    trainer = DeSTA25Trainer(
+        model=model,
+        args=training_arguments(str(tmp_path / "run"), bf16=True, max_steps=steps),
+        train_dataset=dataset,
+        data_collator=DeSTA25Collator(processor),
+        processing_class=processor,
+    )
+    trainer.train()
+
+    # accelerate's mixed-precision wrapper (autocast + fp32 outputs) was on the model's forward:
+    # the wrapper that drops the reference's losses.
+    assert trainer.accelerator.mixed_precision == "bf16"
+    assert hasattr(trainer.model, "_original_forward")
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == steps
+    for entry in logs:
+        assert set(ORCA_TERMS) <= entry.keys(), entry
+        # The optimised (logged) loss is the LM loss plus every ORCA loss; the Trainer rounds the
+        # loss to 4 decimals.
+        total = entry["lm_loss"] + sum(entry[name] for name in ORCA_TERMS)
+        assert math.isclose(entry["loss"], total, abs_tol=2e-4), entry
+        assert all(entry[name] > 0 for name in ORCA_TERMS)
+    if steps >= 6:
+        # Only the connector and the cross-attention train, against a random frozen LLM: the loss
+        # falls slowly, but it falls.
+        assert logs[-1]["loss"] < logs[0]["loss"] - 0.1
+
+    trainer.save_model(str(tmp_path / "saved"))
+    saved = sorted(os.listdir(tmp_path / "saved"))
+    assert {"config.json", "model.safetensors", "desta25_processor.json"} <= set(saved)
+    loaded = DeSTA25AudioModel.from_pretrained(tmp_path / "saved")
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], value, rtol=0, atol=0, msg=name)
+    assert DeSTA25Processor.from_pretrained(tmp_path / "saved").num_audio_tokens == config.orca_global_num_tokens
+
+
+def test_trainer_refuses_an_output_without_orca_losses(run_files, tmp_path):
+    """A wrapper that dropped the losses is an error, never an LM-only run (the reference's bug)."""
+
+    class LosesTheField(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, **inputs):
+            return CausalLMOutputWithPast(loss=self.weight * 2)
+
+    trainer = DeSTA25Trainer(model=LosesTheField(), args=training_arguments(str(tmp_path), bf16=False))
+    with pytest.raises(RuntimeError, match="no orca_losses"):
+        trainer.compute_loss(trainer.model, {})
+
+
+def test_train_command(run_files, tmp_path):
+    """`python -m orca_model.train` end to end (in process): 2 steps on the reference ops, a
+    checkpoint that loads back."""
+    output = tmp_path / "out"
+    train_main(
+        [
+            "--config", run_files["config"],
+            "--train_manifest", run_files["manifest"],
+            "--data_root", run_files["data_root"],
+            "--output_dir", str(output),
+            "--use_fused_orca", "False",
+            "--max_steps", "2",
+            "--per_device_train_batch_size", "2",
+            "--use_cpu", "True",
+            "--bf16", "False",
+            "--report_to", "none",
+            "--save_strategy", "no",
+            "--disable_tqdm", "True",
+        ]
+    )  # fmt: skip
+    model = DeSTA25AudioModel.from_pretrained(output)
+    assert not model.config.use_fused_orca
+    assert {"config.json", "model.safetensors", "training_args.bin"} <= set(os.listdir(output))
