@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -167,3 +170,45 @@ def test_train_command(run_files, tmp_path):
     model = DeSTA25AudioModel.from_pretrained(output)
     assert not model.config.use_fused_orca
     assert {"config.json", "model.safetensors", "training_args.bin"} <= set(os.listdir(output))
+
+
+def test_train_command_under_torchrun(run_files, tmp_path):
+    """The same command under `torchrun` with 2 processes (gloo on the CPU): DDP through the
+    Trainer. 4 records, 2 per process: one step per epoch, so step 2 ends epoch 2 (a single
+    process would be at epoch 1)."""
+    output = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+        "-m", "orca_model.train",
+        "--config", run_files["config"],
+        "--train_manifest", run_files["manifest"],
+        "--data_root", run_files["data_root"],
+        "--output_dir", str(output),
+        "--use_fused_orca", "False",
+        "--max_steps", "2",
+        "--per_device_train_batch_size", "2",
+        "--use_cpu", "True",
+        "--bf16", "False",
+        "--report_to", "none",
+        "--save_strategy", "steps",
+        "--save_steps", "2",
+        "--logging_steps", "1",
+        "--ddp_timeout", "120",
+    ]  # fmt: skip
+    environment = {**os.environ, "TRITON_INTERPRET": "0"}  # the reference ops: nothing to interpret
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment)
+    except subprocess.TimeoutExpired as error:
+        pytest.fail(f"torchrun did not finish in 300 s:\n{error.stderr}")
+    assert result.returncode == 0, result.stderr[-4000:]
+    state = json.loads((output / "checkpoint-2" / "trainer_state.json").read_text())
+    logs = [entry for entry in state["log_history"] if "loss" in entry]
+    assert [entry["epoch"] for entry in logs] == [1.0, 2.0]
+    assert all(set(ORCA_TERMS[:2]) <= entry.keys() for entry in logs)
+    DeSTA25AudioModel.from_pretrained(output)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -36,6 +36,7 @@ def test_the_rows_name_every_module():
     rows = layout_rows()
     checks = {
         "orca_kernels/": [n[:-3] for n in os.listdir(os.path.join(ROOT, "orca_kernels")) if n.endswith(".py")],
+        "orca_model/": [n[:-3] for n in os.listdir(os.path.join(ROOT, "orca_model")) if n.endswith(".py")],
         "csrc/": os.listdir(os.path.join(ROOT, "csrc")),
         # bench_<op>.py files are covered by the row's pattern; every other file is named
         "benchmarks/": [
