@@ -95,22 +95,12 @@ class DeepInjection:
         self.context = InjectionContext()
         self.layers = layers
         self.cross_attns = cross_attns
+        # Hooks and checkpoint wrappers are objects holding this injection and their module, not
+        # closures: a deepcopy of the model then copies them pointing at the copy.
         self._handles = [
-            layer.register_forward_hook(self._hook(xattn)) for layer, xattn in zip(layers, cross_attns, strict=True)
+            layer.register_forward_hook(_InjectionHook(self, xattn))
+            for layer, xattn in zip(layers, cross_attns, strict=True)
         ]
-
-    def _hook(self, cross_attn: OrcaGatedCrossAttention):
-        context = self.context
-
-        def inject(module: nn.Module, args: tuple, output):
-            if context.audio is None:
-                return None
-            if context.deferred is not None:
-                context.deferred.skipped = True
-                return None
-            return self._apply(cross_attn, output)
-
-        return inject
 
     def _apply(self, cross_attn: OrcaGatedCrossAttention, output):
         """cross_attn on a decoder layer's output (a tensor, or a tuple led by the hidden state)."""
@@ -140,8 +130,7 @@ class DeepInjection:
         for layer, cross_attn in zip(self.layers, self.cross_attns, strict=True):
             checkpoint = getattr(layer, "_gradient_checkpointing_func", None)
             if checkpoint is not None and not isinstance(checkpoint, _CheckpointOutsideInjection):
-                apply = lambda output, cross_attn=cross_attn: self._apply(cross_attn, output)
-                layer._gradient_checkpointing_func = _CheckpointOutsideInjection(checkpoint, self.context, apply)
+                layer._gradient_checkpointing_func = _CheckpointOutsideInjection(checkpoint, self, cross_attn)
 
     def pop_layer_align_losses(self) -> list[torch.Tensor]:
         """The per-layer alignment losses set during the last forward (non-None only, in layer
@@ -158,6 +147,25 @@ class DeepInjection:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+class _InjectionHook:
+    """The forward hook of one decoder layer: `cross_attn` on its output while the memory is
+    active, unless the layer runs inside a checkpoint (then the wrapper injects, see
+    `_CheckpointOutsideInjection`)."""
+
+    def __init__(self, injection: DeepInjection, cross_attn: OrcaGatedCrossAttention):
+        self.injection = injection
+        self.cross_attn = cross_attn
+
+    def __call__(self, module: nn.Module, args: tuple, output):
+        context = self.injection.context
+        if context.audio is None:
+            return None
+        if context.deferred is not None:
+            context.deferred.skipped = True
+            return None
+        return self.injection._apply(self.cross_attn, output)
 
 
 class _DeferredInjection:
@@ -177,14 +185,14 @@ class _CheckpointOutsideInjection:
     injects as usual.
     """
 
-    def __init__(self, checkpoint: Callable, context: InjectionContext, apply: Callable):
+    def __init__(self, checkpoint: Callable, injection: DeepInjection, cross_attn: OrcaGatedCrossAttention):
         self.checkpoint = checkpoint
-        self.context = context
-        self.apply = apply
+        self.injection = injection
+        self.cross_attn = cross_attn
 
     def __call__(self, function: Callable, *args, **kwargs):
         call = _DeferredInjection()
-        context = self.context
+        context = self.injection.context
 
         def layer_without_injection(*inner_args, **inner_kwargs):
             outer, context.deferred = context.deferred, call
@@ -194,4 +202,4 @@ class _CheckpointOutsideInjection:
                 context.deferred = outer
 
         output = self.checkpoint(layer_without_injection, *args, **kwargs)
-        return self.apply(output) if call.skipped else output
+        return self.injection._apply(self.cross_attn, output) if call.skipped else output

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from transformers import LlamaForCausalLM, Qwen3ForCausalLM
 
-from orca_model import DeepInjection, OrcaGatedCrossAttention, decoder_layers
-from tiny_models import HIDDEN, VOCAB, llm_config
+from orca_model import DeepInjection, OrcaGatedCrossAttention, decoder_layers, total_training_loss
+from tiny_models import HIDDEN, VOCAB, build, llm_config, make_batch
 
 T_A = 7
 
@@ -193,3 +193,29 @@ def test_torch_compile_traces_the_hooks():
         expected = lm(x)[0]
         actual = compiled(x)[0]
     torch.testing.assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+def test_a_deepcopy_injects_into_itself(checkpoints, checkpointing):
+    """A deepcopy of the model (an EMA copy, say) keeps its injection: its hooks and checkpoint
+    wrappers point at the copy's memory and modules, not the original's."""
+    model = build(checkpoints).train()
+    model.perception.eval()  # no Q-Former dropout: the two models see the same function
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    batch = make_batch(transcription_lengths=(2, 1))
+    duplicate = copy.deepcopy(model)
+    original, copied = model(**batch), duplicate(**batch)
+    torch.testing.assert_close(copied.logits, original.logits, rtol=0, atol=0)
+    assert (
+        copied.orca_losses.keys()
+        == original.orca_losses.keys()
+        == {
+            "L_ortho_diversity",
+            "L_ortho_qformer_local",
+            "L_align_layerwise",
+        }
+    )
+    total_training_loss(copied).backward()
+    assert all(p.grad is not None for p in duplicate.orca_cross_attns[0].parameters())
+    assert all(p.grad is None for p in model.orca_cross_attns.parameters())
