@@ -195,7 +195,10 @@ def test_train_command_under_torchrun(run_files, tmp_path):
         "--logging_steps", "1",
         "--ddp_timeout", "120",
     ]  # fmt: skip
-    environment = {**os.environ, "TRITON_INTERPRET": "0"}  # the reference ops: nothing to interpret
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    python_path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH", "")]))  # this checkout
+    # The reference ops: nothing to interpret.
+    environment = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": python_path}
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment)
     except subprocess.TimeoutExpired as error:

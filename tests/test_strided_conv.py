@@ -249,8 +249,12 @@ def test_bad_input_op_errors():
     calls (tests/bad_op_calls.py) run in a child process, each announced first: a crash (the GPU
     machine's build once died with SIGSEGV on two of them) then fails this test naming the call,
     not the test run, and gpu_check.sh reruns them under cuda-gdb."""
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bad_op_calls.py")
-    child = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=300)
+    tests = os.path.dirname(os.path.abspath(__file__))
+    script = os.path.join(tests, "bad_op_calls.py")
+    # The child imports the package under test (this checkout), whatever is installed.
+    python_path = os.pathsep.join(filter(None, [os.path.dirname(tests), os.environ.get("PYTHONPATH", "")]))
+    environment = {**os.environ, "PYTHONPATH": python_path}
+    child = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=300, env=environment)
     last_call = [line for line in child.stdout.splitlines() if line.startswith("calling")][-1:]
     assert child.returncode == 0 and child.stdout.rstrip().endswith("all raised"), (
         f"exit status {child.returncode} at {last_call}:\n{child.stderr[-2000:]}"
