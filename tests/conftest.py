@@ -13,6 +13,11 @@ import torch  # noqa: E402
 
 from orca_kernels._utils import triton_interpret  # noqa: E402
 
+# Under pytest-xdist (the README's `-n 2`) every worker is a process of its own: one intra-op
+# thread each keeps the workers from competing for the same cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 # Compiled-extension and reference tests run on the CPU and, where present, on CUDA.
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # Triton kernels run on CPU tensors through the interpreter (CI) and natively on CUDA (a GPU
