@@ -30,6 +30,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 import orca_kernels
+from call_counts import count_calls
 from orca_model import DeSTA25AudioModel, total_training_loss
 from tiny_models import build
 
@@ -84,20 +85,7 @@ def full_gradients(model: nn.Module) -> dict[str, torch.Tensor | None]:
 def count_fused_calls() -> dict[str, int]:
     """Counts of the fused ops' entry points (orca_model calls them through the package), so the
     parent can tell the fused path really ran."""
-    calls = dict.fromkeys(FUSED_OPS, 0)
-
-    def counting(name):
-        original = getattr(orca_kernels, name)
-
-        def wrapper(*args, **kwargs):
-            calls[name] += 1
-            return original(*args, **kwargs)
-
-        setattr(orca_kernels, name, wrapper)
-
-    for name in FUSED_OPS:
-        counting(name)
-    return calls
+    return count_calls(orca_kernels, FUSED_OPS)
 
 
 def run_scenario(spec: dict, scenario: dict, rank: int, batch: dict, calls: dict[str, int]) -> dict:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import orca_kernels
+from call_counts import count_calls
 from orca_kernels import _utils, cross_attention, reference
 from orca_model.cross_attention import AudioMemoryCache, OrcaGatedCrossAttention
 from tolerances import MODULE_RELATIVE_TOLERANCE, assert_matches_truth, assert_no_worse_than_unfused
@@ -263,15 +264,7 @@ def test_cached_kv_pair_is_gated_cross_attention_checked_once(triton_device, mon
     assert kv.shape == (2, 5, 32)
     pair = orca_kernels.attend_audio_kv(hidden, kv, *params, 2, mask)
 
-    checks = {"check_parameters": 0, "check_key_padding_mask": 0}
-    for name in checks:
-        original = getattr(cross_attention, name)
-
-        def counting(*args, name=name, original=original, **kwargs):
-            checks[name] += 1
-            return original(*args, **kwargs)
-
-        monkeypatch.setattr(cross_attention, name, counting)
+    checks = count_calls(cross_attention, ["check_parameters", "check_key_padding_mask"], monkeypatch.setattr)
     fused = orca_kernels.gated_cross_attention(
         hidden, audio, *params, 2, key_padding_mask=mask, rope_theta=1e6, backend="triton"
     )

@@ -14,13 +14,13 @@ import pytest
 import soundfile
 import torch
 from scipy.signal import resample_poly
-from tiny_tokenizer import LOCATOR, PLACEHOLDER, build_tiny_tokenizer, save_tiny_tokenizer, write_wav
 from transformers import WhisperFeatureExtractor
 
 from benchmarks import model_configs
 from orca_model import DeSTA25Config
 from orca_model.data import IGNORE_INDEX, DeSTA25Collator, ManifestDataset
 from orca_model.processing import AUDIO_END, AUDIO_START, DeSTA25Processor
+from tiny_tokenizer import LOCATOR, PLACEHOLDER, build_tiny_tokenizer, save_tiny_tokenizer, write_wav
 
 K = 4  # global audio tokens
 MELS, FRAMES = 16, 100

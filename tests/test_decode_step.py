@@ -16,6 +16,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import orca_kernels
+from call_counts import count_calls
 from orca_model.cross_attention import AudioMemoryCache, OrcaGatedCrossAttention
 
 HIDDEN, HEADS, AUDIO_LENGTH, BATCH = 32, 4, 9, 3
@@ -71,19 +72,6 @@ def make_request(device, dtype=torch.float32, use_fused=True):
     return module, audio, keep
 
 
-def count_calls(monkeypatch, names):
-    calls = dict.fromkeys(names, 0)
-    for name in names:
-        original = getattr(orca_kernels, name)
-
-        def wrapper(*args, _name=name, _original=original, **kwargs):
-            calls[_name] += 1
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(orca_kernels, name, wrapper)
-    return calls
-
-
 @pytest.mark.parametrize("use_fused", [True, False])
 def test_decode_steps_read_nothing_on_the_host(triton_device, use_fused, monkeypatch):
     module, audio, keep = make_request(triton_device, use_fused=use_fused)
@@ -91,7 +79,7 @@ def test_decode_steps_read_nothing_on_the_host(triton_device, use_fused, monkeyp
     prompt = torch.randn(BATCH, 5, HIDDEN, device=triton_device)
     with torch.no_grad():
         module(prompt, audio, keep, audio_cache=cache)  # the prefill fills the cache
-        calls = count_calls(monkeypatch, ["audio_rope", "project_audio_kv"])
+        calls = count_calls(orca_kernels, ["audio_rope", "project_audio_kv"], monkeypatch.setattr)
         steps = []
         for step in range(3):
             token = torch.randn(BATCH, 1, HIDDEN, device=triton_device)

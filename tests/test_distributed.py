@@ -41,8 +41,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from distributed_worker import FUSED_OPS, load_model
 
+from distributed_worker import FUSED_OPS, load_model
 from orca_kernels._utils import triton_interpret
 from orca_model import total_training_loss
 from tiny_models import build, make_batch

@@ -24,6 +24,7 @@ import torch
 from transformers import Qwen3ForCausalLM, WhisperForConditionalGeneration
 
 import orca_kernels
+from call_counts import count_calls
 from orca_kernels import reference
 from orca_model import DeSTA25AudioModel, OrcaGatedCrossAttention, total_training_loss
 from tiny_models import build, llm_config, make_batch, whisper_config
@@ -57,20 +58,7 @@ def fused_calls(monkeypatch):
     """Counts of the fused ops' public entry points, which orca_model calls like any user: the
     connector's Conv1d, the one fused ortho call per forward, and the per-layer audio K/V
     projection (once per layer and request)."""
-    calls = {"local_branch": 0, "ortho_losses": 0, "project_audio_kv": 0}
-
-    def counting(module, name):
-        original = getattr(module, name)
-
-        def wrapper(*args, **kwargs):
-            calls[name] += 1
-            return original(*args, **kwargs)
-
-        monkeypatch.setattr(module, name, wrapper)
-
-    for name in calls:
-        counting(orca_kernels, name)
-    return calls
+    return count_calls(orca_kernels, ["local_branch", "ortho_losses", "project_audio_kv"], monkeypatch.setattr)
 
 
 def build_pair(checkpoints, kind, device, **overrides) -> tuple[DeSTA25AudioModel, DeSTA25AudioModel]:

@@ -13,7 +13,6 @@ import sys
 
 import pytest
 import torch
-from tiny_tokenizer import write_wav
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from orca_model import DeSTA25AudioModel, DeSTA25Config
@@ -22,6 +21,7 @@ from orca_model.processing import DeSTA25Processor
 from orca_model.train import main as train_main
 from orca_model.training import LOGGED_TERMS, DeSTA25Trainer, DeSTA25TrainingArguments
 from tiny_models import audio_desta_config, save_audio_checkpoints
+from tiny_tokenizer import write_wav
 
 ORCA_TERMS = LOGGED_TERMS[1:]
 
