@@ -1,7 +1,8 @@
 """orca_model: the DeSTA2.5 / ORCA model around orca_kernels, with the drop-in
 `use_fused_orca` flag (config, connector, gated cross-attention, injection, losses, generation),
 and the paths around it: the processor (audio files and prompts), the manifest dataset and
-collator, and the Hugging Face Trainer (`DeSTA25Trainer`)."""
+collator, the Hugging Face Trainer (`DeSTA25Trainer`), and serving from audio files
+(`DeSTA25AudioModel.generate(messages)`, `EnergyVAD`, `GenerationOutput`)."""
 
 from importlib import import_module
 
@@ -20,6 +21,8 @@ _LAZY = {
     "DeSTA25Collator": "orca_model.data",
     "DeSTA25Trainer": "orca_model.training",
     "DeSTA25TrainingArguments": "orca_model.training",
+    "EnergyVAD": "orca_model.serving",
+    "GenerationOutput": "orca_model.serving",
 }
 
 
@@ -38,6 +41,8 @@ __all__ = [
     "DeSTA25Trainer",
     "DeSTA25TrainingArguments",
     "DeepInjection",
+    "EnergyVAD",
+    "GenerationOutput",
     "InjectionContext",
     "ManifestDataset",
     "ORCAHybridConnector",

@@ -122,10 +122,11 @@ class DeSTA25AudioModel(nn.Module):
     the injection (it runs outside the checkpoints). `use_lora=True` puts the reference's LoRA
     (`LORA_SETTINGS`) on the LLM. Whisper is loaded in fp32 explicitly, the
     LLM in `config.llm_dtype` (the reference hardcodes bf16). `generate` takes the prepared
-    tensors (the reference's `_generate_step`); the chat-message front end with VAD and ASR is
-    not part of this package. `config.use_fused_orca` swaps in the fused ops and changes nothing
-    else; every fused part reads it at each call, so `set_use_fused_orca` (or assigning the config
-    field) switches the whole model at once.
+    tensors (the reference's `_generate_step`) or, as the reference's `generate`, chat messages
+    with audio files (`orca_model.serving`: VAD, Whisper ASR, chat template; docs/serving.md),
+    with `processor`, `vad` and `transcriber` as settable attributes. `config.use_fused_orca`
+    swaps in the fused ops and changes nothing else; every fused part reads it at each call, so
+    `set_use_fused_orca` (or assigning the config field) switches the whole model at once.
     """
 
     # forward takes **kwargs only to ignore collator extras, as the reference does; it does not
@@ -251,6 +252,8 @@ class DeSTA25AudioModel(nn.Module):
         config = DeSTA25Config.from_pretrained(directory, **config_overrides)
         model = cls(config)
         model.load_state_dict(load_file(os.path.join(directory, WEIGHTS_NAME)))
+        # Where `processor` looks first: a trainer's checkpoint holds the processor's files.
+        model.__dict__["_checkpoint_directory"] = os.fspath(directory)
         return model
 
     # ------------------------------------------------------------------ inputs
@@ -426,25 +429,129 @@ class DeSTA25AudioModel(nn.Module):
         """The reference method's signature around `orca_model.compute_orca_losses`."""
         return compute_orca_losses(self.config, global_tokens, local_tokens, text_hidden, layer_align_losses)
 
+    # ------------------------------------------------------------------ serving: generate(messages)
+    # Held in the instance's __dict__, outside the module tree: none of them is a parameter, a
+    # state-dict entry or moved by `.to()`.
+
+    @property
+    def processor(self):
+        """The `DeSTA25Processor` of `generate(messages)`: the one assigned, else loaded on first
+        use from the directory `from_pretrained` read when it holds the processor's files (a
+        trainer saves them), else built from the config (`DeSTA25Processor.from_config`: the
+        tokenizer of `llm_model_id`, the feature extractor of `encoder_model_id`)."""
+        processor = self.__dict__.get("_processor")
+        if processor is None:
+            from orca_model.processing import PROCESSOR_FILE, DeSTA25Processor
+
+            directory = self.__dict__.get("_checkpoint_directory")
+            if directory and os.path.isfile(os.path.join(directory, PROCESSOR_FILE)):
+                processor = DeSTA25Processor.from_pretrained(directory)
+            else:
+                processor = DeSTA25Processor.from_config(self.config)
+            self.__dict__["_processor"] = processor
+        return processor
+
+    @processor.setter
+    def processor(self, processor) -> None:
+        self.__dict__["_processor"] = processor
+
+    @property
+    def vad(self):
+        """The voice-activity check of `generate(messages)`: a callable (16 kHz float32 waveform
+        [samples]) -> truthy when it holds speech, run on each audio that has no given text; no
+        speech gives the transcription " ". Default `serving.EnergyVAD()` (offline, energy-based,
+        -40 dBFS); None transcribes every such audio. Assign a plain callable, not a Module."""
+        if "_vad" not in self.__dict__:
+            from orca_model.serving import EnergyVAD
+
+            self.__dict__["_vad"] = EnergyVAD()
+        return self.__dict__["_vad"]
+
+    @vad.setter
+    def vad(self, vad) -> None:
+        if vad is not None and not callable(vad):
+            raise TypeError(f"DeSTA25AudioModel.vad must be a callable waveform -> bool or None, got {vad!r}")
+        self.__dict__["_vad"] = vad
+
+    @property
+    def transcriber(self):
+        """The ASR of `generate(messages)`: a callable (Whisper features [N, n_mels, frames]) -> N
+        texts. Default `serving.WhisperTranscriber` of `encoder_model_id` on this model's encoder
+        (the Whisper decoder loaded on first use; no second encoder)."""
+        if "_transcriber" not in self.__dict__:
+            from orca_model.serving import WhisperTranscriber
+
+            self.__dict__["_transcriber"] = WhisperTranscriber(self.config.encoder_model_id, self.perception.whisper)
+        return self.__dict__["_transcriber"]
+
+    @transcriber.setter
+    def transcriber(self, transcriber) -> None:
+        if not callable(transcriber):
+            raise TypeError(f"DeSTA25AudioModel.transcriber must be a callable features -> texts, got {transcriber!r}")
+        self.__dict__["_transcriber"] = transcriber
+
     @torch.no_grad()
     def generate(
         self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        batch_features: torch.Tensor,
-        batch_transcription_ids: Sequence[torch.Tensor],
-        batch_start_positions: Sequence[tuple[int, int]],
+        input_ids: torch.Tensor | list | None = None,
+        attention_mask: torch.Tensor | None = None,
+        batch_features: torch.Tensor | None = None,
+        batch_transcription_ids: Sequence[torch.Tensor] | None = None,
+        batch_start_positions: Sequence[tuple[int, int]] | None = None,
+        *,
+        messages: list | None = None,
         **generate_kwargs,
-    ) -> torch.Tensor:
-        """`llm_model.generate` on the spliced prompt with the injection active (the reference's
-        `_generate_step` on tensors). generate_kwargs go to Hugging Face `generate`
-        (max_new_tokens, do_sample, num_beams, num_return_sequences, ...).
+    ):
+        """Generation, from prepared tensors or from chat messages.
 
-        Generation expands each prompt max(num_beams, num_return_sequences) times
-        (repeat_interleave); the audio memory is expanded the same way, which is what makes
-        beams and several returned sequences work (the reference crashes there). Returns the
-        generated ids [B · num_return_sequences, new tokens].
+        **From chat messages** (the reference's `generate(messages)`): `model.generate(messages)`
+        or `model.generate(messages=...)`, one conversation (a list of
+        `{"role", "content", "audios": [{"audio": path, "text": optional}]}` dicts, one audio per
+        `<|AUDIO|>` marker of the content) or a batch (a list of conversations, each with at most
+        one audio). Returns a `serving.GenerationOutput` (text, audios: (path, transcription),
+        generated_ids). Sampling follows the reference's defaults, do_sample=True, temperature
+        0.7, top_p 0.9, max_new_tokens 512, each overridable; further keywords:
+        `transcribe=False` (no VAD or ASR: audios without text get no transcription, as in
+        training), `audio_tags=False` (the training prompt, without the reference generate's
+        `<start_audio>`/`<end_audio>` tags), and any Hugging Face `generate` option. Whisper ASR,
+        VAD and the processor are `transcriber`, `vad` and `processor` (docs/serving.md).
+
+        **From tensors** (the reference's `_generate_step`): the five inputs of `forward` without
+        labels; generate_kwargs go to Hugging Face `generate` (max_new_tokens, do_sample,
+        num_beams, num_return_sequences, ...) and default to the LLM's own generation config, not
+        to the reference's sampling defaults. Generation expands each prompt max(num_beams,
+        num_return_sequences) times (repeat_interleave); the audio memory is expanded the same
+        way, which is what makes beams and several returned sequences work (the reference
+        crashes there). Returns the generated ids [B · num_return_sequences, new tokens].
+
+        Both paths run the same code from here on: the audio memory by row (with its mask) and one
+        audio K/V cache per request batch.
         """
+        if messages is not None or isinstance(input_ids, (list, tuple)):
+            tensors = (attention_mask, batch_features, batch_transcription_ids, batch_start_positions)
+            if (messages is not None and input_ids is not None) or any(value is not None for value in tensors):
+                raise TypeError(
+                    "DeSTA25AudioModel.generate: chat messages come alone (positionally or as messages=), "
+                    "without tensor inputs"
+                )
+            from orca_model.serving import generate_from_messages
+
+            return generate_from_messages(self, input_ids if messages is None else messages, **generate_kwargs)
+        missing = [
+            name
+            for name, value in (
+                ("input_ids", input_ids),
+                ("attention_mask", attention_mask),
+                ("batch_start_positions", batch_start_positions),
+                ("batch_transcription_ids", batch_transcription_ids),
+            )
+            if value is None
+        ]
+        if missing:
+            raise TypeError(
+                f"DeSTA25AudioModel.generate: missing {missing}: pass the prepared tensors (input_ids, attention_mask, "
+                "batch_features, batch_transcription_ids, batch_start_positions) or chat messages"
+            )
         rows = self._check_inputs(
             input_ids, attention_mask, None, batch_features, batch_transcription_ids, batch_start_positions
         )

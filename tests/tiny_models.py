@@ -111,8 +111,9 @@ def save_audio_checkpoints(directory: str) -> dict[str, str]:
     with the tiny character tokenizer (tests/tiny_tokenizer.py) saved beside it, so that a
     DeSTA25Config pointing at them builds the model and the processor offline. Seeded like
     `save_checkpoints`."""
-    from tiny_tokenizer import save_tiny_tokenizer
     from transformers import WhisperFeatureExtractor
+
+    from tiny_tokenizer import save_tiny_tokenizer
 
     with torch.random.fork_rng():
         torch.manual_seed(0)
@@ -129,3 +130,88 @@ def audio_desta_config(checkpoints: dict[str, str], **overrides) -> DeSTA25Confi
     from tiny_tokenizer import PLACEHOLDER
 
     return desta_config(checkpoints["qwen3"], checkpoints["whisper"], placeholder_token=PLACEHOLDER, **overrides)
+
+
+# Serving (tests/test_orca_model_serving.py). Whisper's ASR needs what whisper-large-v3 ships and
+# a random Whisper lacks: a generation config (decoder start, language and task tokens, the
+# no-timestamps token) and a tokenizer. The tiny one has whisper_config's 64 ids: pad 0, decoder
+# start 1, EOS 2, then characters, then the language / task / no-timestamps tokens last, so that no
+# id falls in Whisper's timestamp range (ids above the no-timestamps token).
+WHISPER_SPECIAL_TOKENS = ("<|pad|>", "<|startoftranscript|>", "<|endoftext|>")
+WHISPER_CHARACTERS = "abcdefghijklmnopqrstuvwxyz 0123456789.,?!'-ABCDEFGHIJKLM"  # all in the tiny LLM tokenizer
+WHISPER_TASK_TOKENS = ("<|en|>", "<|de|>", "<|translate|>", "<|transcribe|>", "<|notimestamps|>")
+# The serving models' weight scales. At the default 0.02 a random tiny LLM answers one token over
+# and over whatever the prompt, and a random Whisper's encoder output is its positional embedding
+# whatever the audio; at these scales the greedy answers (and Whisper's transcriptions) depend on
+# the prompt and on the audio.
+SERVING_INIT_STD = 0.2  # the LLMs
+SERVING_WHISPER_INIT_STD = 0.3
+
+
+def save_whisper_asr_files(path: str) -> str:
+    """Writes the tiny Whisper's generation config and tokenizer into `path` (a Whisper checkpoint
+    of whisper_config's vocabulary), so that WhisperForConditionalGeneration.generate runs there as
+    on whisper-large-v3 (language detection, transcribe, no timestamps) and its ids decode. The
+    special ids are suppressed: a random decoder would otherwise emit them and decode to ""."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models
+    from transformers import GenerationConfig, PreTrainedTokenizerFast
+
+    tokens = list(WHISPER_SPECIAL_TOKENS) + list(WHISPER_CHARACTERS) + list(WHISPER_TASK_TOKENS)
+    config = whisper_config()
+    assert len(tokens) == config.vocab_size, (len(tokens), config.vocab_size)
+    ids = {token: index for index, token in enumerate(tokens)}
+    backend = Tokenizer(models.BPE(vocab=ids, merges=[], unk_token="<|endoftext|>"))
+    backend.decoder = decoders.Fuse()
+    specials = list(WHISPER_SPECIAL_TOKENS) + list(WHISPER_TASK_TOKENS)
+    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in specials])
+    PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|startoftranscript|>", eos_token="<|endoftext|>", pad_token="<|pad|>"
+    ).save_pretrained(path)
+    special_ids = [ids[token] for token in specials if token != "<|endoftext|>"]
+    GenerationConfig(
+        decoder_start_token_id=config.decoder_start_token_id,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+        is_multilingual=True,
+        lang_to_id={token: ids[token] for token in WHISPER_TASK_TOKENS[:2]},
+        task_to_id={"translate": ids["<|translate|>"], "transcribe": ids["<|transcribe|>"]},
+        no_timestamps_token_id=ids["<|notimestamps|>"],
+        begin_suppress_tokens=[config.eos_token_id],
+        suppress_tokens=special_ids,
+    ).save_pretrained(path)
+    return path
+
+
+def save_serving_checkpoints(directory: str, kinds: tuple[str, ...] = ("qwen3", "llama")) -> dict[str, str]:
+    """Checkpoints for serving: save_audio_checkpoints' tiny Whisper (AUDIO_FRAMES positions, its
+    feature extractor) with weights at SERVING_WHISPER_INIT_STD and the ASR files of
+    `save_whisper_asr_files`, and one tiny LLM per kind with weights at SERVING_INIT_STD and the
+    tiny tokenizer beside it; keys "whisper" and each kind (`serving_desta_config` takes them).
+    Seeded like `save_checkpoints`."""
+    from transformers import WhisperFeatureExtractor
+
+    from tiny_tokenizer import save_tiny_tokenizer
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        whisper = os.path.join(directory, "whisper-asr")
+        config = whisper_config(frames=AUDIO_FRAMES)
+        config.init_std = SERVING_WHISPER_INIT_STD
+        WhisperForConditionalGeneration(config).save_pretrained(whisper)
+        WhisperFeatureExtractor(feature_size=MEL_BINS, chunk_length=1).save_pretrained(whisper)
+        result = {"whisper": save_whisper_asr_files(whisper)}
+        for kind in kinds:
+            config = llm_config(kind)
+            config.initializer_range = SERVING_INIT_STD
+            path = os.path.join(directory, f"{kind}-serving")
+            (Qwen3ForCausalLM if kind == "qwen3" else LlamaForCausalLM)(config).save_pretrained(path)
+            result[kind] = save_tiny_tokenizer(path)
+    return result
+
+
+def serving_desta_config(checkpoints: dict[str, str], kind: str = "qwen3", **overrides) -> DeSTA25Config:
+    """`audio_desta_config` on the serving checkpoints, with the `kind` LLM."""
+    from tiny_tokenizer import PLACEHOLDER
+
+    return desta_config(checkpoints[kind], checkpoints["whisper"], placeholder_token=PLACEHOLDER, **overrides)

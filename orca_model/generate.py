@@ -1,0 +1,150 @@
+"""Answer a prompt about audio files with a trained ORCA-DeSTA checkpoint (docs/serving.md).
+
+    python -m orca_model.generate --model runs/qwen3-0.6b --audio a.wav --prompt "What is said?"
+
+Each `--audio` is one request: the prompt with the file's audio, answered in one batch (several
+files: several requests, the same prompt). The prompt gets the audio locator appended (" <|AUDIO|>",
+as the training manifests' prompts) unless it holds one. `--model` is a directory written by
+`DeSTA25AudioModel.save_pretrained` (a trainer's output directory also holds the processor's
+files; without them the processor comes from the config's LLM and Whisper ids). Sampling follows
+the reference (temperature 0.7, top-p 0.9); `--greedy` decodes greedily. A file that cannot be
+read is reported with the reason before the model loads, and the command exits with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+PROG = "python -m orca_model.generate"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", required=True, help="checkpoint directory (DeSTA25AudioModel.save_pretrained)")
+    parser.add_argument("--audio", required=True, action="append", help="an audio file; repeat for a batch of requests")
+    parser.add_argument("--prompt", required=True, help='the question, e.g. "What is said?"')
+    parser.add_argument("--system-prompt", default=None, help="a system message before each request")
+    parser.add_argument(
+        "--transcription",
+        action="append",
+        default=None,
+        help="the transcription of each --audio, in order (skips Whisper ASR); give one per --audio",
+    )
+    parser.add_argument(
+        "--no-transcribe",
+        action="store_true",
+        help="no VAD or Whisper ASR: the prompt carries no transcription (as in training)",
+    )
+    parser.add_argument(
+        "--no-audio-tags",
+        action="store_true",
+        help="leave out the <start_audio>/<end_audio> tags the reference's generate puts around each audio",
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=512, help="tokens per answer at most (default 512)")
+    parser.add_argument("--greedy", action="store_true", help="greedy decoding (default: sampling, as the reference)")
+    parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
+    parser.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold (default 0.9)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed (reproducible sampling)")
+    parser.add_argument(
+        "--use-fused-orca",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run the fused kernels, or the reference ops (default: the checkpoint's config)",
+    )
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float16", "float32"),
+        default=None,
+        help="the LLM's dtype (default: the config's llm_dtype); Whisper stays fp32",
+    )
+    parser.add_argument("--batch-size", type=int, default=0, help="requests per batch (default: all at once)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per file: audio, transcription, answer")
+    args = parser.parse_args(argv)
+    if args.transcription is not None and len(args.transcription) != len(args.audio):
+        parser.error(f"{len(args.transcription)} --transcription for {len(args.audio)} --audio: give one per --audio")
+    if args.max_new_tokens < 1 or args.batch_size < 0:
+        parser.error("--max-new-tokens must be >= 1 and --batch-size >= 0")
+    return args
+
+
+def requests(args: argparse.Namespace, locator: str, has_marker) -> list[list[dict]]:
+    """One conversation per --audio: [system], the user's prompt with the audio."""
+    content = args.prompt if has_marker(args.prompt) else f"{args.prompt} {locator}"
+    texts = args.transcription or [None] * len(args.audio)
+    conversations = []
+    for path, text in zip(args.audio, texts, strict=True):
+        conversation = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
+        conversation.append({"role": "user", "content": content, "audios": [{"audio": path, "text": text}]})
+        conversations.append(conversation)
+    return conversations
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    try:
+        return _run(args)
+    except (OSError, ValueError) as error:  # unreadable files, a bad checkpoint directory, bad messages
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import set_seed
+
+    from orca_model.config import DeSTA25Config
+    from orca_model.modeling import DeSTA25AudioModel
+    from orca_model.processing import PROCESSOR_FILE, DeSTA25Processor
+
+    if not os.path.isdir(args.model):
+        raise FileNotFoundError(f"--model '{args.model}' is not a directory")
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        raise FileNotFoundError(
+            f"--model '{args.model}' has no config.json: pass a directory written by DeSTA25AudioModel.save_pretrained"
+        )
+    # The processor first: every file is read before the model loads, so a bad one fails fast.
+    if os.path.isfile(os.path.join(args.model, PROCESSOR_FILE)):
+        processor = DeSTA25Processor.from_pretrained(args.model)
+    else:
+        processor = DeSTA25Processor.from_config(DeSTA25Config.from_pretrained(args.model))
+    for path in args.audio:
+        processor.load_audio(path)  # names the file and the reason
+
+    overrides = {}
+    if args.use_fused_orca is not None:
+        overrides["use_fused_orca"] = args.use_fused_orca
+    if args.dtype is not None:
+        overrides["llm_dtype"] = args.dtype
+    if args.seed is not None:
+        set_seed(args.seed)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = DeSTA25AudioModel.from_pretrained(args.model, **overrides).to(device).eval()
+    model.processor = processor
+
+    conversations = requests(args, processor.audio_locator, lambda text: processor.count_audio_markers(text) > 0)
+    options = {"do_sample": not args.greedy, "max_new_tokens": args.max_new_tokens}
+    if not args.greedy:
+        options |= {"temperature": args.temperature, "top_p": args.top_p}
+    size = args.batch_size or len(conversations)
+    for first in range(0, len(conversations), size):
+        batch = conversations[first : first + size]
+        output = model.generate(batch, transcribe=not args.no_transcribe, audio_tags=not args.no_audio_tags, **options)
+        for (path, transcription), answer in zip(output.audios, output.text, strict=True):
+            if args.json:
+                print(json.dumps({"audio": path, "transcription": transcription, "answer": answer}))
+            else:
+                print(f"[{path}]\n{answer}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

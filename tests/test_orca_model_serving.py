@@ -1,0 +1,434 @@
+"""Serving from chat messages: `DeSTA25AudioModel.generate(messages)` and `python -m
+orca_model.generate`, offline, on tiny checkpoints (tests/tiny_models.py `save_serving_checkpoints`:
+a random Whisper with ASR files, Qwen3 and Llama LLMs whose greedy answers depend on the input)
+and wav files written here (tones, silence, noise; 0.2 s to 30 s; mono and stereo; 8, 16 and
+44.1 kHz). Greedy decoding throughout, on the reference ops except where fused and unfused are
+compared."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from orca_model import DeSTA25AudioModel
+from orca_model.generate import main as generate_main
+from orca_model.processing import AUDIO_END, AUDIO_START, DeSTA25Processor
+from orca_model.serving import (
+    SAMPLING_DEFAULTS,
+    EnergyVAD,
+    GenerationOutput,
+    WhisperTranscriber,
+    expand_with_audio_tags,
+)
+from tiny_models import save_serving_checkpoints, serving_desta_config
+from tiny_tokenizer import LOCATOR, write_wav
+
+NEW_TOKENS = 8
+GREEDY = {"do_sample": False, "max_new_tokens": NEW_TOKENS}
+# (name, seconds, rate, channels, kind)
+FILES = [
+    ("tone", 1.0, 16000, 1, "tone"),
+    ("tone-long", 30.0, 44100, 2, "tone"),
+    ("silence", 2.0, 8000, 1, "silence"),
+    ("silence-long", 30.0, 16000, 2, "silence"),
+    ("noise", 1.5, 44100, 2, "noise"),
+    ("noise-8k", 3.0, 8000, 1, "noise"),
+    ("short", 0.2, 16000, 1, "tone"),
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny matrices run faster on one thread than on two contended ones; restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("serving")
+
+
+@pytest.fixture(scope="module")
+def files(root) -> dict[str, str]:
+    audio = root / "audio"
+    audio.mkdir()
+    paths = {}
+    for index, (name, seconds, rate, channels, kind) in enumerate(FILES):
+        paths[name] = str(audio / f"{name}.wav")
+        write_wav(paths[name], seconds, rate=rate, channels=channels, kind=kind, seed=index)
+    paths["corrupt"] = str(audio / "corrupt.wav")
+    with open(paths["corrupt"], "wb") as file:
+        file.write(b"RIFF\x24\x00\x00\x00WAVEnot really a wav file")
+    paths["missing"] = str(audio / "missing.wav")
+    return paths
+
+
+@pytest.fixture(scope="module")
+def checkpoints(root) -> dict[str, str]:
+    return save_serving_checkpoints(str(root / "checkpoints"))
+
+
+def build(checkpoints, kind: str = "qwen3", **overrides) -> DeSTA25AudioModel:
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return DeSTA25AudioModel(serving_desta_config(checkpoints, kind, **overrides)).eval()
+
+
+@pytest.fixture(scope="module")
+def model(checkpoints) -> DeSTA25AudioModel:
+    return build(checkpoints)
+
+
+def ask(path: str | None, prompt: str = "what is said?", text: str | None = None, system: str | None = None):
+    """One conversation: [system], the user's prompt with `path` (none when None)."""
+    conversation = [{"role": "system", "content": system}] if system else []
+    if path is None:
+        conversation.append({"role": "user", "content": prompt})
+    else:
+        audio = {"audio": path, "text": text}
+        conversation.append({"role": "user", "content": f"{prompt} {LOCATOR}", "audios": [audio]})
+    return conversation
+
+
+def answer_tokens(model: DeSTA25AudioModel, ids: list[int]) -> list[int]:
+    """A row of generated ids up to and including its first EOS (the padding after it dropped)."""
+    eos = model.processor.eos_token_id
+    return ids[: ids.index(eos) + 1] if eos in ids else ids
+
+
+class CountingTranscriber:
+    def __init__(self, inner):
+        self.inner, self.calls, self.audios = inner, 0, 0
+
+    def __call__(self, features):
+        self.calls += 1
+        self.audios += features.size(0)
+        return self.inner(features)
+
+
+# ---------------------------------------------------------------------- generate(messages)
+
+
+def test_generate_from_messages_returns_the_reference_fields_deterministically(model, files):
+    conversation = ask(files["tone"])
+    first = model.generate(conversation, **GREEDY)
+    assert isinstance(first, GenerationOutput)
+    assert model.generate(messages=conversation, **GREEDY) == first  # positional or keyword, same answer
+    assert len(first.text) == len(first.generated_ids) == 1 and len(first.generated_ids[0]) <= NEW_TOKENS
+    assert first.text == model.processor.tokenizer.batch_decode(first.generated_ids, skip_special_tokens=True)
+    [(path, transcription)] = first.audios
+    assert path == files["tone"] and transcription.strip() == transcription != ""  # Whisper's, stripped
+
+
+def test_a_request_answers_the_same_alone_and_in_a_batch(model, files):
+    """Prompts of different lengths (so different left padding), every kind of file, a given
+    transcription, a system message and a request without audio, in one batch and each alone."""
+    batch = [
+        ask(files["tone-long"], "what is said in this rather long recording of a tone?"),
+        ask(files["silence"], "hi"),
+        ask(files["noise"], "and this?", text="some noise"),
+        ask(None, "no audio at all"),
+        ask(files["noise-8k"], "what?", system="answer briefly."),
+    ]
+    together = model.generate(batch, **GREEDY)
+    transcriptions = [transcription for _, transcription in together.audios]
+    assert [path for path, _ in together.audios] == [
+        files[name] for name in ("tone-long", "silence", "noise", "noise-8k")
+    ]
+    assert transcriptions[1] == " " and transcriptions[2] == "some noise" and "" not in transcriptions
+    alone = [model.generate(conversation, **GREEDY) for conversation in batch]
+    for index, single in enumerate(alone):
+        assert answer_tokens(model, single.generated_ids[0]) == answer_tokens(model, together.generated_ids[index])
+        assert single.audios == [audio for audio in together.audios if audio[0] in str(batch[index])]
+    assert len({tuple(ids) for ids in together.generated_ids}) > 1  # the answers depend on the request
+    # ... and on its audio alone: the same prompt and transcription with another file.
+    same_words = model.generate([ask(files[name], "what?", text="same") for name in ("tone", "noise")], **GREEDY)
+    assert same_words.generated_ids[0] != same_words.generated_ids[1]
+    # The same requests in the opposite order: each answer follows its request.
+    backwards = model.generate(batch[::-1], **GREEDY)
+    assert backwards.generated_ids == together.generated_ids[::-1]
+
+
+def test_silence_is_not_transcribed_and_given_text_skips_the_asr_model(model, checkpoints, files, monkeypatch):
+    whisper = model.transcriber
+    idle = WhisperTranscriber(checkpoints["whisper"], model.perception.whisper)
+
+    def no_asr():
+        raise AssertionError("the ASR model was loaded or called")
+
+    monkeypatch.setattr(idle, "load", no_asr)
+    monkeypatch.setattr(model, "transcriber", idle)
+    output = model.generate(
+        [
+            ask(files["silence"]),
+            ask(files["silence-long"]),
+            ask(files["tone"], text="a tone"),
+            ask(files["short"]),
+            ask(files["silence"], text="nothing"),
+        ],
+        **GREEDY,
+    )
+    # Silence (and a tone too short to be speech) -> the reference's " "; a given text is kept as
+    # it is, also for a silent file (the reference would replace it by " ").
+    assert [transcription for _, transcription in output.audios] == [" ", " ", "a tone", " ", "nothing"]
+
+    # Audios with speech and no text: transcribed in one batched call, unless transcribe=False.
+    counting = CountingTranscriber(whisper)
+    monkeypatch.setattr(model, "transcriber", counting)
+    output = model.generate([ask(files["tone"]), ask(files["silence"]), ask(files["noise"])], **GREEDY)
+    assert (counting.calls, counting.audios) == (1, 2)
+    assert output.audios[1][1] == " " and output.audios[0][1] and output.audios[2][1]
+    output = model.generate([ask(files["tone"]), ask(files["noise"])], transcribe=False, **GREEDY)
+    assert counting.calls == 1 and [text for _, text in output.audios] == ["", ""]
+
+
+def test_the_vad_is_pluggable(model, files, monkeypatch):
+    counting = CountingTranscriber(lambda features: ["x"] * features.size(0))
+    monkeypatch.setattr(model, "transcriber", counting)
+    heard = []
+    monkeypatch.setattr(model, "vad", lambda wave: heard.append(wave.shape) or [])  # [] = no speech, as Silero
+    output = model.generate([ask(files["tone"]), ask(files["noise"], text="given")], **GREEDY)
+    assert heard == [(16000,)] and counting.calls == 0  # only the audio without text is checked
+    assert [text for _, text in output.audios] == [" ", "given"]
+    monkeypatch.setattr(model, "vad", None)  # no VAD: every audio without text is transcribed
+    output = model.generate([ask(files["silence"])], **GREEDY)
+    assert counting.calls == 1 and output.audios[0][1] == "x"
+    with pytest.raises(TypeError, match="callable"):
+        model.vad = "silero"
+
+
+def test_energy_vad_threshold():
+    vad = EnergyVAD()
+    rate = 16000
+    time = np.arange(rate, dtype=np.float32) / rate
+    tone = lambda amplitude: (amplitude * np.sin(2 * np.pi * 440 * time)).astype(np.float32)
+    assert not vad(np.zeros(rate, np.float32))
+    assert vad(tone(0.5)) and vad(np.random.default_rng(0).uniform(-0.5, 0.5, rate).astype(np.float32))
+    # -40 dBFS RMS is the threshold: a sine of amplitude a has RMS a / sqrt(2).
+    assert vad(tone(0.011 * np.sqrt(2))) and not vad(tone(0.009 * np.sqrt(2)))
+    # 0.25 s of loud frames at least.
+    burst = np.zeros(rate, np.float32)
+    burst[: int(0.3 * rate)] = 0.5
+    assert vad(burst)
+    burst[int(0.2 * rate) :] = 0
+    assert not vad(burst) and not vad(np.zeros(0, np.float32))
+    assert EnergyVAD(threshold_db=-60.0)(tone(0.005))
+    with pytest.raises(ValueError, match="1-D"):
+        vad(np.zeros((2, rate), np.float32))
+
+
+def test_the_asr_model_shares_the_encoder(model, checkpoints, files):
+    from transformers import WhisperForConditionalGeneration
+
+    transcriber = WhisperTranscriber(checkpoints["whisper"], model.perception.whisper)
+    processor = model.processor
+    features = processor.features([processor.load_audio(files[name]) for name in ("tone", "noise")])
+    keys = set(model.state_dict())
+    parameters = sum(1 for _ in model.parameters())
+    texts = transcriber(features)
+    asr = transcriber.model
+    assert asr.model.encoder is model.perception.whisper  # one encoder: the DeSTA model's
+    assert set(model.state_dict()) == keys and sum(1 for _ in model.parameters()) == parameters
+    # The same transcription as Whisper with its own (equal) encoder, bounded as the reference.
+    whole = WhisperForConditionalGeneration.from_pretrained(checkpoints["whisper"]).eval()
+    ids = whole.generate(input_features=features, max_new_tokens=whole.config.max_target_positions // 2)
+    assert texts == [text.strip() for text in transcriber.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+    assert all(texts)
+
+
+def test_fused_and_unfused_give_the_same_tokens(model, files):
+    batch = [ask(files["tone"], "what is it?", text="a tone"), ask(files["noise"], "and this one?", text="noise")]
+    unfused = model.generate(batch, **GREEDY)
+    model.set_use_fused_orca(True)
+    try:
+        fused = model.generate(batch, **GREEDY)
+    finally:
+        model.set_use_fused_orca(False)
+    assert fused.generated_ids == unfused.generated_ids
+
+
+def test_llama(checkpoints, files):
+    llama = build(checkpoints, "llama")
+    llama.transcriber = lambda features: ["hello"] * features.size(0)
+    batch = [ask(files["tone"], "what is said here?"), ask(files["noise-8k"], "and?")]
+    together = llama.generate(batch, **GREEDY)
+    assert [text for _, text in together.audios] == ["hello", "hello"]
+    for index, conversation in enumerate(batch):
+        single = llama.generate(conversation, **GREEDY)
+        assert answer_tokens(llama, single.generated_ids[0]) == answer_tokens(llama, together.generated_ids[index])
+
+
+# ---------------------------------------------------------------------- prompts and defaults
+
+
+def reference_prompt_ids(processor: DeSTA25Processor, text: str, lengths: list[int]) -> tuple[list[int], list[int]]:
+    """The reference generate's ids: wrap every locator in the tags, tokenize, replace each
+    locator token by K + L placeholders, join the tokens into a string and tokenize it again."""
+    tokenizer = processor.tokenizer
+    tokens = tokenizer.tokenize(text.replace(LOCATOR, f"{AUDIO_START}{LOCATOR}{AUDIO_END}"))
+    result, starts, lengths = [], [], list(lengths)
+    for token in tokens:
+        if token == LOCATOR:
+            starts.append(len(result))
+            result += [processor.placeholder_token] * (processor.num_audio_tokens + lengths.pop(0))
+        else:
+            result.append(token)
+    return tokenizer.encode(tokenizer.convert_tokens_to_string(result), add_special_tokens=False), starts
+
+
+def test_prompts_wrap_each_audio_in_the_reference_tags(model):
+    processor = model.processor
+    text = processor.apply_chat_template([{"role": "user", "content": f"what is said? {LOCATOR} now."}])
+    ids, starts = expand_with_audio_tags(processor, text, [3])
+    assert (ids, starts) == reference_prompt_ids(processor, text, [3])
+    start, end = starts[0], starts[0] + processor.num_audio_tokens + 3
+    assert (
+        processor.tokenizer.decode(ids[start - 1 : end + 1])
+        == AUDIO_START + processor.placeholder_token * (end - start) + AUDIO_END
+    )
+    # Without the tags: the training collator's prompt.
+    assert processor.expand_prompt(text, [3]) == (ids[: start - 1] + ids[start:end] + ids[end + 1 :], [start - 1])
+
+
+def test_generation_defaults(model, files, monkeypatch):
+    seen = []
+
+    def fake_generate(**kwargs):
+        seen.append(kwargs)
+        return torch.full((kwargs["inputs_embeds"].size(0), 2), model.processor.eos_token_id)
+
+    monkeypatch.setattr(model.llm_model, "generate", fake_generate)
+    model.generate(ask(files["tone"], text="hi"))
+    assert {key: seen[-1][key] for key in SAMPLING_DEFAULTS} == SAMPLING_DEFAULTS
+    assert SAMPLING_DEFAULTS == {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "max_new_tokens": 512}
+    assert seen[-1]["pad_token_id"] == model.processor.pad_token_id
+    model.generate(ask(files["tone"], text="hi"), do_sample=False, max_new_tokens=3)
+    assert (seen[-1]["do_sample"], seen[-1]["temperature"], seen[-1]["top_p"], seen[-1]["max_new_tokens"]) == (
+        False,
+        None,
+        None,
+        3,
+    )
+    # The tensor path adds nothing: the LLM's own generation config decides.
+    inputs = model.processor.prompt_inputs([model.processor.apply_chat_template(ask(files["tone"]))], [["hi"]])
+    features = model.processor.features([model.processor.load_audio(files["tone"])])
+    model.generate(
+        inputs["input_ids"],
+        inputs["attention_mask"],
+        features,
+        inputs["batch_transcription_ids"],
+        inputs["batch_start_positions"],
+    )
+    assert set(seen[-1]) == {"inputs_embeds", "attention_mask"}
+
+
+def test_the_processor_comes_from_the_checkpoint_or_the_config(model, checkpoints, root):
+    directory = root / "with-processor"
+    model.save_pretrained(directory)
+    loaded = DeSTA25AudioModel.from_pretrained(directory)
+    assert loaded.processor.tokenizer.name_or_path == checkpoints["qwen3"]  # from the config's LLM id
+    saved = DeSTA25Processor.from_config(model.config)
+    saved.save_pretrained(directory)
+    loaded = DeSTA25AudioModel.from_pretrained(directory)
+    assert loaded.processor.tokenizer.name_or_path == str(directory)  # the checkpoint's own files
+    loaded.processor = saved
+    assert loaded.processor is saved
+
+
+# ---------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    ("content", "audios", "message"),
+    [
+        (f"a {LOCATOR} and {LOCATOR}", 1, "has 2 audio marker"),
+        ("no marker", 1, "has 0 audio marker"),
+        (f"one {LOCATOR}", 0, "but 0 audio"),
+        (f"{LOCATOR} {LOCATOR}", 2, "at most one audio per conversation"),
+    ],
+)
+def test_markers_and_audios_must_match(model, files, content, audios, message):
+    conversation = [
+        {"role": "system", "content": "be brief."},
+        {"role": "user", "content": content, "audios": [{"audio": files["tone"]}] * audios},
+    ]
+    with pytest.raises(ValueError, match=message) as error:
+        model.generate(conversation, **GREEDY)
+    if "marker" in message:
+        assert "message 1 of conversation 0" in str(error.value) and content in str(error.value)
+
+
+@pytest.mark.parametrize("name", ["missing", "corrupt"])
+def test_unreadable_files_are_named(model, files, name):
+    error = FileNotFoundError if name == "missing" else ValueError
+    with pytest.raises(error, match=files[name]):
+        model.generate([ask(files["tone"]), ask(files[name])], **GREEDY)
+
+
+def test_messages_and_tensors_do_not_mix(model, files):
+    with pytest.raises(TypeError, match="alone"):
+        model.generate(ask(files["tone"]), torch.ones(1, 3))
+    with pytest.raises(TypeError, match="missing"):
+        model.generate(torch.ones(1, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="non-empty list"):
+        model.generate(messages=[])
+
+
+# ---------------------------------------------------------------------- the command
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(model, root) -> str:
+    """The model saved as a checkpoint without processor files (the processor from the config)."""
+    directory = str(root / "checkpoint")
+    model.save_pretrained(directory)
+    return directory
+
+
+def test_command_answers_each_file(model, files, checkpoint_dir, capsys):
+    paths = [files["tone"], files["silence"]]
+    code = generate_main(
+        ["--model", checkpoint_dir, "--prompt", "what is said?", "--greedy", "--max-new-tokens", str(NEW_TOKENS)]
+        + [argument for path in paths for argument in ("--audio", path)]
+        + ["--device", "cpu", "--no-use-fused-orca", "--json"]
+    )
+    assert code == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    expected = model.generate([ask(path) for path in paths], **GREEDY)
+    assert [line["audio"] for line in printed] == paths
+    assert [line["answer"] for line in printed] == expected.text
+    assert [line["transcription"] for line in printed] == [text for _, text in expected.audios]
+
+    code = generate_main(
+        ["--model", checkpoint_dir, "--prompt", "what is said?", "--greedy", "--max-new-tokens", str(NEW_TOKENS)]
+        + ["--audio", files["tone"], "--transcription", "a tone", "--batch-size", "1"]
+    )
+    out = capsys.readouterr().out
+    assert code == 0 and out.startswith(f"[{files['tone']}]\n")
+    assert out.split("\n", 1)[1].rstrip("\n") == model.generate(ask(files["tone"], text="a tone"), **GREEDY).text[0]
+
+
+@pytest.mark.parametrize("name", ["missing", "corrupt"])
+def test_command_names_a_bad_file(files, checkpoint_dir, capsys, name):
+    code = generate_main(
+        ["--model", checkpoint_dir, "--prompt", "hi", "--audio", files["tone"], "--audio", files[name]]
+    )
+    captured = capsys.readouterr()
+    assert code == 1 and captured.out == ""
+    assert files[name] in captured.err and "Traceback" not in captured.err
+    assert ("does not exist" if name == "missing" else "cannot be decoded") in captured.err
+
+
+def test_command_help(capsys):
+    with pytest.raises(SystemExit) as exit_status:
+        generate_main(["--help"])
+    assert exit_status.value.code == 0
+    help_text = capsys.readouterr().out
+    for flag in ("--model", "--audio", "--prompt", "--max-new-tokens", "--no-use-fused-orca", "--greedy", "--dtype"):
+        assert flag in help_text
