@@ -252,11 +252,16 @@ class DeSTA25Processor:
         """A transcription -> LongTensor [1, L] of its token ids (no special tokens); "" gives [1, 0]."""
         return torch.tensor([self.tokenizer.encode(text, add_special_tokens=False)], dtype=torch.long)
 
-    def expand_prompt(self, text: str, transcription_lengths: Sequence[int]) -> tuple[list[int], list[int]]:
+    def expand_prompt(
+        self, text: str, transcription_lengths: Sequence[int], audio_tags: bool = False
+    ) -> tuple[list[int], list[int]]:
         """Templated text with one marker per audio -> (token ids, start position of each audio).
 
         Marker i becomes K + transcription_lengths[i] placeholder ids; the text around the
-        markers is encoded without special tokens (the chat template writes them as text).
+        markers is encoded without special tokens (the chat template writes them as text). With
+        `audio_tags` the placeholders sit between `<start_audio>` and `<end_audio>`, encoded as
+        text with their neighbours: the reference's `generate` wraps each locator so before
+        expanding it (training prompts have no tags).
         """
         matches = list(self._marker.finditer(text))
         if len(matches) != len(transcription_lengths):
@@ -264,25 +269,29 @@ class DeSTA25Processor:
                 f"{NAME}: the prompt has {len(matches)} audio markers ({self.audio_locator} locators or "
                 f"{AUDIO_START}…{AUDIO_END} blocks) but {len(transcription_lengths)} audios"
             )
+        opening, closing = (AUDIO_START, AUDIO_END) if audio_tags else ("", "")
         ids: list[int] = []
         starts: list[int] = []
-        end = 0
+        end, before = 0, ""
         for index, (match, length) in enumerate(zip(matches, transcription_lengths, strict=True)):
             if isinstance(length, bool) or not isinstance(length, int) or length < 0:
                 raise ValueError(f"{NAME}: transcription_lengths[{index}] must be an int >= 0, got {length!r}")
-            ids += self._encode_text(text[end : match.start()])
+            ids += self._encode_text(before + text[end : match.start()] + opening)
             starts.append(len(ids))
             ids += [self.placeholder_id] * (self.num_audio_tokens + length)
-            end = match.end()
-        ids += self._encode_text(text[end:])
+            end, before = match.end(), closing
+        ids += self._encode_text(before + text[end:])
         return ids, starts
 
     def _encode_text(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False) if text else []
 
-    def prompt_inputs(self, texts: Sequence[str], transcriptions: Sequence[Sequence[str]]) -> dict[str, Any]:
+    def prompt_inputs(
+        self, texts: Sequence[str], transcriptions: Sequence[Sequence[str]], audio_tags: bool = False
+    ) -> dict[str, Any]:
         """Generation inputs of B templated prompts: `transcriptions[b]` holds the transcription
-        ("" for none) of each audio of prompt b, in marker order.
+        ("" for none) of each audio of prompt b, in marker order; `audio_tags` as in
+        `expand_prompt`.
 
         Returns input_ids [B, T] and attention_mask [B, T] (left padding), batch_transcription_ids
         (N LongTensors [1, L_i], prompt by prompt) and batch_start_positions (N (row, start) pairs,
@@ -295,7 +304,7 @@ class DeSTA25Processor:
         starts: list[list[int]] = []
         for text, texts_of_prompt in zip(texts, transcriptions, strict=True):
             ids_of_prompt = [self.transcription_ids(transcription) for transcription in texts_of_prompt]
-            ids, starts_of_prompt = self.expand_prompt(text, [ids.size(1) for ids in ids_of_prompt])
+            ids, starts_of_prompt = self.expand_prompt(text, [ids.size(1) for ids in ids_of_prompt], audio_tags)
             rows.append(ids)
             starts.append(starts_of_prompt)
             transcription_ids += ids_of_prompt

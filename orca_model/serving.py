@@ -268,63 +268,6 @@ def transcriptions_of(
     return result
 
 
-# ---------------------------------------------------------------------- prompts
-
-
-def expand_with_audio_tags(processor: DeSTA25Processor, text: str, transcription_lengths: Sequence[int]):
-    """Templated text -> (ids, audio starts) as the reference's generate builds them: every marker
-    becomes `<start_audio>` + K + L_i placeholder ids + `<end_audio>`, the tags kept as text and
-    encoded with the text around them (the reference replaces the locator by
-    `<start_audio><|AUDIO|><end_audio>` and then the locator alone by the placeholders). The
-    markers are the processor's (`DeSTA25Processor.expand_prompt`), so are the encoding and K."""
-    from orca_model.processing import AUDIO_END, AUDIO_START
-
-    matches = list(processor._marker.finditer(text))  # the processor's one definition of a marker
-    if len(matches) != len(transcription_lengths):
-        raise ValueError(
-            f"{NAME}: the prompt has {len(matches)} audio markers but {len(transcription_lengths)} transcriptions"
-        )
-
-    def encode(piece: str) -> list[int]:
-        return processor.tokenizer.encode(piece, add_special_tokens=False) if piece else []
-
-    ids: list[int] = []
-    starts: list[int] = []
-    end, before = 0, ""
-    for match, length in zip(matches, transcription_lengths, strict=True):
-        ids += encode(before + text[end : match.start()] + AUDIO_START)
-        starts.append(len(ids))
-        ids += [processor.placeholder_id] * (processor.num_audio_tokens + length)
-        end, before = match.end(), AUDIO_END
-    ids += encode(before + text[end:])
-    return ids, starts
-
-
-def prompt_inputs(
-    processor: DeSTA25Processor, texts: Sequence[str], transcriptions: Sequence[Sequence[str]], audio_tags: bool
-) -> dict[str, Any]:
-    """`DeSTA25Processor.prompt_inputs` (the training prompt) or, with `audio_tags`, the same
-    inputs with the reference generate's `<start_audio>`/`<end_audio>` tags around each audio."""
-    if not audio_tags:
-        return processor.prompt_inputs(texts, transcriptions)
-    from orca_model.processing import pad_prompts
-
-    rows, starts, transcription_ids = [], [], []
-    for text, of_prompt in zip(texts, transcriptions, strict=True):
-        ids_of_prompt = [processor.transcription_ids(transcription) for transcription in of_prompt]
-        ids, starts_of_prompt = expand_with_audio_tags(processor, text, [ids.size(1) for ids in ids_of_prompt])
-        rows.append(ids)
-        starts.append(starts_of_prompt)
-        transcription_ids += ids_of_prompt
-    input_ids, attention_mask, positions = pad_prompts(rows, starts, processor.pad_token_id)
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "batch_transcription_ids": transcription_ids,
-        "batch_start_positions": positions,
-    }
-
-
 # ---------------------------------------------------------------------- generate(messages)
 
 
@@ -365,7 +308,7 @@ def generate_from_messages(
     per_conversation: list[list[str]] = [[] for _ in conversations]
     for audio, transcription in zip(audios, transcriptions, strict=True):
         per_conversation[audio.conversation].append(transcription)
-    inputs = prompt_inputs(processor, texts, per_conversation, audio_tags)
+    inputs = processor.prompt_inputs(texts, per_conversation, audio_tags)
 
     if not do_sample:  # as the reference: no sampling settings without sampling
         temperature = top_p = None

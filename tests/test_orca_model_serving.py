@@ -21,7 +21,6 @@ from orca_model.serving import (
     EnergyVAD,
     GenerationOutput,
     WhisperTranscriber,
-    expand_with_audio_tags,
 )
 from tiny_models import save_serving_checkpoints, serving_desta_config
 from tiny_tokenizer import LOCATOR, write_wav
@@ -285,7 +284,7 @@ def reference_prompt_ids(processor: DeSTA25Processor, text: str, lengths: list[i
 def test_prompts_wrap_each_audio_in_the_reference_tags(model):
     processor = model.processor
     text = processor.apply_chat_template([{"role": "user", "content": f"what is said? {LOCATOR} now."}])
-    ids, starts = expand_with_audio_tags(processor, text, [3])
+    ids, starts = processor.expand_prompt(text, [3], audio_tags=True)
     assert (ids, starts) == reference_prompt_ids(processor, text, [3])
     start, end = starts[0], starts[0] + processor.num_audio_tokens + 3
     assert (
