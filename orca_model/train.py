@@ -5,7 +5,7 @@ One GPU (or the CPU):
     python -m orca_model.train --config configs/orca_hybrid_qwen3_0.6b.json \\
         --train_manifest train.jsonl --data_root /data/audio --output_dir runs/qwen3-0.6b
 
-Several GPUs (DDP; the same command under `accelerate launch` too):
+Several GPUs (DDP through the Trainer):
 
     torchrun --nproc-per-node 4 -m orca_model.train --config ... --train_manifest ... --output_dir ...
 
