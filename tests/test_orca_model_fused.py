@@ -27,7 +27,7 @@ import orca_kernels
 from call_counts import count_calls
 from orca_kernels import reference
 from orca_model import DeSTA25AudioModel, OrcaGatedCrossAttention, total_training_loss
-from tiny_models import build, llm_config, make_batch, whisper_config
+from tiny_models import build, llm_config, make_batch, to_device, whisper_config
 from tolerances import MODEL_RELATIVE_TOLERANCE, assert_no_worse_than_unfused, relative_error
 
 NUM_LAYERS = 2  # decoder layers of the tiny LLMs: one injected cross-attention each
@@ -77,18 +77,6 @@ def build_pair(checkpoints, kind, device, **overrides) -> tuple[DeSTA25AudioMode
     result = fused.load_state_dict(unfused.state_dict())
     assert result.missing_keys == [] and result.unexpected_keys == []
     return unfused.to(device), fused.to(device)
-
-
-def to_device(batch: dict, device) -> dict:
-    moved = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            moved[key] = value.to(device)
-        elif key == "batch_transcription_ids":
-            moved[key] = [ids.to(device) for ids in value]
-        else:
-            moved[key] = value
-    return moved
 
 
 def train_step(model: DeSTA25AudioModel, batch: dict, *, autocast: bool = False):

@@ -70,7 +70,7 @@ def training_arguments(output_dir: str, **overrides) -> DeSTA25TrainingArguments
         logging_steps=1,
         save_strategy="no",
         report_to=[],
-        use_cpu=True,
+        use_cpu=not torch.cuda.is_available(),  # a GPU machine trains on CUDA, the fused kernels native
         auto_find_batch_size=False,
         disable_tqdm=True,
         seed=0,

@@ -1,5 +1,6 @@
 """The paths a training run takes through the model: gradient checkpointing of the LLM with the
-injection, and the reference's LoRA (`use_lora=True`)."""
+injection, and the reference's LoRA (`use_lora=True`). They run where the Triton kernels run
+(`triton_device`: the CPU under the interpreter, CUDA on a GPU machine)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 
 from orca_model import DeSTA25AudioModel, total_training_loss
 from orca_model.modeling import LORA_SETTINGS
-from tiny_models import build, make_batch
+from tiny_models import build, make_batch, to_device
 
 
 def loss_and_grads(model: DeSTA25AudioModel, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -46,12 +47,12 @@ def enable_on_llm(model: DeSTA25AudioModel, **kwargs) -> None:
     ],
     ids=["model", "llm-direct", "llm-reentrant"],
 )
-def test_gradient_checkpointing_keeps_the_injection(checkpoints, use_fused_orca, enable):
+def test_gradient_checkpointing_keeps_the_injection(checkpoints, triton_device, use_fused_orca, enable):
     """Same loss and the same gradient for every trainable parameter with and without
     checkpointing: the recomputed decoder layers and the injection see the same memory. The
     transcriptions are non-empty so the per-layer alignment losses are in the total too."""
-    model = deterministic(build(checkpoints, use_fused_orca=use_fused_orca))
-    batch = make_batch(transcription_lengths=(2, 3))
+    model = deterministic(build(checkpoints, use_fused_orca=use_fused_orca).to(triton_device))
+    batch = to_device(make_batch(transcription_lengths=(2, 3)), triton_device)
     reference_loss, reference_grads = loss_and_grads(model, batch)
     # Without the injection the loss would differ: the check below can fail.
     with torch.no_grad():
@@ -75,12 +76,12 @@ def test_gradient_checkpointing_keeps_the_injection(checkpoints, use_fused_orca,
     torch.testing.assert_close(loss, reference_loss, rtol=1e-6, atol=1e-6)
 
 
-def test_gradient_checkpointing_with_input_gradients(checkpoints):
+def test_gradient_checkpointing_with_input_gradients(checkpoints, triton_device):
     """With the embeddings' input-gradient hook on (what checkpointing enables for PEFT), the audio
     tokens are spliced out of place: the reference fails there with "a view of a leaf Variable
     that requires grad"."""
-    model = deterministic(build(checkpoints))
-    batch = make_batch()
+    model = deterministic(build(checkpoints).to(triton_device))
+    batch = to_device(make_batch(), triton_device)
     reference_loss, reference_grads = loss_and_grads(model, batch)
     model.gradient_checkpointing_enable()
     model.llm_model.enable_input_require_grads()
@@ -113,14 +114,14 @@ def test_lora_trainable_set_is_the_reference(checkpoints):
 
 
 @pytest.mark.parametrize("use_fused_orca", [False, True], ids=["unfused", "fused"])
-def test_lora_starts_as_the_plain_model_and_trains(checkpoints, use_fused_orca):
+def test_lora_starts_as_the_plain_model_and_trains(checkpoints, triton_device, use_fused_orca):
     """LoRA's B starts at zero: the same loss as the model without LoRA and the same trainable
     weights; its gradient reaches the LoRA weights, with checkpointing too."""
-    plain = deterministic(build(checkpoints, use_fused_orca=use_fused_orca))
-    model = deterministic(build(checkpoints, use_lora=True, use_fused_orca=use_fused_orca))
+    plain = deterministic(build(checkpoints, use_fused_orca=use_fused_orca).to(triton_device))
+    model = deterministic(build(checkpoints, use_lora=True, use_fused_orca=use_fused_orca).to(triton_device))
     model.llm_model.eval()  # LoRA dropout off for the comparison
     model.load_state_dict(plain.state_dict(), strict=False)
-    batch = make_batch()
+    batch = to_device(make_batch(), triton_device)
     plain_loss, plain_grads = loss_and_grads(plain, batch)
     loss, grads = loss_and_grads(model, batch)
     torch.testing.assert_close(loss, plain_loss, rtol=1e-6, atol=1e-6)

@@ -68,6 +68,19 @@ def build(checkpoints: dict[str, str], kind: str = "qwen3", **overrides) -> DeST
     return DeSTA25AudioModel(desta_config(checkpoints[kind], checkpoints["whisper"], **overrides))
 
 
+def to_device(batch: dict, device: torch.device | str) -> dict:
+    """A batch of `make_batch` with its tensors (the transcription ids included) on `device`."""
+    moved = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            moved[key] = value.to(device)
+        elif key == "batch_transcription_ids":
+            moved[key] = [ids.to(device) for ids in value]
+        else:
+            moved[key] = value
+    return moved
+
+
 def make_batch(
     batch_size: int = 2,
     length: int = 12,
