@@ -72,6 +72,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()
+    for split, dataset in datasets.items():  # each skip was logged as it happened; the total once more
+        if dataset.skipped_files:
+            logging.getLogger("orca_model.train").warning(
+                "%s: %d unreadable audio files were skipped (each replaced by the next item)",
+                split,
+                dataset.skipped_files,
+            )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -147,14 +148,17 @@ def test_trainer_refuses_an_output_without_orca_losses(run_files, tmp_path):
         trainer.compute_loss(trainer.model, {})
 
 
-def test_train_command(run_files, tmp_path):
+def test_train_command(run_files, tmp_path, caplog):
     """`python -m orca_model.train` end to end (in process): 2 steps on the reference ops, a
-    checkpoint that loads back."""
+    checkpoint that loads back, and a record whose audio file is missing skipped and reported."""
     output = tmp_path / "out"
+    manifest = tmp_path / "with_a_missing_file.jsonl"
+    missing = json.dumps({"id": "missing.wav", "prompt": "what is it?", "response": "gone."})
+    manifest.write_text(missing + "\n" + Path(run_files["manifest"]).read_text())
     train_main(
         [
             "--config", run_files["config"],
-            "--train_manifest", run_files["manifest"],
+            "--train_manifest", str(manifest),
             "--data_root", run_files["data_root"],
             "--output_dir", str(output),
             "--use_fused_orca", "False",
@@ -169,6 +173,8 @@ def test_train_command(run_files, tmp_path):
     )  # fmt: skip
     model = DeSTA25AudioModel.from_pretrained(output)
     assert not model.config.use_fused_orca
+    assert "missing.wav" in caplog.text  # the skip, as it happened
+    assert "unreadable audio files were skipped" in caplog.text  # and the total at the end
     assert {"config.json", "model.safetensors", "training_args.bin"} <= set(os.listdir(output))
 
 
@@ -215,3 +221,12 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("command", ["orca_model.train", "orca_model.generate"])
+def test_commands_have_help(command, capsys):
+    module = __import__(command, fromlist=["main"])
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0
+    assert "usage:" in capsys.readouterr().out
