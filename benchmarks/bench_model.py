@@ -8,7 +8,9 @@ network. Two cases per model, each timed as one call (the harness's forward-only
 
 - model_train_step: forward under bf16 autocast on CUDA (the reference trains bf16-mixed), LM +
   ORCA losses (`total_training_loss`), backward, gradient clipping at 1.0 and an Adafactor step
-  with the settings of Hugging Face Trainer's `optim="adafactor"` (the reference's optimiser).
+  with the settings of Hugging Face Trainer's `optim="adafactor"` (the reference's optimiser);
+  the "-checkpointed" providers run the same step with the LLM's gradient checkpointing on
+  (the injection outside the checkpoints), for its memory and its cost in time.
 - model_generate: one request: Whisper, connector, prefill of the prompt with its audio tokens,
   then DECODE_TOKENS greedy tokens (no autocast, as in inference). Both paths rotate the memory
   once per request; the fused one also projects each layer's audio K/V once, where the reference
@@ -182,13 +184,18 @@ def _audio(rows: int) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
     return [torch.zeros(1, 0, dtype=torch.long)] * rows, [(row, PROMPT_TOKENS) for row in range(rows)]
 
 
-def _train_step(pair: ModelPair, fused: bool, rows: int):
+def _train_step(pair: ModelPair, fused: bool, rows: int, checkpointing: bool = False):
     transcriptions, starts = _audio(rows)
 
     def step(input_ids, attention_mask, features, labels):
         """One optimiser step on the batch; returns the loss of its forward."""
         model, optimizer = pair.models[fused]
         model.train()
+        # The pair's models serve both variants: set the LLM's checkpointing for this one.
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        else:
+            model.gradient_checkpointing_disable()
         autocast = torch.autocast(pair.device.type, dtype=torch.bfloat16, enabled=pair.device.type == "cuda")
         with torch.enable_grad():  # the harness calls forward-only providers under no_grad
             with autocast:
@@ -240,7 +247,11 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
                 shape=f"{shape.name()} B{shape.batch} Tx{shape.seq_len} Ta{memory} fwd+bwd+Adafactor",
                 dtype=dtype,
                 make_inputs=lambda shape=shape: pair.batch(shape, shape.batch, labels=True),
-                providers=[Provider(name, _train_step(pair, fused, shape.batch)) for fused, name in runs],
+                providers=[
+                    Provider(name + suffix, _train_step(pair, fused, shape.batch, checkpointing))
+                    for checkpointing, suffix in ((False, ""), (True, "-checkpointed"))
+                    for fused, name in runs
+                ],
                 reference_fp64=None,
                 backward=False,
                 max_warmup=MAX_WARMUP,
