@@ -101,9 +101,8 @@ def _run(args: argparse.Namespace) -> int:
     import torch
     from transformers import set_seed
 
-    from orca_model.config import DeSTA25Config
     from orca_model.modeling import DeSTA25AudioModel
-    from orca_model.processing import PROCESSOR_FILE, DeSTA25Processor
+    from orca_model.processing import DeSTA25Processor
 
     if not os.path.isdir(args.model):
         raise FileNotFoundError(f"--model '{args.model}' is not a directory")
@@ -112,10 +111,7 @@ def _run(args: argparse.Namespace) -> int:
             f"--model '{args.model}' has no config.json: pass a directory written by DeSTA25AudioModel.save_pretrained"
         )
     # The processor first: every file is read before the model loads, so a bad one fails fast.
-    if os.path.isfile(os.path.join(args.model, PROCESSOR_FILE)):
-        processor = DeSTA25Processor.from_pretrained(args.model)
-    else:
-        processor = DeSTA25Processor.from_config(DeSTA25Config.from_pretrained(args.model))
+    processor = DeSTA25Processor.from_checkpoint(args.model)
     for path in args.audio:
         processor.load_audio(path)  # names the file and the reason
 

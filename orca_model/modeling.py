@@ -441,11 +441,11 @@ class DeSTA25AudioModel(nn.Module):
         tokenizer of `llm_model_id`, the feature extractor of `encoder_model_id`)."""
         processor = self.__dict__.get("_processor")
         if processor is None:
-            from orca_model.processing import PROCESSOR_FILE, DeSTA25Processor
+            from orca_model.processing import DeSTA25Processor
 
             directory = self.__dict__.get("_checkpoint_directory")
-            if directory and os.path.isfile(os.path.join(directory, PROCESSOR_FILE)):
-                processor = DeSTA25Processor.from_pretrained(directory)
+            if directory:
+                processor = DeSTA25Processor.from_checkpoint(directory, self.config)
             else:
                 processor = DeSTA25Processor.from_config(self.config)
             self.__dict__["_processor"] = processor

@@ -195,6 +195,18 @@ class DeSTA25Processor:
             AutoTokenizer.from_pretrained(directory), WhisperFeatureExtractor.from_pretrained(directory), **fields
         )
 
+    @classmethod
+    def from_checkpoint(cls, directory: str | os.PathLike, config: Any = None) -> DeSTA25Processor:
+        """The processor of a model checkpoint: the one saved beside it (a trainer saves it), else
+        the one of its config (`config`, or the directory's own config.json when None)."""
+        if os.path.isfile(os.path.join(directory, PROCESSOR_FILE)):
+            return cls.from_pretrained(directory)
+        if config is None:
+            from orca_model.config import DeSTA25Config
+
+            config = DeSTA25Config.from_pretrained(directory)
+        return cls.from_config(config)
+
     # ------------------------------------------------------------------ audio
 
     def load_audio(self, path: str | os.PathLike) -> np.ndarray:

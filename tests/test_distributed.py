@@ -295,19 +295,10 @@ def test_halves_weigh_the_same():
     assert not torch.equal(parts[0]["input_ids"], parts[1]["input_ids"])
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 @pytest.mark.parametrize("fused", FUSED, ids=tag)
-def test_ddp_gradients_equal_single_process(run, fused):
-    ranks = run["results"][f"ddp_{tag(fused)}"]
-    assert_same_gradients(ranks, run["references"][fused])
-    assert_fused_ran(ranks, fused)
-    for result in ranks:
-        assert result["output_type"] == "DeSTA25Output"
-        assert result["orca_losses"] == ORCA_LOSSES
-
-
-@pytest.mark.parametrize("fused", FUSED, ids=tag)
-def test_fsdp2_gradients_equal_single_process(run, fused):
-    ranks = run["results"][f"fsdp2_{tag(fused)}"]
+def test_gradients_equal_single_process(run, fused, strategy):
+    ranks = run["results"][f"{strategy}_{tag(fused)}"]
     assert_same_gradients(ranks, run["references"][fused])
     assert_fused_ran(ranks, fused)
     for result in ranks:

@@ -148,6 +148,24 @@ def test_trainer_refuses_an_output_without_orca_losses(run_files, tmp_path):
         trainer.compute_loss(trainer.model, {})
 
 
+def command_arguments(run_files: dict[str, str], manifest: str, output, *options: str) -> list[str]:
+    """`python -m orca_model.train` arguments for a 2-step run on the reference ops on the CPU,
+    then `options`."""
+    return [
+        "--config", run_files["config"],
+        "--train_manifest", manifest,
+        "--data_root", run_files["data_root"],
+        "--output_dir", str(output),
+        "--use_fused_orca", "False",
+        "--max_steps", "2",
+        "--per_device_train_batch_size", "2",
+        "--use_cpu", "True",
+        "--bf16", "False",
+        "--report_to", "none",
+        *options,
+    ]  # fmt: skip
+
+
 def test_train_command(run_files, tmp_path, caplog):
     """`python -m orca_model.train` end to end (in process): 2 steps on the reference ops, a
     checkpoint that loads back, and a record whose audio file is missing skipped and reported."""
@@ -155,22 +173,7 @@ def test_train_command(run_files, tmp_path, caplog):
     manifest = tmp_path / "with_a_missing_file.jsonl"
     missing = json.dumps({"id": "missing.wav", "prompt": "what is it?", "response": "gone."})
     manifest.write_text(missing + "\n" + Path(run_files["manifest"]).read_text())
-    train_main(
-        [
-            "--config", run_files["config"],
-            "--train_manifest", str(manifest),
-            "--data_root", run_files["data_root"],
-            "--output_dir", str(output),
-            "--use_fused_orca", "False",
-            "--max_steps", "2",
-            "--per_device_train_batch_size", "2",
-            "--use_cpu", "True",
-            "--bf16", "False",
-            "--report_to", "none",
-            "--save_strategy", "no",
-            "--disable_tqdm", "True",
-        ]
-    )  # fmt: skip
+    train_main(command_arguments(run_files, str(manifest), output, "--save_strategy", "no", "--disable_tqdm", "True"))
     model = DeSTA25AudioModel.from_pretrained(output)
     assert not model.config.use_fused_orca
     assert "missing.wav" in caplog.text  # the skip, as it happened
@@ -186,16 +189,7 @@ def test_train_command_under_torchrun(run_files, tmp_path):
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
         "-m", "orca_model.train",
-        "--config", run_files["config"],
-        "--train_manifest", run_files["manifest"],
-        "--data_root", run_files["data_root"],
-        "--output_dir", str(output),
-        "--use_fused_orca", "False",
-        "--max_steps", "2",
-        "--per_device_train_batch_size", "2",
-        "--use_cpu", "True",
-        "--bf16", "False",
-        "--report_to", "none",
+        *command_arguments(run_files, run_files["manifest"], output),
         "--save_strategy", "steps",
         "--save_steps", "2",
         "--logging_steps", "1",
