@@ -194,10 +194,10 @@ def _ortho_launches(model: ModelShape, dtype: torch.dtype, losses: str) -> None:
     """losses: "both" (ortho_losses), "diversity" or "cross", forward and backward."""
     g = _meta(model.batch, model.global_tokens, model.hidden, dtype=dtype)
     local = _meta(model.batch, model.audio_tokens, model.hidden, dtype=dtype) if losses != "diversity" else None
-    ortho_loss._forward(g, local, MAX_LOCAL_SAMPLES, with_div=losses != "cross")
+    _, _, sim, norms = ortho_loss._forward(g, local, MAX_LOCAL_SAMPLES, with_div=losses != "cross")
     grad = _meta(dtype=torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype)
     grad_cross = _meta(dtype=dtype) if local is not None else None
-    ortho_loss._backward(g, local, grad if losses != "cross" else None, grad_cross, MAX_LOCAL_SAMPLES)
+    ortho_loss._backward(g, local, sim, norms, grad if losses != "cross" else None, grad_cross, MAX_LOCAL_SAMPLES)
 
 
 def cases(models=MODELS) -> Iterator[tuple[str, str, Callable[[], None]]]:

@@ -26,12 +26,17 @@ similarities are one matrix, rows = global tokens, columns = token-list entries.
 - Forward: grid B × row blocks × column blocks. A program accumulates raw dot products and both
   sums of squares over H tiles, normalises afterwards, and writes its two partial sums; a second
   one-program kernel sums the partials in a fixed order and scales them. Deterministic: no atomics.
-- Backward: grid B × row blocks of the token list. A program recomputes its rows' similarities to
-  every column it pairs with (global rows: the Gram and cross columns; local rows: the global
-  columns), keeps the weights ∂L/∂sim ÷ ‖column‖ in a scratch buffer of its own, then streams H
-  tiles: ∂L/∂x̂ = weights @ columns, followed by the normalisation's backward. The per-row scalar
-  x̂·∂L/∂x̂ = Σ weight·sim comes from the first pass, so no normalised copy is ever stored. Local
-  rows that are not sampled get a zero gradient, written by the program of the neighbouring sample.
+- The forward also writes what the backward needs: the similarities of the global rows to the
+  columns it used (B·K·(K + n) values) and the norm of every token-list entry (B·(K + n)), in the
+  accumulator dtype. That is far less than the reference keeps (normalised copies of the tokens,
+  B·(K + n)·H values), and the backward then never recomputes a dot product over H.
+- Backward: grid B × hidden slices × row blocks of the token list, thousands of programs at the
+  model shapes. A program forms ∂L/∂x̂ = (∂L/∂sim ÷ ‖column‖) @ columns for its rows in its H
+  slice (global rows: the Gram and cross columns; local rows: the global columns, reading the
+  saved similarities transposed), with ∂L/∂sim computed from the saved similarities on the fly,
+  then applies the normalisation's backward; the per-row scalar x̂·∂L/∂x̂ = Σ ∂L/∂sim·sim comes
+  from the same loop. Local rows that are not sampled get a zero gradient, written by the
+  program of the neighbouring sample (in its H slice).
 """
 
 from __future__ import annotations
@@ -240,6 +245,8 @@ def _ortho_losses_fwd_kernel(
     l_ptr,
     idx_ptr,
     partial_ptr,
+    sim_ptr,
+    norms_ptr,
     K,
     n,
     H,
@@ -267,7 +274,11 @@ def _ortho_losses_fwd_kernel(
     """partial[0, pid] = Σ (Gram − I)², partial[1, pid] = Σ cross² over this program's tile of
     global rows × token-list columns [col_start, col_end). FROM_PARTS: the dots and sums of
     squares are the sum, in split order, of the `num_splits` parts `_ortho_losses_split_kernel`
-    wrote (one per hidden range), instead of one pass over H."""
+    wrote (one per hidden range), instead of one pass over H.
+
+    For the backward it also writes the tile's similarities to sim [B, K, col_end - col_start]
+    and the norms ‖x‖ (unclamped) of token-list entries to norms [B, K + n]: the global rows'
+    from the first column tile, the local columns' from the first row tile."""
     pid = tl.program_id(0)
     b, rows, cols = _tile(pid, col_start, num_row_blocks, num_col_blocks, BLOCK_M, BLOCK_N)
     if FROM_PARTS:
@@ -306,10 +317,20 @@ def _ortho_losses_fwd_kernel(
             BLOCK_N,
             BLOCK_H,
         )
-    row_norm = tl.maximum(tl.sqrt(row_sq), tl.full((BLOCK_M,), _EPS, ACC_DTYPE))
-    col_norm = tl.maximum(tl.sqrt(col_sq), tl.full((BLOCK_N,), _EPS, ACC_DTYPE))
-    sim = dots / (row_norm[:, None] * col_norm[None, :])
+    row_norm = tl.sqrt(row_sq)
+    col_norm = tl.sqrt(col_sq)
+    sim = dots / (
+        tl.maximum(row_norm, tl.full((BLOCK_M,), _EPS, ACC_DTYPE))[:, None]
+        * tl.maximum(col_norm, tl.full((BLOCK_N,), _EPS, ACC_DTYPE))[None, :]
+    )
     valid = (rows < K)[:, None] & (cols < col_end)[None, :]
+    width = col_end - col_start
+    sim_offsets = (b * K + rows.to(tl.int64))[:, None] * width + (cols - col_start)[None, :]
+    tl.store(sim_ptr + sim_offsets, sim, mask=valid)
+    tile = pid % (num_row_blocks * num_col_blocks)
+    norms_base = norms_ptr + b * (K + n)
+    tl.store(norms_base + rows, row_norm, mask=(rows < K) & (tile % num_col_blocks == 0))
+    tl.store(norms_base + cols, col_norm, mask=(cols >= K) & (cols < col_end) & (tile < num_col_blocks))
     gram = (cols < K)[None, :]
     centred = tl.where(rows[:, None] == cols[None, :], sim - 1.0, sim)
     div_part = tl.sum(tl.sum(tl.where(valid & gram, centred * centred, 0.0), 1), 0)
@@ -351,21 +372,24 @@ def _ortho_losses_bwd_kernel(
     g_ptr,
     l_ptr,
     idx_ptr,
+    sim_ptr,
+    norms_ptr,
     grad_div_ptr,
     grad_cross_ptr,
     dg_ptr,
     dl_ptr,
-    scratch_ptr,
     B,
     K,
     n,
     T_local,
     H,
+    sim_col_start,
+    sim_cols,
     global_col_start,
     global_col_end,
     num_global_blocks,
     num_blocks,
-    scratch_cols,
+    num_h_blocks,
     sgb,
     sgk,
     sgh,
@@ -375,18 +399,21 @@ def _ortho_losses_bwd_kernel(
     WITH_DIV: tl.constexpr,
     WITH_CROSS: tl.constexpr,
     SUBSAMPLE: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     GRAD_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    """Gradients of BLOCK_M token-list rows: global rows write dg [B, K, H], local rows dl [B, T_local, H]
-    (both contiguous). global_col_* is the column range of global rows ([0, K) Gram, [K, K + n) cross)."""
+    """Gradients of BLOCK_M token-list rows in one BLOCK_H slice of the hidden size: global rows
+    write dg [B, K, H], local rows dl [B, T_local, H] (both contiguous). sim [B, K, sim_cols]
+    (token-list columns from sim_col_start) and norms [B, K + n] come from the forward.
+    global_col_* is the column range of global rows ([0, K) Gram, [K, K + n) cross)."""
     pid = tl.program_id(0)
-    b = (pid // num_blocks).to(tl.int64)
+    # Row blocks vary fastest: programs that read the same column tiles run together (L2).
     block = pid % num_blocks
+    h_block = (pid // num_blocks) % num_h_blocks
+    b = (pid // (num_blocks * num_h_blocks)).to(tl.int64)
     local_block = block >= num_global_blocks
     row_start = tl.where(local_block, K + (block - num_global_blocks) * BLOCK_M, block * BLOCK_M)
     row_end = tl.where(local_block, K + n, K)
@@ -394,7 +421,8 @@ def _ortho_losses_bwd_kernel(
     col_end = tl.where(local_block, K, global_col_end)
     rows = row_start + tl.arange(0, BLOCK_M)
     row_ok = rows < row_end
-    eps_rows = tl.full((BLOCK_M,), _EPS, ACC_DTYPE)
+    h = h_block * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_ok = (h < H)[None, :]
 
     # dL/dsim: 2·(sim − δ)·g / (B·K·K) for a Gram entry (counted twice: the Gram is symmetric),
     # 2·sim·g / (B·K·n) for a cross entry, g the incoming loss gradient.
@@ -406,10 +434,10 @@ def _ortho_losses_bwd_kernel(
     if WITH_CROSS:
         beta = tl.load(grad_cross_ptr).to(ACC_DTYPE) * 2.0 / (tl.cast(B, ACC_DTYPE) * Kf * tl.cast(n, ACC_DTYPE))
 
-    # Zero the unsampled local rows between this block's samples and the previous block's (before
-    # the first / after the last sample for the end blocks). Sampled rows in that span are
-    # overwritten after the barrier below. Two ifs: the first is decided at compile time.
-    if SUBSAMPLE:  # noqa: SIM102
+    # Zero this slice of the unsampled local rows between this block's samples and the previous
+    # block's (before the first / after the last sample for the end blocks). Sampled rows in that
+    # span are overwritten after the barrier below. Two ifs: the first is decided at compile time.
+    if SUBSAMPLE:
         if local_block:
             s0 = row_start - K
             s1 = tl.minimum(s0 + BLOCK_M, n)
@@ -418,91 +446,59 @@ def _ortho_losses_bwd_kernel(
             zeros = tl.zeros((BLOCK_M, BLOCK_H), dl_ptr.dtype.element_ty)
             for r0 in range(lo, hi, BLOCK_M):
                 r = r0 + tl.arange(0, BLOCK_M)
-                for h0 in range(0, H, BLOCK_H):
-                    h = h0 + tl.arange(0, BLOCK_H)
-                    offsets = (b * T_local + r.to(tl.int64))[:, None] * H + h[None, :]
-                    tl.store(dl_ptr + offsets, zeros, mask=(r < hi)[:, None] & (h < H)[None, :])
+                offsets = (b * T_local + r.to(tl.int64))[:, None] * H + h[None, :]
+                tl.store(dl_ptr + offsets, zeros, mask=(r < hi)[:, None] & h_ok)
+        # The zeroed rows were written by other threads of this program.
+        tl.debug_barrier()
 
-    # Pass 1: weights w = dL/dsim / ‖column‖ into this program's scratch; proj = x̂·dL/dx̂ = Σ dL/dsim·sim.
-    scratch = scratch_ptr + pid.to(tl.int64) * BLOCK_M * scratch_cols
-    row_norm = tl.zeros((BLOCK_M,), ACC_DTYPE)
+    # dL/dx̂ = Σ_columns dL/dsim · ŷ = (dL/dsim ÷ ‖column‖) @ columns, and the per-row scalar
+    # x̂·dL/dx̂ = Σ dL/dsim · sim for the normalisation's backward.
+    eps_cols = tl.full((BLOCK_N,), _EPS, ACC_DTYPE)
+    sim_base = sim_ptr + b * K * sim_cols
+    norms_base = norms_ptr + b * (K + n)
+    acc = tl.zeros((BLOCK_M, BLOCK_H), ACC_DTYPE)
     proj = tl.zeros((BLOCK_M,), ACC_DTYPE)
     for c0 in range(col_start, col_end, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
-        dots, row_sq, col_sq = _similarities(
-            g_ptr,
-            l_ptr,
-            idx_ptr,
-            b,
-            rows,
-            cols,
-            K,
-            n,
-            H,
-            0,
-            H,
-            sgb,
-            sgk,
-            sgh,
-            slb,
-            slt,
-            slh,
-            WITH_CROSS,
-            SUBSAMPLE,
-            DOT_DTYPE,
-            ACC_DTYPE,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_H,
+        pair_ok = row_ok[:, None] & (cols < col_end)[None, :]
+        # sim holds global rows × token-list columns: a local row reads its column of it.
+        offsets = tl.where(
+            local_block,
+            cols[None, :] * sim_cols + (rows - sim_col_start)[:, None],
+            rows[:, None] * sim_cols + (cols - sim_col_start)[None, :],
         )
-        row_norm = tl.sqrt(row_sq)  # the same for every column block
-        col_norm = tl.maximum(tl.sqrt(col_sq), tl.full((BLOCK_N,), _EPS, ACC_DTYPE))
-        sim = dots / (tl.maximum(row_norm, eps_rows)[:, None] * col_norm[None, :])
+        sim = tl.load(sim_base + offsets, mask=pair_ok, other=0.0)
+        col_norm = tl.maximum(tl.load(norms_base + cols, mask=cols < col_end, other=1.0), eps_cols)
         gram = (rows < K)[:, None] & (cols < K)[None, :]
         centred = tl.where(rows[:, None] == cols[None, :], sim - 1.0, sim)
-        weight = tl.where(gram, alpha * centred, beta * sim)
-        weight = tl.where(row_ok[:, None] & (cols < col_end)[None, :], weight, 0.0)
-        proj += tl.sum(weight * sim, 1)
-        offsets = tl.arange(0, BLOCK_M)[:, None] * scratch_cols + (c0 - col_start + tl.arange(0, BLOCK_N))[None, :]
-        tl.store(scratch + offsets, weight / col_norm[None, :])
-    # The scratch (and the zeroed rows) were written by other threads of this program.
-    tl.debug_barrier()
+        d_sim = tl.where(pair_ok, tl.where(gram, alpha * centred, beta * sim), 0.0)
+        proj += tl.sum(d_sim * sim, 1)
+        y = _load_tokens(g_ptr, l_ptr, idx_ptr, b, cols, h, K, n, H, sgb, sgk, sgh, slb, slt, slh, True, SUBSAMPLE)
+        weights = d_sim / col_norm[None, :]
+        acc = tl.dot(
+            weights, y.to(ACC_DTYPE), acc, input_precision=GRAD_PRECISION, out_dtype=ACC_DTYPE
+        )  # for triton 3.6
 
     # x̂ = x / max(‖x‖, eps): dL/dx = dL/dx̂ / ‖x‖ − x·(x̂·dL/dx̂) / ‖x‖², the second term only
     # where the clamp is inactive (clamp_min passes the gradient at equality).
+    eps_rows = tl.full((BLOCK_M,), _EPS, ACC_DTYPE)
+    row_norm = tl.load(norms_base + rows, mask=row_ok, other=1.0)
     active = row_norm >= eps_rows
     row_norm = tl.maximum(row_norm, eps_rows)
     radial = tl.where(active, proj, 0.0) / (row_norm * row_norm)
+    x = _load_tokens(g_ptr, l_ptr, idx_ptr, b, rows, h, K, n, H, sgb, sgk, sgh, slb, slt, slh, WITH_CROSS, SUBSAMPLE)
+    grad = acc / row_norm[:, None] - radial[:, None] * x.to(ACC_DTYPE)
     is_global = rows < K
-    is_local = (rows >= K) & row_ok
+    dg_rows = (b * K + rows.to(tl.int64)) * H
+    tl.store(dg_ptr + dg_rows[:, None] + h[None, :], cast_for_store(grad, dg_ptr), mask=is_global[:, None] & h_ok)
     if WITH_CROSS:
+        is_local = (rows >= K) & row_ok
         if SUBSAMPLE:
             local_rows = tl.load(idx_ptr + (rows - K), mask=is_local, other=0)
         else:
             local_rows = rows - K
         dl_rows = (b * T_local + local_rows.to(tl.int64)) * H
-    dg_rows = (b * K + rows.to(tl.int64)) * H
-
-    # Pass 2: dL/dx̂ = w @ columns, one H tile at a time.
-    for h0 in range(0, H, BLOCK_H):
-        h = h0 + tl.arange(0, BLOCK_H)
-        acc = tl.zeros((BLOCK_M, BLOCK_H), ACC_DTYPE)
-        for c0 in range(col_start, col_end, BLOCK_N):
-            cols = c0 + tl.arange(0, BLOCK_N)
-            offsets = tl.arange(0, BLOCK_M)[:, None] * scratch_cols + (c0 - col_start + tl.arange(0, BLOCK_N))[None, :]
-            w = tl.load(scratch + offsets)
-            y = _load_tokens(g_ptr, l_ptr, idx_ptr, b, cols, h, K, n, H, sgb, sgk, sgh, slb, slt, slh, True, SUBSAMPLE)
-            acc = tl.dot(w, y.to(ACC_DTYPE), acc, input_precision=GRAD_PRECISION, out_dtype=ACC_DTYPE)  # for triton 3.6
-        x = _load_tokens(
-            g_ptr, l_ptr, idx_ptr, b, rows, h, K, n, H, sgb, sgk, sgh, slb, slt, slh, WITH_CROSS, SUBSAMPLE
-        )
-        grad = acc / row_norm[:, None] - radial[:, None] * x.to(ACC_DTYPE)
-        h_ok = (h < H)[None, :]
-        dg = cast_for_store(grad, dg_ptr)
-        tl.store(dg_ptr + dg_rows[:, None] + h[None, :], dg, mask=is_global[:, None] & h_ok)
-        if WITH_CROSS:
-            dl = cast_for_store(grad, dl_ptr)
-            tl.store(dl_ptr + dl_rows[:, None] + h[None, :], dl, mask=is_local[:, None] & h_ok)
+        tl.store(dl_ptr + dl_rows[:, None] + h[None, :], cast_for_store(grad, dl_ptr), mask=is_local[:, None] & h_ok)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -547,19 +543,42 @@ def _diversity_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def _num_samples(num_local: int, max_local_samples: int | None) -> int:
+    """n, the local rows the cross loss uses (`reference.local_sample_indices`'s length)."""
+    return num_local if max_local_samples is None else min(num_local, max_local_samples)
+
+
+def _saved_shapes(g: torch.Tensor, l: torch.Tensor | None, max_local_samples: int | None, with_div: bool):
+    """Shapes of what the forward keeps for the backward: the similarities [B, K, columns] of
+    the global rows to the token-list columns the losses use ([0, K) if with_div, then the n
+    sampled local rows if l is given), and the norms [B, K + n] of every token-list entry."""
+    B, K, _ = g.shape
+    n = _num_samples(l.shape[1], max_local_samples) if l is not None else 0
+    return (B, K, (K if with_div else 0) + n), (B, K + n)
+
+
 def _forward(
     g: torch.Tensor, l: torch.Tensor | None, max_local_samples: int | None, with_div: bool
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(diversity if with_div else None, cross if local tokens l are given else None)."""
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """(diversity if with_div else None, cross if local tokens l are given else None,
+    similarities, norms): the last two (accumulator dtype, shapes from `_saved_shapes`) are what
+    the backward reads instead of recomputing them."""
     B, K, H = g.shape
     idx = _sample_indices(l.shape[1], max_local_samples, l.device) if l is not None else None
-    n = (l.shape[1] if idx is None else idx.numel()) if l is not None else 0
+    n = _num_samples(l.shape[1], max_local_samples) if l is not None else 0
+    sim_shape, norms_shape = _saved_shapes(g, l, max_local_samples, with_div)
     # An empty loss launches nothing and takes the reference's value (NaN for a mean over nothing).
     div = reference.ortho_diversity_loss(g) if with_div and B * K * H == 0 else None
     cross = reference.ortho_cross_loss(g, l, max_local_samples) if l is not None and B * K * H * n == 0 else None
     kernel_div, kernel_cross = with_div and div is None, l is not None and cross is None
     if not (kernel_div or kernel_cross):
-        return div, cross
+        # Nothing to differentiate (the backward gives zeros): zeros keep the outputs defined.
+        zeros = [
+            torch.zeros(shape, dtype=accumulator_dtype(g.dtype), device=g.device) for shape in (sim_shape, norms_shape)
+        ]
+        return div, cross, *zeros
+    sim = new_output(sim_shape, dtype=accumulator_dtype(g.dtype), device=g.device)
+    norms = new_output(norms_shape, dtype=accumulator_dtype(g.dtype), device=g.device)
 
     dot_dtype, acc_dtype = kernel_dtypes(g.dtype)
     col_start = 0 if kernel_div else K
@@ -614,6 +633,8 @@ def _forward(
             lt,
             idx if idx is not None else g,
             partials,
+            sim,
+            norms,
             K,
             n,
             H,
@@ -647,22 +668,26 @@ def _forward(
             ACC_DTYPE=acc_dtype,
             BLOCK=_block(num_programs, 16, 1024),
         )
-    return div, cross
+    return div, cross, sim, norms
 
 
 def _backward(
     g: torch.Tensor,
     l: torch.Tensor | None,
+    sim: torch.Tensor,
+    norms: torch.Tensor,
     grad_div: torch.Tensor | None,
     grad_cross: torch.Tensor | None,
     max_local_samples: int | None,
 ) -> list[torch.Tensor]:
     """[dL/dg] or [dL/dg, dL/dl] (contiguous) for L = grad_div·diversity + grad_cross·cross; a
-    None grad_* leaves that loss out. grad_cross is given exactly when l is."""
+    None grad_* leaves that loss out. grad_cross is given exactly when l is. sim and norms are
+    the forward's (`_forward`): sim's columns start at token-list entry 0 when it holds the Gram
+    (its width exceeds n), else at K."""
     B, K, H = g.shape
     T_local = l.shape[1] if l is not None else 0
     idx = _sample_indices(T_local, max_local_samples, l.device) if l is not None else None
-    n = T_local if idx is None else idx.numel()
+    n = _num_samples(T_local, max_local_samples)
     # Empty losses pass no gradient, as in the reference.
     with_div = grad_div is not None and B * K * H > 0
     with_cross = l is not None and B * K * H * n > 0
@@ -670,57 +695,65 @@ def _backward(
         zeros = [torch.zeros_like(g, memory_format=torch.contiguous_format)]
         return zeros if l is None else zeros + [torch.zeros_like(l, memory_format=torch.contiguous_format)]
 
-    dot_dtype, acc_dtype = kernel_dtypes(g.dtype)
+    _, acc_dtype = kernel_dtypes(g.dtype)
+    sim, norms = sim.contiguous(), norms.contiguous()
+    sim_cols = sim.shape[2]
+    sim_col_start = 0 if sim_cols > n else K
     global_col_start = 0 if with_div else K
     global_col_end = K + n if with_cross else K
     block_m = _block(max(K, n), 16, 32)
     block_n = _block(global_col_end - global_col_start, 16, 32)
-    block_h = _block(H, 16, 32)
+    # One program per (batch, row block, hidden slice): B·⌈(K + n)/32⌉·H/BLOCK_H programs, over
+    # 3000 at every model shape, where one per row block (60-192) left most SMs idle.
+    tensor_cores = g.dtype in (torch.float16, torch.bfloat16)
+    block_h = _block(H, 16, 64 if tensor_cores and not KERNELS_INTERPRETED else 32)
+    warps = 4 if tensor_cores else 8
     num_global_blocks = triton.cdiv(K, block_m)
     num_blocks = num_global_blocks + (triton.cdiv(n, block_m) if with_cross else 0)
-    span = max(global_col_end - global_col_start, K if with_cross else 0)
-    scratch_cols = triton.cdiv(span, block_n) * block_n
-    num_programs = B * num_blocks
-    scratch = new_output((num_programs * block_m * scratch_cols,), dtype=accumulator_dtype(g.dtype), device=g.device)
+    num_h_blocks = triton.cdiv(H, block_h)
     dg = new_output(g.shape, dtype=g.dtype, device=g.device)
     dl = new_output(l.shape, dtype=l.dtype, device=l.device) if l is not None else None  # [B, 0, H] if not with_cross
     lt = l if with_cross else g  # pointers the kernel does not read stand in for absent ones
     with device_context(g):
-        _ortho_losses_bwd_kernel[(num_programs,)](
+        _ortho_losses_bwd_kernel[(B * num_h_blocks * num_blocks,)](
             g,
             lt,
             idx if idx is not None else g,
+            sim,
+            norms,
             grad_div if with_div else grad_cross,
             grad_cross if with_cross else grad_div,
             dg,
             dl if with_cross else dg,
-            scratch,
             B,
             K,
             n,
             T_local,
             H,
+            sim_col_start,
+            sim_cols,
             global_col_start,
             global_col_end,
             num_global_blocks,
             num_blocks,
-            scratch_cols,
+            num_h_blocks,
             *g.stride(),
             *lt.stride(),
             WITH_DIV=with_div,
             WITH_CROSS=with_cross,
             SUBSAMPLE=idx is not None,
-            DOT_DTYPE=dot_dtype,
             ACC_DTYPE=acc_dtype,
             # fp16/bf16: TF32 holds the input values exactly and the weights to 2^-11.
             GRAD_PRECISION="ieee" if g.dtype in (torch.float32, torch.float64) else "tf32",
             BLOCK_M=block_m,
             BLOCK_N=block_n,
             BLOCK_H=block_h,
-            # 8 warps with a block's worth of registers: no spills on sm_80 or sm_90, with triton
-            # 3.6 or 3.8, in any dtype (benchmarks/compile_audit.py checks it).
-            num_warps=8,
-            maxnreg=register_cap(8, 1),
+            # IEEE fp32/fp64 dots run on FMA units with whole tile rows per thread: 8 warps and a
+            # block's registers keep them free of spills (4 warps, or a cap for two blocks,
+            # spilled on sm_90); the tensor-core dots take 4 warps with a cap for two blocks
+            # (uncapped, ptxas spilled at 80 registers). benchmarks/compile_audit.py checks it.
+            num_warps=warps,
+            maxnreg=register_cap(warps, 2 if tensor_cores else 1),
         )
     return [dg] if l is None else [dg, dl]
 
@@ -728,20 +761,28 @@ def _backward(
 # ----------------------------------------------------------------------------- registered ops
 
 
+# Each loss op returns its losses, then the similarities and norms (`_forward`), which the backward
+# reads and which are not differentiable.
+
+
 @torch.library.custom_op("orca_kernels::ortho_diversity_loss", mutates_args=())
-def _diversity_op(global_tokens: torch.Tensor) -> torch.Tensor:
-    return _forward(global_tokens, None, None, with_div=True)[0]
+def _diversity_op(global_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    div, _, sim, norms = _forward(global_tokens, None, None, with_div=True)
+    return div, sim, norms
 
 
 @torch.library.custom_op("orca_kernels::ortho_cross_loss", mutates_args=())
-def _cross_op(global_tokens: torch.Tensor, local_tokens: torch.Tensor, max_local_samples: int | None) -> torch.Tensor:
-    return _forward(global_tokens, local_tokens, max_local_samples, with_div=False)[1]
+def _cross_op(
+    global_tokens: torch.Tensor, local_tokens: torch.Tensor, max_local_samples: int | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _, cross, sim, norms = _forward(global_tokens, local_tokens, max_local_samples, with_div=False)
+    return cross, sim, norms
 
 
 @torch.library.custom_op("orca_kernels::ortho_losses", mutates_args=())
 def _losses_op(
     global_tokens: torch.Tensor, local_tokens: torch.Tensor, max_local_samples: int | None
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _forward(global_tokens, local_tokens, max_local_samples, with_div=True)
 
 
@@ -749,61 +790,77 @@ def _losses_op(
 def _backward_op(
     global_tokens: torch.Tensor,
     local_tokens: torch.Tensor | None,
+    similarities: torch.Tensor,
+    norms: torch.Tensor,
     grad_diversity: torch.Tensor | None,
     grad_cross: torch.Tensor | None,
     max_local_samples: int | None,
 ) -> list[torch.Tensor]:
     """[grad_global] without local tokens, else [grad_global, grad_local]; a None loss gradient
     means that loss is not part of the objective."""
-    return _backward(global_tokens, local_tokens, grad_diversity, grad_cross, max_local_samples)
+    return _backward(global_tokens, local_tokens, similarities, norms, grad_diversity, grad_cross, max_local_samples)
+
+
+def _fake_saved(global_tokens, local_tokens, max_local_samples, with_div) -> list[torch.Tensor]:
+    dtype = accumulator_dtype(global_tokens.dtype)
+    shapes = _saved_shapes(global_tokens, local_tokens, max_local_samples, with_div)
+    return [global_tokens.new_empty(shape, dtype=dtype) for shape in shapes]
 
 
 @_diversity_op.register_fake
 def _(global_tokens):
-    return global_tokens.new_empty((), dtype=_diversity_dtype(global_tokens.dtype))
+    div = global_tokens.new_empty((), dtype=_diversity_dtype(global_tokens.dtype))
+    return div, *_fake_saved(global_tokens, None, None, True)
 
 
 @_cross_op.register_fake
 def _(global_tokens, local_tokens, max_local_samples):
-    return global_tokens.new_empty(())
+    return global_tokens.new_empty(()), *_fake_saved(global_tokens, local_tokens, max_local_samples, False)
 
 
 @_losses_op.register_fake
 def _(global_tokens, local_tokens, max_local_samples):
-    return global_tokens.new_empty((), dtype=_diversity_dtype(global_tokens.dtype)), global_tokens.new_empty(())
+    div = global_tokens.new_empty((), dtype=_diversity_dtype(global_tokens.dtype))
+    return div, global_tokens.new_empty(()), *_fake_saved(global_tokens, local_tokens, max_local_samples, True)
 
 
 @_backward_op.register_fake
-def _(global_tokens, local_tokens, grad_diversity, grad_cross, max_local_samples):
+def _(global_tokens, local_tokens, similarities, norms, grad_diversity, grad_cross, max_local_samples):
     grads = [global_tokens.new_empty(global_tokens.shape)]
     return grads if local_tokens is None else grads + [local_tokens.new_empty(local_tokens.shape)]
 
 
-def _save_inputs(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs[:2])  # the tokens only: norms and similarities are recomputed
+def _save_for_backward(ctx, inputs, output) -> None:
+    """The tokens, the similarities and the norms: B·K·(K + n) + B·(K + n) accumulator values,
+    where the reference keeps normalised copies of all the tokens it uses (B·(K + n)·H)."""
+    sim, norms = output[-2:]
+    ctx.save_for_backward(*inputs[:2], sim, norms)
+    ctx.mark_non_differentiable(sim, norms)
     ctx.max_local_samples = inputs[2] if len(inputs) > 2 else None
 
 
-def _diversity_backward(ctx, grad):
-    (global_tokens,) = ctx.saved_tensors
-    return _backward_op(global_tokens, None, grad, None, None)[0]
+def _diversity_backward(ctx, grad, _grad_sim, _grad_norms):
+    global_tokens, sim, norms = ctx.saved_tensors
+    return _backward_op(global_tokens, None, sim, norms, grad, None, None)[0]
 
 
-def _cross_backward(ctx, grad):
-    global_tokens, local_tokens = ctx.saved_tensors
-    grad_global, grad_local = _backward_op(global_tokens, local_tokens, None, grad, ctx.max_local_samples)
+def _cross_backward(ctx, grad, _grad_sim, _grad_norms):
+    global_tokens, local_tokens, sim, norms = ctx.saved_tensors
+    grad_global, grad_local = _backward_op(global_tokens, local_tokens, sim, norms, None, grad, ctx.max_local_samples)
     return grad_global, grad_local, None
 
 
-def _losses_backward(ctx, grad_div, grad_cross):
-    global_tokens, local_tokens = ctx.saved_tensors
-    grad_global, grad_local = _backward_op(global_tokens, local_tokens, grad_div, grad_cross, ctx.max_local_samples)
+def _losses_backward(ctx, grad_div, grad_cross, _grad_sim, _grad_norms):
+    global_tokens, local_tokens, sim, norms = ctx.saved_tensors
+    grad_global, grad_local = _backward_op(
+        global_tokens, local_tokens, sim, norms, grad_div, grad_cross, ctx.max_local_samples
+    )
     return grad_global, grad_local, None
 
 
-_diversity_op.register_autograd(_diversity_backward, setup_context=_save_inputs)
-_cross_op.register_autograd(_cross_backward, setup_context=_save_inputs)
-_losses_op.register_autograd(_losses_backward, setup_context=_save_inputs)
+_diversity_op.register_autograd(_diversity_backward, setup_context=_save_for_backward)
+_cross_op.register_autograd(_cross_backward, setup_context=_save_for_backward)
+_losses_op.register_autograd(_losses_backward, setup_context=_save_for_backward)
 
 
 refuse_double_backward(_backward_op, "ortho_losses (ortho_diversity_loss, ortho_cross_loss)", "backend='torch'")
@@ -866,7 +923,7 @@ def ortho_diversity_loss(global_tokens: torch.Tensor, backend: str = "auto") -> 
     kernel_global, _ = _autocast_tokens(global_tokens)
     _check_inputs(op, kernel_global, with_local=False)
     if use_triton(op, kernel_global, backend):
-        return _diversity_op(kernel_global)
+        return _diversity_op(kernel_global)[0]
     return reference.ortho_diversity_loss(global_tokens)  # the reference follows autocast itself
 
 
@@ -888,7 +945,7 @@ def ortho_cross_loss(
     kernel_global, kernel_local = _autocast_tokens(global_tokens, local_tokens)
     _check_inputs(op, kernel_global, kernel_local, max_local_samples, with_local=True)
     if use_triton(op, kernel_global, backend):
-        return _cross_op(kernel_global, kernel_local, max_local_samples)
+        return _cross_op(kernel_global, kernel_local, max_local_samples)[0]
     return reference.ortho_cross_loss(global_tokens, local_tokens, max_local_samples)
 
 
@@ -906,7 +963,7 @@ def ortho_losses(
     kernel_global, kernel_local = _autocast_tokens(global_tokens, local_tokens)
     _check_inputs(op, kernel_global, kernel_local, max_local_samples, with_local=True)
     if use_triton(op, kernel_global, backend):
-        return _losses_op(kernel_global, kernel_local, max_local_samples)
+        return _losses_op(kernel_global, kernel_local, max_local_samples)[:2]
     return (
         reference.ortho_diversity_loss(global_tokens),
         reference.ortho_cross_loss(global_tokens, local_tokens, max_local_samples),

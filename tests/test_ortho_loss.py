@@ -203,8 +203,10 @@ def test_opcheck(device):
     torch.library.opcheck(ops.ortho_cross_loss.default, (g, l, 5))
     torch.library.opcheck(ops.ortho_losses.default, (g, l, None))
     grad = torch.tensor(1.0, device=device)
-    torch.library.opcheck(ops.ortho_losses_backward.default, (g.detach(), l.detach(), grad, grad, 5))
-    torch.library.opcheck(ops.ortho_losses_backward.default, (g.detach(), None, grad, None, None))
+    _, _, sim, norms = ops.ortho_losses.default(g.detach(), l.detach(), 5)
+    torch.library.opcheck(ops.ortho_losses_backward.default, (g.detach(), l.detach(), sim, norms, grad, grad, 5))
+    _, sim, norms = ops.ortho_diversity_loss.default(g.detach())
+    torch.library.opcheck(ops.ortho_losses_backward.default, (g.detach(), None, sim, norms, grad, None, None))
 
 
 def test_torch_compile_fullgraph(device):
