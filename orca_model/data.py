@@ -11,7 +11,9 @@ A manifest holds one JSON object per line, in one of two formats:
 - messages: `{"messages": [{"role": ..., "content": "... <|AUDIO|>", "audios": [{"audio":
   "a.wav", "text": "optional transcription"}]}, ...], "response": "..."}`, used when a record
   has no "prompt". Each message holds one audio per marker of its content (a `<|AUDIO|>` locator
-  or a `<start_audio>…<end_audio>` block); a missing or null "text" is "".
+  or a `<start_audio>…<end_audio>` block); an entry may be the path alone; a missing or null
+  "text" is "". The messages are checked by `DeSTA25Processor.conversation_audios`, the check
+  `generate(messages)` makes too.
 
 Audio paths are relative to `data_root` unless absolute. A record with an empty response (or an
 empty prompt) is dropped, as the reference drops it.
@@ -129,10 +131,12 @@ class ManifestDataset(torch.utils.data.Dataset):
     # ------------------------------------------------------------------ reading the manifest
 
     def _parse(self, line: str, where: str) -> _Record | None:
-        """One manifest line -> a record, or None for a record the reference drops."""
+        """One manifest line (`where`: its file and line number) -> a record, or None for a record
+        the reference drops."""
+        prefix = f"ManifestDataset: {where}"
 
         def malformed(problem: str) -> ValueError:
-            return ValueError(f"ManifestDataset: {where}: {problem}")
+            return ValueError(f"{prefix}: {problem}")
 
         try:
             fields = json.loads(line)
@@ -148,7 +152,7 @@ class ManifestDataset(torch.utils.data.Dataset):
         if "prompt" in fields:
             record = self._parse_prompt_only(fields, malformed)
         elif "messages" in fields:
-            record = self._parse_messages(fields, malformed)
+            record = self._parse_messages(fields["messages"], prefix)
         else:
             raise malformed("the record needs 'id' and 'prompt' (prompt-only format) or 'messages'")
         if record is None or not response or not response.strip():
@@ -171,43 +175,16 @@ class ManifestDataset(torch.utils.data.Dataset):
             prompt = f"{prompt} {self.processor.audio_locator}"
         return {"audios": (self._resolve(audio),), "transcriptions": ("",), "prompt": prompt, "messages": None}
 
-    def _parse_messages(self, fields: dict[str, Any], malformed) -> dict[str, Any]:
-        messages = fields["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise malformed("'messages' must be a non-empty list of messages")
-        audios: list[str] = []
-        transcriptions: list[str] = []
-        turns: list[dict[str, str]] = []
-        for index, message in enumerate(messages):
-            name = f"messages[{index}]"
-            if not isinstance(message, dict):
-                raise malformed(f"{name} must be an object, got {type(message).__name__}")
-            role, content = message.get("role"), message.get("content")
-            if not isinstance(role, str) or not isinstance(content, str):
-                raise malformed(f"{name} needs a string 'role' and a string 'content'")
-            entries = message.get("audios") or []
-            if not isinstance(entries, list):
-                raise malformed(f"{name}['audios'] must be a list, got {type(entries).__name__}")
-            markers = self.processor.count_audio_markers(content)
-            if markers != len(entries):
-                raise malformed(f"{name} has {markers} audio markers in its content but {len(entries)} audios")
-            for position, entry in enumerate(entries):
-                audio = entry.get("audio") if isinstance(entry, dict) else None
-                if not isinstance(audio, str) or not audio:
-                    raise malformed(f"{name}['audios'][{position}] needs 'audio', the audio path (a non-empty string)")
-                text = entry.get("text")
-                if text is not None and not isinstance(text, str):
-                    raise malformed(f"{name}['audios'][{position}]['text'] must be a string or null")
-                audios.append(self._resolve(audio))
-                transcriptions.append(text or "")
-            turns.append({"role": role, "content": content})
+    def _parse_messages(self, messages: Any, prefix: str) -> dict[str, Any]:
+        """The "messages" of a record; errors start with `prefix` (the dataset, file and line)."""
+        audios = self.processor.conversation_audios(messages, prefix)
         if not audios:
-            raise malformed("the record has no audio (no 'audios' entries in its messages)")
+            raise ValueError(f"{prefix}: the record has no audio (no 'audios' entries in its messages)")
         return {
-            "audios": tuple(audios),
-            "transcriptions": tuple(transcriptions),
+            "audios": tuple(self._resolve(audio.path) for audio in audios),
+            "transcriptions": tuple(audio.text or "" for audio in audios),
             "prompt": None,
-            "messages": tuple(turns),
+            "messages": tuple({"role": message["role"], "content": message["content"]} for message in messages),
         }
 
     def _resolve(self, path: str) -> str:

@@ -7,8 +7,9 @@ files: several requests, the same prompt). The prompt gets the audio locator app
 as the training manifests' prompts) unless it holds one. `--model` is a directory written by
 `DeSTA25AudioModel.save_pretrained` (a trainer's output directory also holds the processor's
 files; without them the processor comes from the config's LLM and Whisper ids). Sampling follows
-the reference (temperature 0.7, top-p 0.9); `--greedy` decodes greedily. A file that cannot be
-read is reported with the reason before the model loads, and the command exits with status 1.
+the reference (temperature 0.7, top-p 0.9); `--greedy` decodes greedily. Every file is decoded
+once, before the model loads: one that cannot be read is reported with the reason and the command
+exits with status 1; the requests carry the decoded audio to the model.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 PROG = "python -m orca_model.generate"
 
@@ -75,14 +80,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def requests(args: argparse.Namespace, locator: str, has_marker) -> list[list[dict]]:
-    """One conversation per --audio: [system], the user's prompt with the audio."""
+def requests(args: argparse.Namespace, waveforms: dict[str, np.ndarray], locator: str, has_marker) -> list[list[dict]]:
+    """One conversation per --audio: [system], the user's prompt with the audio, its entry carrying
+    the file's decoded waveform (`waveforms[path]`)."""
     content = args.prompt if has_marker(args.prompt) else f"{args.prompt} {locator}"
     texts = args.transcription or [None] * len(args.audio)
     conversations = []
     for path, text in zip(args.audio, texts, strict=True):
         conversation = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
-        conversation.append({"role": "user", "content": content, "audios": [{"audio": path, "text": text}]})
+        audio = {"audio": path, "text": text, "waveform": waveforms[path]}
+        conversation.append({"role": "user", "content": content, "audios": [audio]})
         conversations.append(conversation)
     return conversations
 
@@ -110,10 +117,11 @@ def _run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(
             f"--model '{args.model}' has no config.json: pass a directory written by DeSTA25AudioModel.save_pretrained"
         )
-    # The processor first: every file is read before the model loads, so a bad one fails fast.
+    # The processor first: every file is decoded before the model loads, so a bad one fails fast
+    # (load_audio names the file and the reason), and only once (a repeated path too): the
+    # requests carry the waveforms to generate.
     processor = DeSTA25Processor.from_checkpoint(args.model)
-    for path in args.audio:
-        processor.load_audio(path)  # names the file and the reason
+    waveforms = {path: processor.load_audio(path) for path in dict.fromkeys(args.audio)}
 
     overrides = {}
     if args.use_fused_orca is not None:
@@ -126,7 +134,9 @@ def _run(args: argparse.Namespace) -> int:
     model = DeSTA25AudioModel.from_pretrained(args.model, **overrides).to(device).eval()
     model.processor = processor
 
-    conversations = requests(args, processor.audio_locator, lambda text: processor.count_audio_markers(text) > 0)
+    conversations = requests(
+        args, waveforms, processor.audio_locator, lambda text: processor.count_audio_markers(text) > 0
+    )
     options = {"do_sample": not args.greedy, "max_new_tokens": args.max_new_tokens}
     if not args.greedy:
         options |= {"temperature": args.temperature, "top_p": args.top_p}

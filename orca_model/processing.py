@@ -7,6 +7,9 @@ by the L_i tokens of its transcription (empty in training, so L_i = 0). The proc
 
 - loads audio files as 16 kHz mono float32 (`load_audio`) and turns them into Whisper features
   (`features`);
+- checks a conversation of chat messages against its audio entries, one per marker, and returns
+  them (`conversation_audios`: the one check of the chat format, for the training manifests and
+  for `generate(messages)`);
 - templates chat messages (`apply_chat_template`) and expands the audio markers of the templated
   text into placeholder ids, returning where each audio starts (`expand_prompt`). A marker is the
   audio locator (`<|AUDIO|>`) or a whole `<start_audio>…<end_audio>` block (tags and anything
@@ -30,6 +33,7 @@ import math
 import os
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -68,6 +72,74 @@ def pad_prompts(
         for start in starts_of_row
     ]
     return input_ids, left_pad([[1] * len(ids) for ids in rows], 0), positions
+
+
+@dataclass(frozen=True)
+class ChatAudio:
+    """One audio entry of a chat message, as `DeSTA25Processor.conversation_audios` checked it.
+
+    path: the audio file, as given (the caller resolves a relative one).
+    text: its transcription, or None when the entry gives none.
+    waveform: its decoded audio, float32 [samples] at 16 kHz mono, when the entry carries one
+        (then nothing needs to read `path`), else None.
+    """
+
+    path: str
+    text: str | None
+    waveform: np.ndarray | None = None
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def _describe_message(index: int, message: dict) -> str:
+    """The message as errors name it: its index, role and content ("message 1 (role 'user',
+    content '...')"), a long content cut (a string to 80 characters, anything else to 100 of its
+    repr)."""
+    content = message.get("content")
+    if isinstance(content, str) and len(content) > 80:
+        content = content[:77] + "..."
+    return f"message {index} (role {message.get('role')!r:.80}, content {content!r:.100})"
+
+
+def _checked_waveform(waveform: Any, name: str) -> np.ndarray:
+    """A decoded waveform given with an audio entry -> float32 [samples]; ValueError naming the
+    entry (`name`) unless it is a non-empty, finite, 1-D floating numpy array."""
+    if not isinstance(waveform, np.ndarray) or waveform.ndim != 1 or not np.issubdtype(waveform.dtype, np.floating):
+        got = (
+            f"an array of shape {waveform.shape} and dtype {waveform.dtype}"
+            if isinstance(waveform, np.ndarray)
+            else type(waveform).__name__
+        )
+        raise ValueError(f"{name} must be a 1-D floating numpy array of 16 kHz samples, got {got}")
+    if waveform.size == 0:
+        raise ValueError(f"{name} holds no samples")
+    if not np.isfinite(waveform).all():
+        raise ValueError(f"{name} holds non-finite samples (NaN or inf)")
+    return waveform.astype(np.float32, copy=False)
+
+
+def _chat_audio(entry: Any, name: str, waveforms: bool) -> ChatAudio:
+    """One entry of a message's "audios" (`name` places it) -> a ChatAudio; see
+    `DeSTA25Processor.conversation_audios`."""
+    if isinstance(entry, (str, os.PathLike)):
+        entry = {"audio": entry}
+    if not isinstance(entry, dict):
+        raise ValueError(
+            f'{name} must be {{"audio": path, "text": optional transcription}} or a path, got {entry!r:.80}'
+        )
+    path = entry.get("audio")
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise ValueError(f"{name}['audio'] must be the audio path (a non-empty string or path-like), got {path!r:.80}")
+    path = os.fspath(path)
+    text = entry.get("text")
+    if text is not None and not isinstance(text, str):
+        raise ValueError(f"{name}['text'] (audio {path!r}) must be a string or None, got {type(text).__name__}")
+    waveform = entry.get("waveform") if waveforms else None
+    if waveform is not None:
+        waveform = _checked_waveform(waveform, f"{name}['waveform'] (audio {path!r})")
+    return ChatAudio(path, text, waveform)
 
 
 class DeSTA25Processor:
@@ -259,6 +331,50 @@ class DeSTA25Processor:
         """Audio markers in `text`: locators and <start_audio>…<end_audio> blocks (a locator inside
         a block is part of that block)."""
         return sum(1 for _ in self._marker.finditer(text))
+
+    def conversation_audios(self, messages: Any, where: str, *, waveforms: bool = False) -> list[ChatAudio]:
+        """Checks one conversation of the reference's chat format and returns its audios, message
+        by message, each message's in marker order.
+
+        A conversation is a non-empty list of messages {"role": str, "content": str, "audios":
+        list}. The content holds one audio marker (`count_audio_markers`: a locator or a
+        `<start_audio>…<end_audio>` block) per entry of "audios"; a missing, null or empty
+        "audios" is no audio. An entry is {"audio": path, "text": optional transcription} or the
+        path alone (a non-empty string or path-like). With `waveforms` (serving) an entry may
+        also carry "waveform": its decoded audio, a non-empty, finite, 1-D floating numpy array
+        of 16 kHz mono samples, returned as float32. Without, that key is ignored as any other
+        (a JSON manifest cannot hold decoded audio).
+
+        Anything else raises ValueError "{where}: <problem>", the problem naming the message (its
+        index, role and content), the entry and the field, with the marker and audio counts for
+        a mismatch. `where` places the conversation for the reader (a manifest line, the
+        conversation of a batch).
+        """
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise ValueError(f"{where}: the messages must be a non-empty list of message dicts, got {messages!r:.80}")
+        audios: list[ChatAudio] = []
+        for index, message in enumerate(messages):
+            if not isinstance(message, dict):
+                raise ValueError(
+                    f"{where}: message {index} must be a dict, got {type(message).__name__}: {message!r:.80}"
+                )
+            name = f"{where}: {_describe_message(index, message)}"
+            for field in ("role", "content"):
+                if not isinstance(message.get(field), str):
+                    raise ValueError(f"{name}: {field!r} must be a string, got {type(message.get(field)).__name__}")
+            entries = message.get("audios") or ()
+            if not isinstance(entries, (list, tuple)):
+                raise ValueError(f"{name}: 'audios' must be a list, got {type(entries).__name__}")
+            markers = self.count_audio_markers(message["content"])
+            if markers != len(entries):
+                raise ValueError(
+                    f"{name} has {_plural(markers, 'audio marker')} in its content ({self.audio_locator} locators "
+                    f"or {AUDIO_START}…{AUDIO_END} blocks) but {_plural(len(entries), 'audio')} in its 'audios' "
+                    "list: give one audio per marker"
+                )
+            for position, entry in enumerate(entries):
+                audios.append(_chat_audio(entry, f"{name}: audios[{position}]", waveforms))
+        return audios
 
     def transcription_ids(self, text: str) -> torch.Tensor:
         """A transcription -> LongTensor [1, L] of its token ids (no special tokens); "" gives [1, 0]."""

@@ -4,9 +4,11 @@ The reference's `generate(messages)` front end, step by step, with `DeSTA25Proce
 prompt and audio convention the training collator also uses:
 
 1. Chat messages (one conversation, or a batch of them) whose content holds audio markers and
-   whose "audios" list the files, one per marker, in order.
-2. Each file is loaded at 16 kHz mono (`DeSTA25Processor.load_audio`) and turned into Whisper
-   features (`DeSTA25Processor.features`).
+   whose "audios" list the files, one per marker, in order (`DeSTA25Processor.conversation_audios`
+   checks them, as it checks the training manifests' messages).
+2. Each file is loaded at 16 kHz mono (`DeSTA25Processor.load_audio`), unless its entry carries
+   the decoded "waveform" already, and turned into Whisper features
+   (`DeSTA25Processor.features`).
 3. An audio with a given "text" uses it as its transcription. One without is checked for speech
    (`vad`, a callable waveform -> bool; the default `EnergyVAD` needs no download): no speech
    gives the reference's " ", speech is transcribed by Whisper (`WhisperTranscriber`: Whisper's own
@@ -30,7 +32,6 @@ docs/reference-behaviour.md#audio-to-row-alignment).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -41,7 +42,7 @@ from torch import nn
 
 if TYPE_CHECKING:
     from orca_model.modeling import DeSTA25AudioModel
-    from orca_model.processing import DeSTA25Processor
+    from orca_model.processing import ChatAudio, DeSTA25Processor
 
 NAME = "DeSTA25AudioModel.generate"
 
@@ -162,15 +163,8 @@ class WhisperTranscriber:
 
 @dataclass
 class _Audio:
-    path: str
-    text: str | None
+    entry: ChatAudio
     conversation: int
-
-
-def _describe(conversation: int, index: int, message: dict) -> str:
-    content = message.get("content")
-    shown = content if not isinstance(content, str) or len(content) <= 80 else content[:77] + "..."
-    return f"message {index} of conversation {conversation} (role {message.get('role')!r}, content {shown!r})"
 
 
 def conversations_of(messages: Any) -> list[list[dict]]:
@@ -193,47 +187,18 @@ def conversations_of(messages: Any) -> list[list[dict]]:
 
 
 def _audios_of(processor: DeSTA25Processor, conversations: list[list[dict]]) -> list[_Audio]:
-    """Every audio entry, checked against the markers of its message; at most one per conversation."""
+    """Every audio entry, checked against the markers of its message (the processor's check of the
+    chat format, decoded waveforms allowed); at most one per conversation."""
     audios: list[_Audio] = []
     for number, conversation in enumerate(conversations):
-        of_conversation = 0
-        for index, message in enumerate(conversation):
-            if not isinstance(message, dict):
-                raise ValueError(f"{NAME}: message {index} of conversation {number} is not a dict: {message!r:.80}")
-            if not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
-                raise ValueError(f"{NAME}: {_describe(number, index, message)} needs a string 'role' and 'content'")
-            entries = message.get("audios") or []
-            if not isinstance(entries, (list, tuple)):
-                raise ValueError(f"{NAME}: 'audios' of {_describe(number, index, message)} must be a list")
-            markers = processor.count_audio_markers(message["content"])
-            if markers != len(entries):
-                raise ValueError(
-                    f"{NAME}: {_describe(number, index, message)} has {markers} audio marker(s) "
-                    f"({processor.audio_locator} locators or <start_audio>…<end_audio> blocks) but {len(entries)} "
-                    "audio(s) in its 'audios' list: give one audio per marker"
-                )
-            for entry in entries:
-                if isinstance(entry, (str, os.PathLike)):
-                    entry = {"audio": entry}
-                if not isinstance(entry, dict) or not isinstance(entry.get("audio"), (str, os.PathLike)):
-                    raise ValueError(
-                        f"{NAME}: an audio of {_describe(number, index, message)} must be "
-                        f'{{"audio": path, "text": optional transcription}} or a path, got {entry!r:.80}'
-                    )
-                text = entry.get("text")
-                if text is not None and not isinstance(text, str):
-                    raise ValueError(
-                        f"{NAME}: the 'text' of audio {os.fspath(entry['audio'])!r} must be a string or None, "
-                        f"got {type(text).__name__}"
-                    )
-                audios.append(_Audio(os.fspath(entry["audio"]), text, number))
-                of_conversation += 1
-        if of_conversation > 1:
+        entries = processor.conversation_audios(conversation, f"{NAME}: conversation {number}", waveforms=True)
+        if len(entries) > 1:
             raise ValueError(
-                f"{NAME}: conversation {number} has {of_conversation} audios, but the model takes at most one audio "
+                f"{NAME}: conversation {number} has {len(entries)} audios, but the model takes at most one audio "
                 "per conversation (its cross-attention memory is one audio's tokens per row); send them as "
                 "separate conversations"
             )
+        audios += [_Audio(entry, number) for entry in entries]
     return audios
 
 
@@ -293,11 +258,16 @@ def generate_from_messages(
     conversations = conversations_of(messages)
     audios = _audios_of(processor, conversations)
 
-    waveforms = [processor.load_audio(audio.path) for audio in audios]  # errors name the file
+    # A given waveform spares decoding the file again (the command decodes its files up front);
+    # load_audio's errors name the file.
+    waveforms = [
+        processor.load_audio(audio.entry.path) if audio.entry.waveform is None else audio.entry.waveform
+        for audio in audios
+    ]
     features = processor.features(waveforms) if audios else None
     transcriptions = transcriptions_of(
         waveforms,
-        [audio.text for audio in audios],
+        [audio.entry.text for audio in audios],
         features,
         transcribe=transcribe,
         vad=model.vad,
@@ -328,6 +298,6 @@ def generate_from_messages(
     )
     return GenerationOutput(
         text=processor.tokenizer.batch_decode(generated, skip_special_tokens=True),
-        audios=[(audio.path, transcription) for audio, transcription in zip(audios, transcriptions, strict=True)],
+        audios=[(audio.entry.path, transcription) for audio, transcription in zip(audios, transcriptions, strict=True)],
         generated_ids=generated.tolist(),
     )

@@ -19,7 +19,7 @@ from transformers import WhisperFeatureExtractor
 from benchmarks import model_configs
 from orca_model import DeSTA25Config
 from orca_model.data import IGNORE_INDEX, DeSTA25Collator, ManifestDataset
-from orca_model.processing import AUDIO_END, AUDIO_START, DeSTA25Processor
+from orca_model.processing import AUDIO_END, AUDIO_START, ChatAudio, DeSTA25Processor
 from tiny_tokenizer import LOCATOR, PLACEHOLDER, build_tiny_tokenizer, save_tiny_tokenizer, write_wav
 
 K = 4  # global audio tokens
@@ -158,6 +158,32 @@ def test_marker_count_must_match_the_audios(processor):
         processor.expand_prompt(user_prompt(processor, "no audio"), [0])
     with pytest.raises(ValueError, match=re.escape("transcription_lengths[1] must be an int >= 0")):
         processor.expand_prompt(text, [0, -1])
+
+
+def test_conversation_audios_accepts_the_chat_format(tmp_path, processor):
+    messages = [
+        {"role": "system", "content": "listen."},
+        {
+            "role": "user",
+            "content": f"{AUDIO_START}\nclip\n{AUDIO_END} then {LOCATOR}",
+            "audios": [{"audio": "a.wav", "text": "hi"}, tmp_path / "b.wav"],  # a bare path, path-like
+        },
+        {"role": "assistant", "content": "ok.", "audios": None},
+        {"role": "user", "content": f"and {AUDIO_START}{LOCATOR}{AUDIO_END}?", "audios": ("c.wav",)},
+    ]
+    assert processor.conversation_audios(messages, "here") == [
+        ChatAudio("a.wav", "hi"),
+        ChatAudio(str(tmp_path / "b.wav"), None),
+        ChatAudio("c.wav", None),
+    ]
+    # A decoded waveform is serving's: without `waveforms` the key is ignored, as any other.
+    entry = {"audio": "a.wav", "waveform": [0.5, "not checked"], "speaker": "ignored"}
+    conversation = [{"role": "user", "content": LOCATOR, "audios": [entry]}]
+    assert processor.conversation_audios(conversation, "here") == [ChatAudio("a.wav", None)]
+    entry["waveform"] = np.linspace(-0.5, 0.5, 1600)  # float64 -> float32
+    [audio] = processor.conversation_audios(conversation, "here", waveforms=True)
+    assert audio.waveform.dtype == np.float32 and audio.waveform.shape == (1600,)
+    np.testing.assert_array_equal(audio.waveform, entry["waveform"].astype(np.float32))
 
 
 def test_transcription_ids(processor):
@@ -471,12 +497,45 @@ def test_empty_responses_are_dropped_with_one_warning(tmp_path, data_root, proce
         ('{"id": "a.wav", "prompt": "x <|AUDIO|> <|AUDIO|>", "response": "y"}', "the prompt has 2 audio markers"),
         (
             '{"messages": [{"role": "user", "content": "a <|AUDIO|>"}], "response": "y"}',
-            "messages[0] has 1 audio markers in its content but 0 audios",
+            "message 0 (role 'user', content 'a <|AUDIO|>') has 1 audio marker in its content (<|AUDIO|> locators "
+            "or <start_audio>…<end_audio> blocks) but 0 audios in its 'audios' list: give one audio per marker",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": "a", "audios": ["x.wav", "y.wav"]}], "response": "y"}',
+            "message 0 (role 'user', content 'a') has 0 audio markers in its content (<|AUDIO|> locators "
+            "or <start_audio>…<end_audio> blocks) but 2 audios in its 'audios' list",
         ),
         ('{"messages": [{"role": "user", "content": "a"}], "response": "y"}', "the record has no audio"),
+        ('{"messages": [], "response": "y"}', "the messages must be a non-empty list of message dicts, got []"),
+        ('{"messages": ["hi"], "response": "y"}', "message 0 must be a dict, got str: 'hi'"),
+        (
+            '{"messages": [{"role": "user", "content": 5}], "response": "y"}',
+            "message 0 (role 'user', content 5): 'content' must be a string, got int",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": "a", "audios": {"audio": "x.wav"}}], "response": "y"}',
+            "message 0 (role 'user', content 'a'): 'audios' must be a list, got dict",
+        ),
         (
             '{"messages": [{"role": "user", "content": "<|AUDIO|>", "audios": [{"text": "t"}]}], "response": "y"}',
-            "messages[0]['audios'][0] needs 'audio'",
+            "message 0 (role 'user', content '<|AUDIO|>'): audios[0]['audio'] must be the audio path (a non-empty "
+            "string or path-like), got None",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": "<|AUDIO|>", "audios": [""]}], "response": "y"}',
+            "message 0 (role 'user', content '<|AUDIO|>'): audios[0]['audio'] must be the audio path (a non-empty "
+            "string or path-like), got ''",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": "<|AUDIO|>", "audios": [5]}], "response": "y"}',
+            """message 0 (role 'user', content '<|AUDIO|>'): audios[0] must be {"audio": path, "text": optional """
+            "transcription} or a path, got 5",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": "<|AUDIO|>", "audios": [{"audio": "x.wav", "text": 1}]}], '
+            '"response": "y"}',
+            "message 0 (role 'user', content '<|AUDIO|>'): audios[0]['text'] (audio 'x.wav') must be a string or "
+            "None, got int",
         ),
     ],
 )

@@ -8,6 +8,7 @@ compared."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from orca_model import DeSTA25AudioModel
 from orca_model.generate import main as generate_main
 from orca_model.processing import AUDIO_END, AUDIO_START, DeSTA25Processor
 from orca_model.serving import (
+    NAME,
     SAMPLING_DEFAULTS,
     EnergyVAD,
     GenerationOutput,
@@ -343,13 +345,20 @@ def test_the_processor_comes_from_the_checkpoint_or_the_config(model, checkpoint
 # ---------------------------------------------------------------------- errors
 
 
+MARKERS = f"in its content ({LOCATOR} locators or {AUDIO_START}…{AUDIO_END} blocks)"
+
+
 @pytest.mark.parametrize(
     ("content", "audios", "message"),
     [
-        (f"a {LOCATOR} and {LOCATOR}", 1, "has 2 audio marker"),
-        ("no marker", 1, "has 0 audio marker"),
-        (f"one {LOCATOR}", 0, "but 0 audio"),
-        (f"{LOCATOR} {LOCATOR}", 2, "at most one audio per conversation"),
+        (f"a {LOCATOR} and {LOCATOR}", 1, f"has 2 audio markers {MARKERS} but 1 audio in its 'audios' list"),
+        ("no marker", 1, f"has 0 audio markers {MARKERS} but 1 audio in its 'audios' list"),
+        (f"one {LOCATOR}", 0, f"has 1 audio marker {MARKERS} but 0 audios in its 'audios' list"),
+        (
+            f"{LOCATOR} {LOCATOR}",
+            2,
+            "conversation 0 has 2 audios, but the model takes at most one audio per conversation",
+        ),
     ],
 )
 def test_markers_and_audios_must_match(model, files, content, audios, message):
@@ -357,10 +366,85 @@ def test_markers_and_audios_must_match(model, files, content, audios, message):
         {"role": "system", "content": "be brief."},
         {"role": "user", "content": content, "audios": [{"audio": files["tone"]}] * audios},
     ]
-    with pytest.raises(ValueError, match=message) as error:
+    with pytest.raises(ValueError, match=re.escape(message)) as error:
         model.generate(conversation, **GREEDY)
     if "marker" in message:
-        assert "message 1 of conversation 0" in str(error.value) and content in str(error.value)
+        assert f"{NAME}: conversation 0: message 1 (role 'user', content {content!r}) {message}" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("message", "problem"),
+    [
+        ("hi", "message 0 must be a dict, got str: 'hi'"),
+        ({"role": 1, "content": "hi"}, "message 0 (role 1, content 'hi'): 'role' must be a string, got int"),
+        ({"role": "user"}, "message 0 (role 'user', content None): 'content' must be a string, got NoneType"),
+        (
+            {"role": "user", "content": LOCATOR, "audios": "a.wav"},
+            f"message 0 (role 'user', content '{LOCATOR}'): 'audios' must be a list, got str",
+        ),
+        (
+            {"role": "user", "content": LOCATOR, "audios": [3]},
+            f"""message 0 (role 'user', content '{LOCATOR}'): audios[0] must be {{"audio": path, "text": optional """
+            "transcription} or a path, got 3",
+        ),
+        (
+            {"role": "user", "content": LOCATOR, "audios": [""]},
+            f"message 0 (role 'user', content '{LOCATOR}'): audios[0]['audio'] must be the audio path (a non-empty "
+            "string or path-like), got ''",
+        ),
+        (
+            {"role": "user", "content": LOCATOR, "audios": [{"audio": "a.wav", "text": 3}]},
+            f"message 0 (role 'user', content '{LOCATOR}'): audios[0]['text'] (audio 'a.wav') must be a string or "
+            "None, got int",
+        ),
+    ],
+)
+def test_malformed_messages_are_named(model, message, problem):
+    with pytest.raises(ValueError, match=re.escape(f"{NAME}: conversation 1: {problem}")):
+        model.generate([ask(None, "hi"), [message]], **GREEDY)
+
+
+def test_a_given_waveform_is_used_instead_of_the_file(model, files):
+    wave = model.processor.load_audio(files["tone"])
+    from_file = model.generate(ask(files["tone"], text="a tone"), **GREEDY)
+    for given in (wave, wave.astype(np.float64)):  # float64 becomes the float32 load_audio gives
+        conversation = ask(files["missing"], text="a tone")
+        conversation[-1]["audios"][0]["waveform"] = given
+        output = model.generate(conversation, **GREEDY)
+        assert output.generated_ids == from_file.generated_ids
+        assert output.audios == [(files["missing"], "a tone")]  # the path is reported, never read
+
+
+@pytest.mark.parametrize(
+    ("waveform", "problem"),
+    [
+        (np.zeros((2, 1600), np.float32), "got an array of shape (2, 1600) and dtype float32"),
+        (np.zeros(1600, np.int16), "got an array of shape (1600,) and dtype int16"),
+        ([0.0] * 1600, "got list"),
+    ],
+)
+def test_a_waveform_must_be_a_1d_float_array(model, files, waveform, problem):
+    conversation = ask(files["tone"])
+    conversation[-1]["audios"][0]["waveform"] = waveform
+    entry = f"{NAME}: conversation 1: message 0 (role 'user', content 'what is said? {LOCATOR}'): audios[0]"
+    expected = f"{entry}['waveform'] (audio {files['tone']!r}) must be a 1-D floating numpy array of 16 kHz samples, "
+    with pytest.raises(ValueError, match=re.escape(expected + problem)):
+        model.generate([ask(files["noise"]), conversation], **GREEDY)
+
+
+@pytest.mark.parametrize(
+    ("waveform", "problem"),
+    [
+        (np.zeros(0, np.float32), "holds no samples"),
+        (np.array([0.0, np.nan, 0.1], np.float32), "holds non-finite samples (NaN or inf)"),
+        (np.array([0.0, np.inf], np.float64), "holds non-finite samples (NaN or inf)"),
+    ],
+)
+def test_a_waveform_must_hold_finite_samples(model, files, waveform, problem):
+    conversation = ask(files["tone"])
+    conversation[-1]["audios"][0]["waveform"] = waveform
+    with pytest.raises(ValueError, match=re.escape(f"audios[0]['waveform'] (audio {files['tone']!r}) {problem}")):
+        model.generate(conversation, **GREEDY)
 
 
 @pytest.mark.parametrize("name", ["missing", "corrupt"])
@@ -411,6 +495,26 @@ def test_command_answers_each_file(model, files, checkpoint_dir, capsys):
     out = capsys.readouterr().out
     assert code == 0 and out.startswith(f"[{files['tone']}]\n")
     assert out.split("\n", 1)[1].rstrip("\n") == model.generate(ask(files["tone"], text="a tone"), **GREEDY).text[0]
+
+
+def test_command_decodes_each_file_once(files, checkpoint_dir, capsys, monkeypatch):
+    decoded = []
+    load_audio = DeSTA25Processor.load_audio
+
+    def counting_load_audio(processor, path):
+        decoded.append(path)
+        return load_audio(processor, path)
+
+    monkeypatch.setattr(DeSTA25Processor, "load_audio", counting_load_audio)
+    paths = [files["tone"], files["noise"], files["tone"]]
+    code = generate_main(
+        ["--model", checkpoint_dir, "--prompt", "what is said?", "--greedy", "--max-new-tokens", "2"]
+        + [argument for path in paths for argument in ("--audio", path)]
+        + ["--no-transcribe", "--device", "cpu", "--no-use-fused-orca", "--json"]
+    )
+    assert code == 0
+    assert decoded == [files["tone"], files["noise"]]  # once before the model loads, none in generate
+    assert [json.loads(line)["audio"] for line in capsys.readouterr().out.splitlines()] == paths
 
 
 @pytest.mark.parametrize("name", ["missing", "corrupt"])
