@@ -283,6 +283,18 @@ def _flash_decode_combine_kernel(
 
 
 @triton.jit
+def _rows_with_keys(lse_ptr, Tx, HAS_MASK: tl.constexpr):
+    """The query rows of one (batch, head) the backward walks: Tx, or 0 when the batch element's
+    keys are all masked. Every row of a batch element sees the same keys, so the forward's mark
+    of such a row (lse +inf, at lse_ptr for row 0) holds for all of them: their dQ, dK and dV
+    are exactly 0, even where a masked q, k or v holds NaN (which 0 · NaN would spread)."""
+    if HAS_MASK:
+        return tl.where(tl.load(lse_ptr) == float("inf"), 0, Tx)
+    else:
+        return Tx
+
+
+@triton.jit
 def _flash_cross_attention_bwd_preprocess_kernel(
     out_ptr,
     do_ptr,
@@ -380,7 +392,7 @@ def _flash_cross_attention_bwd_dkdv_kernel(
     dv = tl.zeros((BLOCK_N, BLOCK_D), ACC_DTYPE)
     dk_t = tl.zeros((BLOCK_N, BLOCK_DT), ACC_DTYPE)  # the tail columns' (unused without a tail)
     dv_t = tl.zeros((BLOCK_N, BLOCK_DT), ACC_DTYPE)
-    for m0 in range(0, Tx, BLOCK_M):
+    for m0 in range(0, _rows_with_keys(lse_ptr + stats_base, Tx, HAS_MASK), BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         q = _load_tile(q_base, rows, d, Tx, head_dim, sqt, EVEN_D).to(DOT_DTYPE)
         do = _load_tile(do_base, rows, d, Tx, head_dim, sdot, EVEN_D).to(DOT_DTYPE)
@@ -398,12 +410,9 @@ def _flash_cross_attention_bwd_dkdv_kernel(
         dp_t = _dot_t(v, v_t, do, do_t, ACC_DTYPE, HAS_TAIL)
         ds_t = p_t * (dp_t - delta[None, :])
         if HAS_MASK:
-            # Fully masked rows (lse +inf) add nothing to dK, even holding NaN (0 · NaN would).
-            empty = lse == float("inf")
-            ds_t = tl.where(empty[None, :], 0.0, ds_t)
-            q = tl.where(empty[:, None], tl.zeros_like(q), q)
-            if HAS_TAIL:
-                q_t = tl.where(empty[:, None], tl.zeros_like(q_t), q_t)
+            # Rows past Tx (lse +inf) add nothing to dK, even where a masked key's v holds NaN
+            # (P · (dP - delta) = 0 · NaN there).
+            ds_t = tl.where((lse == float("inf"))[None, :], 0.0, ds_t)
         dk = tl.dot(ds_t.to(DOT_DTYPE), q, dk, input_precision="ieee", out_dtype=ACC_DTYPE)
         if HAS_TAIL:
             dk_t = tl.dot(ds_t.to(DOT_DTYPE), q_t, dk_t, input_precision="ieee", out_dtype=ACC_DTYPE)
@@ -487,7 +496,7 @@ def _flash_cross_attention_bwd_dq_kernel(
 
     dq = tl.zeros((BLOCK_M, BLOCK_D), ACC_DTYPE)
     dq_t = tl.zeros((BLOCK_M, BLOCK_DT), ACC_DTYPE)  # the tail columns' (unused without a tail)
-    for n0 in range(0, Ta, BLOCK_N):
+    for n0 in range(0, tl.where(_rows_with_keys(lse_ptr + stats_base, Tx, HAS_MASK) > 0, Ta, 0), BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         bias = _key_bias(bias_ptr, b, cols, Ta, sbb, sbt, HAS_MASK)
         k = _load_tile(k_base, cols, d, Ta, head_dim, skt, EVEN_D).to(DOT_DTYPE)
@@ -503,16 +512,11 @@ def _flash_cross_attention_bwd_dq_kernel(
         if HAS_TAIL:
             dq_t = tl.dot(ds.to(DOT_DTYPE), k_t, dq_t, input_precision="ieee", out_dtype=ACC_DTYPE)
     dq = dq * _scalar(scale_hi, scale_lo, ACC_DTYPE)
-    if HAS_MASK:
-        # A fully masked row (lse +inf) has dQ 0, even where a masked k or v holds NaN (0 · NaN).
-        dq = tl.where((lse == float("inf"))[:, None], 0.0, dq)
 
     g_offsets = b * sgb + h * sgh + rows.to(tl.int64)[:, None] * sgt + d[None, :]
     tl.store(dq_ptr + g_offsets, cast_for_store(dq, dq_ptr), mask=_tile_mask(rows, d, Tx, head_dim, EVEN_D))
     if HAS_TAIL:
         dq_t = dq_t * _scalar(scale_hi, scale_lo, ACC_DTYPE)
-        if HAS_MASK:
-            dq_t = tl.where((lse == float("inf"))[:, None], 0.0, dq_t)
         g_offsets = b * sgb + h * sgh + rows.to(tl.int64)[:, None] * sgt + dt[None, :]
         tl.store(dq_ptr + g_offsets, cast_for_store(dq_t, dq_ptr), mask=_tile_mask(rows, dt, Tx, head_dim, False))
 
