@@ -16,6 +16,7 @@ import pytest
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from child_process import child_environment
 from orca_model import DeSTA25AudioModel, DeSTA25Config
 from orca_model.data import DeSTA25Collator, ManifestDataset
 from orca_model.processing import DeSTA25Processor
@@ -195,10 +196,7 @@ def test_train_command_under_torchrun(run_files, tmp_path):
         "--logging_steps", "1",
         "--ddp_timeout", "120",
     ]  # fmt: skip
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    python_path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH", "")]))  # this checkout
-    # The reference ops: nothing to interpret.
-    environment = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": python_path}
+    environment = child_environment(TRITON_INTERPRET="0")  # the reference ops: nothing to interpret
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment)
     except subprocess.TimeoutExpired as error:

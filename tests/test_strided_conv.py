@@ -14,6 +14,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import orca_kernels
+from child_process import child_environment
 from orca_kernels import _extension, reference, strided_conv
 from tolerances import assert_matches_truth
 
@@ -251,10 +252,9 @@ def test_bad_input_op_errors():
     not the test run, and gpu_check.sh reruns them under cuda-gdb."""
     tests = os.path.dirname(os.path.abspath(__file__))
     script = os.path.join(tests, "bad_op_calls.py")
-    # The child imports the package under test (this checkout), whatever is installed.
-    python_path = os.pathsep.join(filter(None, [os.path.dirname(tests), os.environ.get("PYTHONPATH", "")]))
-    environment = {**os.environ, "PYTHONPATH": python_path}
-    child = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=300, env=environment)
+    child = subprocess.run(
+        [sys.executable, script], capture_output=True, text=True, timeout=300, env=child_environment()
+    )
     last_call = [line for line in child.stdout.splitlines() if line.startswith("calling")][-1:]
     assert child.returncode == 0 and child.stdout.rstrip().endswith("all raised"), (
         f"exit status {child.returncode} at {last_call}:\n{child.stderr[-2000:]}"
