@@ -57,7 +57,7 @@ from orca_kernels._utils import (
     refuse_double_backward,
     use_triton,
 )
-from orca_kernels.validation import check_backend, check_int, check_tensor
+from orca_kernels.validation import check_backend, check_int, check_rank, check_tensor
 
 BACKENDS = ("auto", "triton", "torch")
 _EPS = tl.constexpr(1e-12)  # F.normalize's default; the kernels clamp norms in the accumulator dtype
@@ -671,6 +671,24 @@ def _forward(
     return div, cross, sim, norms
 
 
+def _check_saved(g: torch.Tensor, sim: torch.Tensor, norms: torch.Tensor, n: int, with_div: bool) -> None:
+    """The backward op's similarities and norms are what a forward of these tokens wrote (the op
+    can be called directly; the kernel reads them unchecked): shapes, accumulator dtype, device."""
+    op = "ortho_losses_backward"
+    B, K, _ = g.shape
+    entries = (B, K + n)
+    widths = (K + n,) if with_div else (n, K + n)  # the diversity loss needs the Gram columns
+    for name, value, shapes in (("similarities", sim, [(B, K, w) for w in widths]), ("norms", norms, [entries])):
+        check_rank(op, name, value, len(shapes[0]))
+        if value.device != g.device:
+            raise ValueError(f"{op}: {name} is on {value.device} but the tokens are on {g.device}")
+        if tuple(value.shape) not in shapes or value.dtype != accumulator_dtype(g.dtype):
+            raise ValueError(
+                f"{op}: {name} has shape {tuple(value.shape)} and dtype {value.dtype}; the forward of these "
+                f"tokens writes {' or '.join(str(s) for s in shapes)} in {accumulator_dtype(g.dtype)}"
+            )
+
+
 def _backward(
     g: torch.Tensor,
     l: torch.Tensor | None,
@@ -695,6 +713,7 @@ def _backward(
         zeros = [torch.zeros_like(g, memory_format=torch.contiguous_format)]
         return zeros if l is None else zeros + [torch.zeros_like(l, memory_format=torch.contiguous_format)]
 
+    _check_saved(g, sim, norms, n, with_div)
     _, acc_dtype = kernel_dtypes(g.dtype)
     sim, norms = sim.contiguous(), norms.contiguous()
     sim_cols = sim.shape[2]

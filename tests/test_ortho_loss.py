@@ -8,6 +8,8 @@ full product, to keep the interpreter fast.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -207,6 +209,28 @@ def test_opcheck(device):
     torch.library.opcheck(ops.ortho_losses_backward.default, (g.detach(), l.detach(), sim, norms, grad, grad, 5))
     _, sim, norms = ops.ortho_diversity_loss.default(g.detach())
     torch.library.opcheck(ops.ortho_losses_backward.default, (g.detach(), None, sim, norms, grad, None, None))
+
+
+def test_backward_op_checks_the_saved_tensors(device):
+    """The backward op can be called directly: similarities and norms that no forward of these
+    tokens wrote are refused before a kernel reads them."""
+    g, l = _tokens((2, 3, 16), torch.float32, device), _tokens((2, 11, 16), torch.float32, device)
+    grad = torch.tensor(1.0, device=device)
+    ops = torch.ops.orca_kernels
+    _, _, sim, norms = ops.ortho_losses.default(g, l, 5)  # sim [2, 3, 8], norms [2, 8]
+    _, cross_sim, _ = ops.ortho_cross_loss.default(g, l, 5)  # [2, 3, 5]: no Gram columns
+    backward = ops.ortho_losses_backward.default
+    bad = [
+        ((sim[:, :, :4], norms, grad), "similarities has shape (2, 3, 4) and dtype torch.float32; the forward"),
+        ((sim.double(), norms, grad), "similarities has shape (2, 3, 8) and dtype torch.float64"),
+        ((cross_sim, norms, grad), "writes (2, 3, 8) in torch.float32"),  # the diversity loss needs the Gram
+        ((sim, norms[:, :5], grad), "norms has shape (2, 5)"),
+        ((sim, norms[0], grad), "norms must have 2 dimensions"),
+    ]
+    for (similarities, saved_norms, grad_div), message in bad:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            backward(g, l, similarities, saved_norms, grad_div, grad, 5)
+    backward(g, l, cross_sim, norms, None, grad, 5)  # the cross loss alone: its own columns
 
 
 def test_torch_compile_fullgraph(device):
