@@ -13,6 +13,11 @@ import torch  # noqa: E402
 
 from orca_kernels._utils import triton_interpret  # noqa: E402
 
+if triton_interpret():
+    import interpreter_speedup  # noqa: E402
+
+    interpreter_speedup.install()
+
 # Under pytest-xdist (the README's `-n 2`) every worker is a process of its own: one intra-op
 # thread each keeps the workers from competing for the same cores.
 if os.environ.get("PYTEST_XDIST_WORKER"):

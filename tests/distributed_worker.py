@@ -29,10 +29,15 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
+import interpreter_speedup
 import orca_kernels
 from call_counts import count_calls
+from orca_kernels._utils import triton_interpret
 from orca_model import DeSTA25AudioModel, total_training_loss
 from tiny_models import build
+
+if triton_interpret():
+    interpreter_speedup.install()
 
 FUSED_OPS = ("local_branch", "ortho_losses", "project_audio_kv")
 
