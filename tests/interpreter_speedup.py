@@ -7,7 +7,8 @@ so the scan changes nothing, yet it costs about half a millisecond per helper ca
 the interpreted tests' time (the kernels call `_load_tile`, `_key_bias`, ... in their loops).
 
 `install()` skips that scan for a helper whose triton.language modules the running launch has
-patched; launches, and helpers that see other modules, are patched as before. Triton 3.6 and 3.8
+patched already (itself, or at an earlier helper call: the interpreter never undoes a helper
+call's patch); launches, and a helper's first sight of another module, are patched as before. Triton 3.6 and 3.8
 (the two stacks CI tests) share these internals; `install` raises if they are missing, so a
 triton that changes them fails loudly instead of silently running slower.
 """
@@ -58,7 +59,12 @@ def install() -> None:
         elif _launches and languages <= _launches[-1][1]:
             return interpreter._LangPatchScope()  # patched by the running launch: nothing to do or undo
         else:
+            # A helper that sees other modules (triton.language's own helpers, tl.sum or tl.zeros,
+            # see triton.language.core): patched here, and, as a helper call's scope is never
+            # undone, patched for the rest of the launch.
             scope = patch_lang(fn)
+            if _launches:
+                _launches[-1][1].update(languages)
         _state["scans"] += 1
         return scope
 
