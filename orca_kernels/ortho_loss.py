@@ -767,10 +767,11 @@ def _backward(
             BLOCK_M=block_m,
             BLOCK_N=block_n,
             BLOCK_H=block_h,
-            # IEEE fp32/fp64 dots run on FMA units with whole tile rows per thread: 8 warps and a
-            # block's registers keep them free of spills (4 warps, or a cap for two blocks,
-            # spilled on sm_90); the tensor-core dots take 4 warps with a cap for two blocks
-            # (uncapped, ptxas spilled at 80 registers). benchmarks/compile_audit.py checks it.
+            # IEEE fp32/fp64 dots run on FMA units with whole tile rows per thread: 8 warps (4
+            # spilled on sm_90); the tensor-core dots take 4. The register cap (a block's share at
+            # 8 warps, two blocks' at 4: 255 either way) matters: left uncapped, ptxas aimed at
+            # occupancy and spilled at 80 registers, and a cap for two 8-warp blocks (128) spilled
+            # under triton 3.6. benchmarks/compile_audit.py checks every variant.
             num_warps=warps,
             maxnreg=register_cap(warps, 2 if tensor_cores else 1),
         )
