@@ -283,15 +283,16 @@ def _flash_decode_combine_kernel(
 
 
 @triton.jit
-def _rows_with_keys(lse_ptr, Tx, HAS_MASK: tl.constexpr):
-    """The query rows of one (batch, head) the backward walks: Tx, or 0 when the batch element's
-    keys are all masked. Every row of a batch element sees the same keys, so the forward's mark
-    of such a row (lse +inf, at lse_ptr for row 0) holds for all of them: their dQ, dK and dV
-    are exactly 0, even where a masked q, k or v holds NaN (which 0 · NaN would spread)."""
+def _walked(length, lse_ptr, HAS_MASK: tl.constexpr):
+    """How far a backward loop of one (batch, head) walks over its `length` query rows or keys:
+    all of them, or none when the batch element's keys are all masked. Every row of a batch
+    element sees the same keys, so the forward's mark of a fully masked row (lse +inf, at lse_ptr
+    for row 0) holds for all of them: dQ, dK and dV are then exactly 0, even where a masked q, k
+    or v holds NaN (which 0 · NaN would spread)."""
     if HAS_MASK:
-        return tl.where(tl.load(lse_ptr) == float("inf"), 0, Tx)
+        return tl.where(tl.load(lse_ptr) == float("inf"), 0, length)
     else:
-        return Tx
+        return length
 
 
 @triton.jit
@@ -392,7 +393,7 @@ def _flash_cross_attention_bwd_dkdv_kernel(
     dv = tl.zeros((BLOCK_N, BLOCK_D), ACC_DTYPE)
     dk_t = tl.zeros((BLOCK_N, BLOCK_DT), ACC_DTYPE)  # the tail columns' (unused without a tail)
     dv_t = tl.zeros((BLOCK_N, BLOCK_DT), ACC_DTYPE)
-    for m0 in range(0, _rows_with_keys(lse_ptr + stats_base, Tx, HAS_MASK), BLOCK_M):
+    for m0 in range(0, _walked(Tx, lse_ptr + stats_base, HAS_MASK), BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         q = _load_tile(q_base, rows, d, Tx, head_dim, sqt, EVEN_D).to(DOT_DTYPE)
         do = _load_tile(do_base, rows, d, Tx, head_dim, sdot, EVEN_D).to(DOT_DTYPE)
@@ -496,7 +497,7 @@ def _flash_cross_attention_bwd_dq_kernel(
 
     dq = tl.zeros((BLOCK_M, BLOCK_D), ACC_DTYPE)
     dq_t = tl.zeros((BLOCK_M, BLOCK_DT), ACC_DTYPE)  # the tail columns' (unused without a tail)
-    for n0 in range(0, tl.where(_rows_with_keys(lse_ptr + stats_base, Tx, HAS_MASK) > 0, Ta, 0), BLOCK_N):
+    for n0 in range(0, _walked(Ta, lse_ptr + stats_base, HAS_MASK), BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         bias = _key_bias(bias_ptr, b, cols, Ta, sbb, sbt, HAS_MASK)
         k = _load_tile(k_base, cols, d, Ta, head_dim, skt, EVEN_D).to(DOT_DTYPE)

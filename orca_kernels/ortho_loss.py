@@ -475,9 +475,8 @@ def _ortho_losses_bwd_kernel(
         proj += tl.sum(d_sim * sim, 1)
         y = _load_tokens(g_ptr, l_ptr, idx_ptr, b, cols, h, K, n, H, sgb, sgk, sgh, slb, slt, slh, True, SUBSAMPLE)
         weights = d_sim / col_norm[None, :]
-        acc = tl.dot(
-            weights, y.to(ACC_DTYPE), acc, input_precision=GRAD_PRECISION, out_dtype=ACC_DTYPE
-        )  # for triton 3.6
+        # out_dtype: for triton 3.6 (see `_similarities`).
+        acc = tl.dot(weights, y.to(ACC_DTYPE), acc, input_precision=GRAD_PRECISION, out_dtype=ACC_DTYPE)
 
     # x̂ = x / max(‖x‖, eps): dL/dx = dL/dx̂ / ‖x‖ − x·(x̂·dL/dx̂) / ‖x‖², the second term only
     # where the clamp is inactive (clamp_min passes the gradient at equality).
@@ -571,14 +570,13 @@ def _forward(
     div = reference.ortho_diversity_loss(g) if with_div and B * K * H == 0 else None
     cross = reference.ortho_cross_loss(g, l, max_local_samples) if l is not None and B * K * H * n == 0 else None
     kernel_div, kernel_cross = with_div and div is None, l is not None and cross is None
+    saved_dtype = accumulator_dtype(g.dtype)
     if not (kernel_div or kernel_cross):
         # Nothing to differentiate (the backward gives zeros): zeros keep the outputs defined.
-        zeros = [
-            torch.zeros(shape, dtype=accumulator_dtype(g.dtype), device=g.device) for shape in (sim_shape, norms_shape)
-        ]
+        zeros = (torch.zeros(shape, dtype=saved_dtype, device=g.device) for shape in (sim_shape, norms_shape))
         return div, cross, *zeros
-    sim = new_output(sim_shape, dtype=accumulator_dtype(g.dtype), device=g.device)
-    norms = new_output(norms_shape, dtype=accumulator_dtype(g.dtype), device=g.device)
+    sim = new_output(sim_shape, dtype=saved_dtype, device=g.device)
+    norms = new_output(norms_shape, dtype=saved_dtype, device=g.device)
 
     dot_dtype, acc_dtype = kernel_dtypes(g.dtype)
     col_start = 0 if kernel_div else K
@@ -671,14 +669,19 @@ def _forward(
     return div, cross, sim, norms
 
 
-def _check_saved(g: torch.Tensor, sim: torch.Tensor, norms: torch.Tensor, n: int, with_div: bool) -> None:
-    """The backward op's similarities and norms are what a forward of these tokens wrote (the op
-    can be called directly; the kernel reads them unchecked): shapes, accumulator dtype, device."""
+def _check_saved(
+    g: torch.Tensor, l: torch.Tensor | None, max_local_samples: int | None, sim, norms, with_div: bool
+) -> None:
+    """The backward op's similarities and norms are what a forward of these tokens wrote
+    (`_saved_shapes`; the op can be called directly and the kernel reads them unchecked): shapes,
+    accumulator dtype, device. Without the diversity loss, the combined forward's (with the Gram
+    columns) and the cross loss's (without) both serve."""
     op = "ortho_losses_backward"
-    B, K, _ = g.shape
-    entries = (B, K + n)
-    widths = (K + n,) if with_div else (n, K + n)  # the diversity loss needs the Gram columns
-    for name, value, shapes in (("similarities", sim, [(B, K, w) for w in widths]), ("norms", norms, [entries])):
+    (sim_shape, norms_shape), (cross_sim_shape, _) = (
+        _saved_shapes(g, l, max_local_samples, with_gram) for with_gram in (True, False)
+    )
+    sim_shapes = [sim_shape] if with_div else [cross_sim_shape, sim_shape]
+    for name, value, shapes in (("similarities", sim, sim_shapes), ("norms", norms, [norms_shape])):
         check_rank(op, name, value, len(shapes[0]))
         if value.device != g.device:
             raise ValueError(f"{op}: {name} is on {value.device} but the tokens are on {g.device}")
@@ -713,7 +716,7 @@ def _backward(
         zeros = [torch.zeros_like(g, memory_format=torch.contiguous_format)]
         return zeros if l is None else zeros + [torch.zeros_like(l, memory_format=torch.contiguous_format)]
 
-    _check_saved(g, sim, norms, n, with_div)
+    _check_saved(g, l, max_local_samples, sim, norms, with_div)
     _, acc_dtype = kernel_dtypes(g.dtype)
     sim, norms = sim.contiguous(), norms.contiguous()
     sim_cols = sim.shape[2]

@@ -43,13 +43,12 @@ import pytest
 import torch
 from filelock import FileLock
 
-from child_process import child_environment
+from child_process import CHECKOUT, child_environment
 from distributed_worker import FUSED_OPS, load_model
 from orca_kernels._utils import triton_interpret
 from orca_model import total_training_loss
 from tiny_models import build, make_batch
 
-ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
 WORLD_SIZE = 2
 WORKER_TIMEOUT_S = 300
@@ -231,7 +230,7 @@ def distributed_runs(checkpoints, directory: Path) -> dict:
             workers.append(
                 subprocess.Popen(
                     [sys.executable, str(WORKER), str(rank), str(directory / "spec.json")],
-                    cwd=ROOT,
+                    cwd=CHECKOUT,
                     env=env,
                     stdout=log,
                     stderr=subprocess.STDOUT,

@@ -9,19 +9,17 @@ process may have imported the kernels as interpreted functions).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
 
-from child_process import child_environment
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from child_process import CHECKOUT, child_environment
 
 
 def _run(args: list[str], timeout: int) -> subprocess.CompletedProcess:
     env = child_environment(TRITON_INTERPRET=None)
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    command = [sys.executable, *args]
+    return subprocess.run(command, cwd=CHECKOUT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def test_every_launch_compiles_for_sm80_and_sm90_without_spills(tmp_path):
