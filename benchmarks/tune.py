@@ -11,9 +11,19 @@ shared memory, too many registers) are skipped and counted.
     python -m benchmarks.tune --dry-run        # list the launches and candidates (no GPU needed)
     python -m benchmarks.tune --out FILE       # write somewhere else (and keep _tuned.py as it is)
     python -m benchmarks.tune --widths 80 --budget-s 240   # part of the work, within a time budget
+    python -m benchmarks.tune --dispatch       # the attention dispatch table instead (see below)
 
 Kernels are timed inside their op (`_forward`, or `_backward` for dK/dV and dQ, the other kernel
 on its current setting), so a winner is the fastest end to end, launch overheads included.
+
+--dispatch measures what `backend="auto"` chooses between on this card (orca_kernels.dispatch):
+for each model shape, mode (train: forward and backward together, since the Triton backward needs
+the Triton forward's logsumexp; inference; decode) and mask kind, the vendor path (SDPA as the
+package calls it, PyTorch choosing its backend) and the Triton kernels (their current launch
+settings), each timed REPEATS times after a warm-up (median and 80th percentile, CUDA events) with
+its peak memory; SDPA forced to cuDNN, flash and memory-efficient attention is timed beside them
+for the record. It writes orca_kernels/_dispatch_table.py, keeping other cards' entries; the rule
+that turns an entry into a choice is `dispatch.triton_wins`, applied when the table is read.
 """
 
 from __future__ import annotations
@@ -31,10 +41,12 @@ from pathlib import Path
 import torch
 
 from benchmarks.compile_audit import MODELS, ModelShape
-from orca_kernels import _tuned
+from orca_kernels import _dispatch_table, _tuned, dispatch
 from orca_kernels import flash_attention as attention
 
 TABLE = Path(attention.__file__).with_name("_tuned.py")
+DISPATCH_TABLE = Path(attention.__file__).with_name("_dispatch_table.py")
+REPEATS = 25
 PHASES = {"decode": 1, "prefill": 300}  # query rows: one decode step, a training sequence
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -138,6 +150,166 @@ def render(table: dict[str, dict[str, int]], header: str) -> str:
     )
 
 
+# ----------------------------------------------------------------------------- the dispatch table
+
+
+@dataclass(frozen=True)
+class DispatchCase:
+    """One key of the dispatch table at a model shape: mode, mask kind, dtype."""
+
+    model: ModelShape
+    mode: str
+    mask_kind: str
+    dtype: torch.dtype
+
+    @property
+    def head_dim(self) -> int:
+        return self.model.hidden // self.model.heads
+
+    @property
+    def query_rows(self) -> int:
+        return 1 if self.mode == "decode" else PHASES["prefill"]
+
+    @property
+    def batch(self) -> int:
+        return 8 if self.mode == "decode" else self.model.batch  # decode: the serving benchmark's batch
+
+    def key(self, card: str) -> str:
+        width = attention.head_width(self.head_dim)
+        return dispatch.table_key(
+            card, self.mode, self.dtype, width, self.mask_kind, self.query_rows, self.model.audio_tokens
+        )
+
+
+def dispatch_cases(dtypes: list[torch.dtype], widths: list[int] | None = None) -> list[DispatchCase]:
+    return [
+        DispatchCase(model, mode, mask_kind, dtype)
+        for dtype, model, mode, mask_kind in itertools.product(dtypes, MODELS, dispatch.MODES, dispatch.MASK_KINDS)
+        if attention.head_width(model.hidden // model.heads)
+        in (widths or [attention.head_width(model.hidden // model.heads)])
+    ]
+
+
+def _dispatch_inputs(case: DispatchCase, device: torch.device):
+    """Leaves (the Q projection, the packed K/V projection), the q, k, v views the module passes,
+    the mask (every key of the last batch rows but one padded: rows without audio) and grad_out."""
+    model, hd = case.model, case.head_dim
+    train = case.mode == "train"
+    q_proj = torch.randn(case.batch, case.query_rows, model.hidden, device=device, dtype=case.dtype)
+    kv = torch.randn(case.batch, model.audio_tokens, 2 * model.hidden, device=device, dtype=case.dtype)
+    leaves = [t.requires_grad_(train) for t in (q_proj, kv)]
+    q = q_proj.unflatten(-1, (model.heads, hd))
+    k, v = (kv[..., i * model.hidden : (i + 1) * model.hidden].unflatten(-1, (model.heads, hd)) for i in (0, 1))
+    mask = None
+    if case.mask_kind == "keys":
+        mask = torch.zeros(case.batch, model.audio_tokens, dtype=torch.bool, device=device)
+        mask[:, model.audio_tokens * 3 // 4 :] = True  # a quarter of the keys padded, as shorter clips give
+    grad_out = torch.randn(case.batch, case.query_rows, model.heads, hd, device=device, dtype=case.dtype)
+    return leaves, (q, k, v), mask, grad_out
+
+
+def time_call(run, repeats: int = REPEATS) -> tuple[float, float, float]:
+    """(median ms, 80th percentile ms, peak MiB above the memory in use before) of `run`."""
+    for _ in range(3):
+        run()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    run()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2], times[min(len(times) - 1, (4 * len(times)) // 5)], peak
+
+
+def measure_dispatch(case: DispatchCase, device: torch.device) -> dict:
+    """The table entry of `case`: both paths' (median, p80) ms and peak MiB, and the forced SDPA
+    backends' medians (None where a backend refuses the inputs)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    leaves, qkv, mask, grad_out = _dispatch_inputs(case, device)
+
+    def runner(backend: str):
+        def run():
+            out = attention.flash_cross_attention(*qkv, mask, backend=backend)
+            if case.mode == "train":
+                torch.autograd.grad(out, leaves, grad_out)
+
+        return run
+
+    entry: dict = {}
+    for backend in ("sdpa", "triton"):
+        median, p80, peak = time_call(runner(backend))
+        entry[f"{backend}_ms"] = [round(median, 5), round(p80, 5)]
+        entry[f"{backend}_peak_mib"] = round(peak, 2)
+    forced = {}
+    for name, kind in (
+        ("cudnn", SDPBackend.CUDNN_ATTENTION),
+        ("flash", SDPBackend.FLASH_ATTENTION),
+        ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+    ):
+        try:
+            with sdpa_kernel([kind]):
+                forced[name] = round(time_call(runner("sdpa"), repeats=10)[0], 5)
+        except RuntimeError:  # this backend does not take these inputs (a mask, a head dim, a dtype)
+            forced[name] = None
+    entry["sdpa_forced_ms"] = forced
+    return entry
+
+
+def triton_version() -> str:
+    import triton
+
+    return triton.__version__
+
+
+def render_dispatch(table: dict[str, dict], table_id: str, header: str) -> str:
+    """The source of orca_kernels/_dispatch_table.py holding `table`."""
+    body = pprint.pformat(dict(sorted(table.items())), width=110, sort_dicts=False)
+    return (
+        '"""Attention-core timings measured by `python -m benchmarks.tune --dispatch` on a GPU (generated;\n'
+        "edit by rerunning it). `orca_kernels.dispatch` reads it: keys and the rule are described there.\n\n"
+        f'{header}\n"""\n\nTABLE_ID = {table_id!r}\n\nTABLE: dict[str, dict] = {body}\n'
+    )
+
+
+def run_dispatch(args, dtypes: list[torch.dtype]) -> int:
+    todo = dispatch_cases(dtypes, args.widths)
+    if args.dry_run:
+        for case in todo:
+            print(f"{case.key('<card>')}  ({case.model.name}, B{case.batch}): sdpa, triton, sdpa forced")
+        return 0
+    if not torch.cuda.is_available() or attention.KERNELS_INTERPRETED:
+        print("benchmarks.tune measures on a GPU (without TRITON_INTERPRET); use --dry-run to list", file=sys.stderr)
+        return 2
+    device = torch.device("cuda")
+    card = torch.cuda.get_device_name(device)
+    table = dict(_dispatch_table.TABLE)
+    start = time.monotonic()
+    for index, case in enumerate(todo, 1):
+        if args.budget_s is not None and time.monotonic() - start > args.budget_s:
+            print(f"budget of {args.budget_s:.0f} s spent: {len(todo) - index + 1} cases left unmeasured")
+            break
+        entry = measure_dispatch(case, device)
+        table[case.key(card)] = entry
+        choice = "triton" if dispatch.triton_wins(entry) else "sdpa"
+        print(f"[{index}/{len(todo)}] {case.key(card)}: {entry} -> {choice}", flush=True)
+        out = args.out if args.out != TABLE else DISPATCH_TABLE
+        versions = f"torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}, triton {triton_version()}"
+        today = datetime.date.today()
+        header = f"Last measured on {card}, {versions}, {today}: {index} of {len(todo)} cases."
+        out.write_text(render_dispatch(table, f"{card} {today}", header))  # after every case: a cut run keeps its part
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["bf16"])
@@ -149,7 +321,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--budget-s", type=float, help="start no launch after this many seconds; what was measured is still written"
     )
+    parser.add_argument(
+        "--dispatch", action="store_true", help="measure the attention dispatch table (orca_kernels/_dispatch_table.py)"
+    )
     args = parser.parse_args(argv)
+    if args.dispatch:
+        return run_dispatch(args, [DTYPES[name] for name in args.dtypes])
     todo = [
         launch
         for launch in launches([DTYPES[name] for name in args.dtypes])

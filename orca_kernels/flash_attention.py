@@ -41,10 +41,11 @@ import math
 import struct
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from orca_kernels import _tuned, _utils, reference
+from orca_kernels import _tuned, _utils, dispatch, reference
 from orca_kernels._triton_helpers import accumulator_dtype, cast_for_store, kernel_dtypes, register_cap
 from orca_kernels._utils import (
     KERNELS_INTERPRETED,
@@ -56,7 +57,7 @@ from orca_kernels._utils import (
 from orca_kernels.validation import check_backend, check_key_padding_mask, check_tensor
 
 OP = "flash_cross_attention"
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "sdpa", "triton", "torch")
 MAX_HEAD_DIM = 256  # the kernels keep [BLOCK, head_dim] tiles in registers
 LOG2E = math.log2(math.e)
 
@@ -107,6 +108,17 @@ def _load_tile(ptr, rows, d, num_rows, head_dim, row_stride, EVEN_D: tl.constexp
     """[len(rows), BLOCK_D] tile of a [num_rows, head_dim] slab with unit last-dim stride; 0 outside."""
     offsets = rows.to(tl.int64)[:, None] * row_stride + d[None, :]
     return tl.load(ptr + offsets, mask=_tile_mask(rows, d, num_rows, head_dim, EVEN_D), other=0.0)
+
+
+@triton.jit
+def _load_keys(ptr, cols, d, Ta, head_dim, row_stride, bias, EVEN_D: tl.constexpr, HAS_MASK: tl.constexpr):
+    """[len(cols), BLOCK_D] tile of keys or values: 0 past Ta and, with a mask, at masked keys
+    (bias -inf), so that nothing a masked key holds, a NaN included, reaches a dot (0 · NaN would
+    spread it to the output and to dQ)."""
+    mask = _tile_mask(cols, d, Ta, head_dim, EVEN_D)
+    if HAS_MASK:
+        mask = mask & (bias != float("-inf"))[:, None]
+    return tl.load(ptr + cols.to(tl.int64)[:, None] * row_stride + d[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
@@ -191,8 +203,8 @@ def _flash_cross_attention_fwd_kernel(
         bias = _key_bias(bias_ptr, b, cols, Ta, sbb, sbt, HAS_MASK)
         if HAS_MASK:
             valid_keys += tl.sum((bias == 0.0).to(tl.int32), 0)
-        k = _load_tile(k_base, cols, d, Ta, head_dim, skt, EVEN_D).to(DOT_DTYPE)
-        k_t = _load_tile(k_base, cols, dt, Ta, head_dim, skt, False).to(DOT_DTYPE) if HAS_TAIL else k
+        k = _load_keys(k_base, cols, d, Ta, head_dim, skt, bias, EVEN_D, HAS_MASK).to(DOT_DTYPE)
+        k_t = _load_keys(k_base, cols, dt, Ta, head_dim, skt, bias, False, HAS_MASK).to(DOT_DTYPE) if HAS_TAIL else k
         s = _dot_t(q, q_t, k, k_t, ACC_DTYPE, HAS_TAIL) * qk_scale + bias[None, :]
         s = _mask_scores(s, bias[None, :], HAS_MASK)
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -201,11 +213,11 @@ def _flash_cross_attention_fwd_kernel(
         p = tl.exp2(s - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(v_base, cols, d, Ta, head_dim, svt, EVEN_D).to(DOT_DTYPE)
+        v = _load_keys(v_base, cols, d, Ta, head_dim, svt, bias, EVEN_D, HAS_MASK).to(DOT_DTYPE)
         # out_dtype: triton 3.6 asserts it equals a non-fp32 accumulator's dtype (no default from acc).
         acc = tl.dot(p.to(DOT_DTYPE), v, acc * alpha[:, None], input_precision="ieee", out_dtype=ACC_DTYPE)
         if HAS_TAIL:
-            v_t = _load_tile(v_base, cols, dt, Ta, head_dim, svt, False).to(DOT_DTYPE)
+            v_t = _load_keys(v_base, cols, dt, Ta, head_dim, svt, bias, False, HAS_MASK).to(DOT_DTYPE)
             acc_t = tl.dot(p.to(DOT_DTYPE), v_t, acc_t * alpha[:, None], input_precision="ieee", out_dtype=ACC_DTYPE)
         m_i = m_new
 
@@ -381,10 +393,10 @@ def _flash_cross_attention_bwd_dkdv_kernel(
     bias = _key_bias(bias_ptr, b, cols, Ta, sbb, sbt, HAS_MASK)
     k_base = k_ptr + b * skb + h * skh
     v_base = v_ptr + b * svb + h * svh
-    k = _load_tile(k_base, cols, d, Ta, head_dim, skt, EVEN_D).to(DOT_DTYPE)
-    v = _load_tile(v_base, cols, d, Ta, head_dim, svt, EVEN_D).to(DOT_DTYPE)
-    k_t = _load_tile(k_base, cols, dt, Ta, head_dim, skt, False).to(DOT_DTYPE) if HAS_TAIL else k
-    v_t = _load_tile(v_base, cols, dt, Ta, head_dim, svt, False).to(DOT_DTYPE) if HAS_TAIL else v
+    k = _load_keys(k_base, cols, d, Ta, head_dim, skt, bias, EVEN_D, HAS_MASK).to(DOT_DTYPE)
+    v = _load_keys(v_base, cols, d, Ta, head_dim, svt, bias, EVEN_D, HAS_MASK).to(DOT_DTYPE)
+    k_t = _load_keys(k_base, cols, dt, Ta, head_dim, skt, bias, False, HAS_MASK).to(DOT_DTYPE) if HAS_TAIL else k
+    v_t = _load_keys(v_base, cols, dt, Ta, head_dim, svt, bias, False, HAS_MASK).to(DOT_DTYPE) if HAS_TAIL else v
     q_base = q_ptr + b * sqb + h * sqh
     do_base = do_ptr + b * sdob + h * sdoh
     stats_base = (b * num_heads + h) * Tx
@@ -410,14 +422,16 @@ def _flash_cross_attention_bwd_dkdv_kernel(
             dv_t = tl.dot(p_t.to(DOT_DTYPE), do_t, dv_t, input_precision="ieee", out_dtype=ACC_DTYPE)
         dp_t = _dot_t(v, v_t, do, do_t, ACC_DTYPE, HAS_TAIL)
         ds_t = p_t * (dp_t - delta[None, :])
-        if HAS_MASK:
-            # Rows past Tx (lse +inf) add nothing to dK, even where a masked key's v holds NaN
-            # (P · (dP - delta) = 0 · NaN there).
-            ds_t = tl.where((lse == float("inf"))[None, :], 0.0, ds_t)
         dk = tl.dot(ds_t.to(DOT_DTYPE), q, dk, input_precision="ieee", out_dtype=ACC_DTYPE)
         if HAS_TAIL:
             dk_t = tl.dot(ds_t.to(DOT_DTYPE), q_t, dk_t, input_precision="ieee", out_dtype=ACC_DTYPE)
     dk = dk * _scalar(scale_hi, scale_lo, ACC_DTYPE)
+    if HAS_MASK:
+        # A masked key gets exactly zero gradients, even from a query row holding NaN (0 · NaN).
+        padded = (bias == float("-inf"))[:, None]
+        dk, dv = tl.where(padded, 0.0, dk), tl.where(padded, 0.0, dv)
+        if HAS_TAIL:
+            dk_t, dv_t = tl.where(padded, 0.0, dk_t), tl.where(padded, 0.0, dv_t)
 
     g_offsets = b * sgb + h * sgh + cols.to(tl.int64)[:, None] * sgt + d[None, :]
     g_mask = _tile_mask(cols, d, Ta, head_dim, EVEN_D)
@@ -500,10 +514,10 @@ def _flash_cross_attention_bwd_dq_kernel(
     for n0 in range(0, _walked(Ta, lse_ptr + stats_base, HAS_MASK), BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         bias = _key_bias(bias_ptr, b, cols, Ta, sbb, sbt, HAS_MASK)
-        k = _load_tile(k_base, cols, d, Ta, head_dim, skt, EVEN_D).to(DOT_DTYPE)
-        v = _load_tile(v_base, cols, d, Ta, head_dim, svt, EVEN_D).to(DOT_DTYPE)
-        k_t = _load_tile(k_base, cols, dt, Ta, head_dim, skt, False).to(DOT_DTYPE) if HAS_TAIL else k
-        v_t = _load_tile(v_base, cols, dt, Ta, head_dim, svt, False).to(DOT_DTYPE) if HAS_TAIL else v
+        k = _load_keys(k_base, cols, d, Ta, head_dim, skt, bias, EVEN_D, HAS_MASK).to(DOT_DTYPE)
+        v = _load_keys(v_base, cols, d, Ta, head_dim, svt, bias, EVEN_D, HAS_MASK).to(DOT_DTYPE)
+        k_t = _load_keys(k_base, cols, dt, Ta, head_dim, skt, bias, False, HAS_MASK).to(DOT_DTYPE) if HAS_TAIL else k
+        v_t = _load_keys(v_base, cols, dt, Ta, head_dim, svt, bias, False, HAS_MASK).to(DOT_DTYPE) if HAS_TAIL else v
         s = _dot_t(q, q_t, k, k_t, ACC_DTYPE, HAS_TAIL) * qk_scale + bias[None, :]
         s = _mask_scores(s, bias[None, :], HAS_MASK)
         p = tl.exp2(s - lse[:, None])
@@ -933,6 +947,51 @@ def _check_inputs(q, k, v, key_padding_mask, scale) -> None:
             raise ValueError(f"{OP}: scale must be finite, got {scale}")
 
 
+def _sdpa_attention(q, k, v, key_padding_mask, scale: float) -> torch.Tensor:
+    """The vendor path: PyTorch's SDPA, which picks cuDNN, FlashAttention or memory-efficient
+    attention itself on CUDA, under the package's contract (the reference's safe-softmax zeros,
+    no trace of a padded key). [B, Tx, nh, hd] in and out, out contiguous.
+
+    A padded key and its value are zeroed before SDPA: with the boolean mask alone, a NaN there
+    still reaches the output and dq, dk through 0 · NaN in SDPA's backward (on the CPU in fp64,
+    fp32 and bf16). A batch element whose keys are all padded attends with its mask lifted, over
+    zeroed q, k and v (finite everywhere), and its output is replaced by 0: no gradient reaches it.
+    On the CPU a non-finite query row is made NaN explicitly, as in the reference (CPU SDPA
+    returns 0 there for short key lists); CUDA's fused kernels propagate the NaN themselves.
+    """
+    if k.shape[1] == 0:
+        return reference.flash_cross_attention(q, k, v, key_padding_mask, scale=scale)
+    finite = q.isfinite().all(dim=-1, keepdim=True).transpose(1, 2) if q.device.type == "cpu" else None
+    keep = empty = None
+    if key_padding_mask is not None:
+        padded = key_padding_mask[:, :, None, None]
+        k, v = k.masked_fill(padded, 0), v.masked_fill(padded, 0)
+        empty = key_padding_mask.all(dim=1)[:, None, None, None]  # [B, 1, 1, 1]
+        q = q.masked_fill(empty, 0)
+        keep = (~key_padding_mask)[:, None, None, :] | empty  # [B, 1, 1, Ta], True = attend
+    qt, kt, vt = (reference.sdpa_aligned(t.transpose(1, 2)) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=keep, scale=scale)
+    if finite is not None:
+        out = reference.poison_rows(out, finite)
+    if empty is not None:
+        out = out.masked_fill(empty, 0)
+    return out.transpose(1, 2).contiguous()
+
+
+def resolve_backend(q, k, v, key_padding_mask, backend: str) -> str:
+    """The attention core a call runs: "torch" (the reference), "sdpa" or "triton".
+
+    auto: on CUDA, `orca_kernels.dispatch.attention_backend` (the vendor path unless a measurement
+    on this card says the Triton kernels win, the Triton kernels under deterministic algorithms,
+    flash-decoding for a decode step); on CPU tensors, the Triton kernels under TRITON_INTERPRET=1
+    (how CI tests them), else the reference. An explicit "triton" that cannot run raises."""
+    if backend in ("torch", "sdpa"):
+        return backend
+    if backend == "auto" and q.device.type == "cuda" and torch.cuda.is_available():
+        return dispatch.attention_backend(q, k, v, key_padding_mask)
+    return "triton" if use_triton(OP, q, backend) else "torch"
+
+
 def flash_cross_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -946,20 +1005,29 @@ def flash_cross_attention(
     (contiguous), differentiable in q, k and v.
 
     key_padding_mask [B, Ta] bool, True = ignore that key (nn.MultiheadAttention's convention); a
-    query whose keys are all ignored (or Ta = 0) gets 0 and no gradient, as in the reference.
+    query whose keys are all ignored (or Ta = 0) gets 0 and no gradient, as in the reference, and
+    an ignored key's k and v reach neither the output nor any gradient (not even a NaN there).
     scale defaults to 1/sqrt(hd). q, k, v may have any strides (views of packed projections are
     read in place); fp16/bf16/fp32/fp64, accumulation in fp32 (fp64 for fp64). Empty batches,
-    Tx = 0 and Ta = 0 are allowed. backend: "auto" (Triton on CUDA tensors, and on CPU tensors
-    under TRITON_INTERPRET=1; else the PyTorch reference), "triton", or "torch"
-    (`orca_kernels.reference.flash_cross_attention`). The Triton kernels take head dims up to 256.
+    Tx = 0 and Ta = 0 are allowed.
+
+    backend: "auto" (see `resolve_backend`: on CUDA the vendor path, SDPA, unless the dispatch
+    table measured the Triton kernels faster on this card; docs/architecture.md#attention-dispatch),
+    "sdpa" (PyTorch's SDPA with the package's masking rules, CPU and CUDA), "triton" (the
+    package's kernels: CUDA, or the CPU under TRITON_INTERPRET=1; deterministic; head dims up to
+    256), or "torch" (`orca_kernels.reference.flash_cross_attention`).
     """
     check_backend(OP, backend, BACKENDS)
     _check_inputs(q, k, v, key_padding_mask, scale)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if not use_triton(OP, q, backend):
+    chosen = resolve_backend(q, k, v, key_padding_mask, backend)
+    if chosen == "torch":
         return reference.flash_cross_attention(q, k, v, key_padding_mask, scale=scale)
+    if chosen == "sdpa":
+        return _sdpa_attention(q, k, v, key_padding_mask, scale)
     if q.shape[-1] > MAX_HEAD_DIM:
         raise ValueError(
-            f"{OP}: head dim {q.shape[-1]} > {MAX_HEAD_DIM} is not supported by the Triton kernels; use backend='torch'"
+            f"{OP}: head dim {q.shape[-1]} > {MAX_HEAD_DIM} is not supported by the Triton kernels; "
+            "use backend='sdpa' or backend='torch'"
         )
     return _attention_op(q, k, v, key_padding_mask, scale)[0]

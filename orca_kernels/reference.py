@@ -174,21 +174,25 @@ def flash_cross_attention(
         # gradients whatever q holds.
         # (k and v are empty: their sums are exact zeros, which keeps them in the graph.)
         return torch.where(torch.zeros_like(q, dtype=torch.bool), q, 0.0) + (k.sum() + v.sum()) * 0
-    qt, kt, vt = (_sdpa_aligned(t.transpose(1, 2)) for t in (q, k, v))
+    qt, kt, vt = (sdpa_aligned(t.transpose(1, 2)) for t in (q, k, v))
     finite = qt.isfinite().all(dim=-1, keepdim=True)  # [B, nh, Tx, 1]
     if key_padding_mask is None:
         out = F.scaled_dot_product_attention(qt, kt, vt, scale=scale)
-        return _poison_rows(out, finite).transpose(1, 2).contiguous()
+        return poison_rows(out, finite).transpose(1, 2).contiguous()
     empty = key_padding_mask.all(dim=-1)  # [B]
     keep = (~key_padding_mask | empty[:, None])[:, None, None, :]  # [B, 1, 1, Ta], True = attend
-    # Zeroed inputs where every key is masked: a NaN there would otherwise reach the gradients
-    # through SDPA's backward (its rowsum(dO ∘ O) is 0 · NaN), although the output is replaced by 0.
-    qt, kt, vt = (t.masked_fill(empty[:, None, None, None], 0) for t in (qt, kt, vt))
-    out = _poison_rows(F.scaled_dot_product_attention(qt, kt, vt, attn_mask=keep, scale=scale), finite)
+    # Zeroed padded keys and values: SDPA's boolean mask alone lets a NaN there reach the output
+    # and dq, dk (0 · NaN in its backward). Zeroed queries where every key is masked: a NaN there
+    # would reach the gradients through SDPA's backward (its rowsum(dO ∘ O) is 0 · NaN), although
+    # the output is replaced by 0.
+    padded = key_padding_mask[:, None, :, None]  # [B, 1, Ta, 1]
+    kt, vt = kt.masked_fill(padded, 0), vt.masked_fill(padded, 0)
+    qt = qt.masked_fill(empty[:, None, None, None], 0)
+    out = poison_rows(F.scaled_dot_product_attention(qt, kt, vt, attn_mask=keep, scale=scale), finite)
     return out.masked_fill(empty[:, None, None, None], 0).transpose(1, 2).contiguous()
 
 
-def _sdpa_aligned(t: torch.Tensor) -> torch.Tensor:
+def sdpa_aligned(t: torch.Tensor) -> torch.Tensor:
     """t, or a contiguous copy where a stride or the start is not a multiple of 16 bytes. SDPA's
     fused CUDA kernels load 16-byte vectors, and torch's own layout check misses some views: a
     one-row query slice of a projection with an odd row stride crashed cuDNN's attention backward
@@ -200,7 +204,7 @@ def _sdpa_aligned(t: torch.Tensor) -> torch.Tensor:
     return t if aligned else t.contiguous()
 
 
-def _poison_rows(out: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+def poison_rows(out: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
     """out + (0 where `finite`, NaN elsewhere), broadcast over the last dim; gradients pass unchanged."""
     return out + torch.where(finite, 0.0, float("nan")).to(out.dtype)
 

@@ -29,10 +29,10 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INT64_MAX = 2**63 - 1
 
 
-def check_backend(op: str, backend: str, allowed: tuple[str, ...]) -> None:
-    """One of the backend names `allowed`."""
-    if backend not in allowed:
-        raise ValueError(f"{op}: backend must be one of {', '.join(map(repr, allowed))}, got {backend!r}")
+def check_backend(op: str, backend: str, allowed: tuple[str, ...], name: str = "backend") -> None:
+    """One of the backend names `allowed` (the argument is called `name`)."""
+    if not isinstance(backend, str) or backend not in allowed:
+        raise ValueError(f"{op}: {name} must be one of {', '.join(map(repr, allowed))}, got {backend!r}")
 
 
 def check_bool(op: str, name: str, value) -> None:

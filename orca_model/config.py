@@ -10,6 +10,7 @@ from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
 
+from orca_kernels.cross_attention import ATTENTION_BACKENDS
 from orca_kernels.validation import check_bool
 
 logger = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ FIELD_CHECKS: dict[str, Callable[[str, Any], None]] = {
     "orca_gate_init": _finite,
     **dict.fromkeys(LOSS_WEIGHTS, _weight),
     "use_fused_orca": _boolean,
+    "orca_attention_backend": _one_of(ATTENTION_BACKENDS),
     "llm_dtype": _one_of(LLM_DTYPES),
 }
 
@@ -142,6 +144,10 @@ class DeSTA25Config(PretrainedConfig):
     Additions:
         use_fused_orca: run the connector's Conv1d, the ortho losses and the gated
             cross-attention through orca_kernels' fused ops (same parameters, same checkpoints).
+        orca_attention_backend: with use_fused_orca, the attention core of the gated
+            cross-attention: "auto" (on CUDA the vendor path, SDPA, unless the package's dispatch
+            table measured its Triton kernels faster on this card; the Triton kernels under
+            `torch.use_deterministic_algorithms(True)`), "sdpa" or "triton" to force one.
         orca_target_layer_ids: 0-based encoder layers the connector reads, sorted and unique;
             None derives them from the encoder's layer count (see `target_layer_ids`).
         llm_dtype: dtype the LLM is loaded in, and that the connector and the cross-attention
@@ -153,7 +159,8 @@ class DeSTA25Config(PretrainedConfig):
     later assignments): `connector_mode` in CONNECTOR_MODES, `llm_dtype` in LLM_DTYPES;
     `qformer_num_hidden_layers`, `orca_global_num_tokens`, `orca_local_downsample`,
     `orca_local_kernel_size` ints >= 1; `orca_audio_position_scale` finite and > 0; the four loss
-    weights finite and >= 0; `orca_gate_init` finite; `use_fused_orca` a bool. A bad value is a
+    weights finite and >= 0; `orca_gate_init` finite; `use_fused_orca` a bool; `orca_attention_backend` in
+    ATTENTION_BACKENDS. A bad value is a
     ValueError (TypeError for a wrong type) naming the field and what it allows.
     """
 
@@ -187,6 +194,7 @@ class DeSTA25Config(PretrainedConfig):
         orca_ortho_weight_qformer_local: float = 0.01,
         orca_align_weight_local: float = 0.05,
         use_fused_orca: bool = False,
+        orca_attention_backend: str = "auto",
         orca_target_layer_ids: list[int] | None = None,
         llm_dtype: str = "bfloat16",
         llm_config: PretrainedConfig | dict[str, Any] | None = None,
@@ -221,6 +229,7 @@ class DeSTA25Config(PretrainedConfig):
         self.orca_align_weight_local = orca_align_weight_local
 
         self.use_fused_orca = use_fused_orca
+        self.orca_attention_backend = orca_attention_backend
         self.orca_target_layer_ids = list(orca_target_layer_ids) if orca_target_layer_ids is not None else None
         self.llm_dtype = llm_dtype
         self.info = "Ｄｅｓｔａ２。５ Ａｕｄｉｏ"  # the reference stores this banner in its configs too

@@ -9,8 +9,10 @@ from torch import nn
 
 import orca_kernels
 from orca_kernels import reference
+from orca_kernels.cross_attention import ATTENTION_BACKENDS
 from orca_kernels.flash_attention import MAX_HEAD_DIM
 from orca_kernels.validation import (
+    check_backend,
     check_bool,
     check_finite_real,
     check_int,
@@ -66,9 +68,12 @@ class OrcaGatedCrossAttention(nn.Module):
             where they can run (`orca_kernels.kernels_available`: CUDA, and the CPU under
             TRITON_INTERPRET=1); elsewhere the reference path. False always runs the reference
             path (the reference's own operations).
+        attention_backend: the fused path's attention core, "auto" (by measurement on CUDA,
+            docs/architecture.md#attention-dispatch), "sdpa" or "triton".
         config: the owning model's config (how `DeSTA25AudioModel` builds its modules). Then
-            `config.use_fused_orca`, read at every call, decides instead of `use_fused`, so that
-            the model has one switch; pass one or the other.
+            `config.use_fused_orca` and `config.orca_attention_backend`, read at every call,
+            decide instead of `use_fused` and `attention_backend`, so that the model has one
+            switch; pass one or the other.
     """
 
     def __init__(
@@ -80,14 +85,16 @@ class OrcaGatedCrossAttention(nn.Module):
         audio_position_scale: float = 2.5,
         use_fused: bool = False,
         *,
+        attention_backend: str = "auto",
         config: DeSTA25Config | None = None,
     ):
         super().__init__()
-        if config is not None and use_fused:
+        if config is not None and (use_fused or attention_backend != "auto"):
             raise ValueError(
-                "OrcaGatedCrossAttention: pass use_fused or config, not both "
-                "(with config, config.use_fused_orca decides)"
+                "OrcaGatedCrossAttention: pass use_fused / attention_backend or config, not both "
+                "(with config, config.use_fused_orca and config.orca_attention_backend decide)"
             )
+        check_backend(MODULE, attention_backend, ATTENTION_BACKENDS, "attention_backend")
         check_int(MODULE, "hidden_size", hidden_size, 1)
         check_int(MODULE, "num_heads", num_heads, 1)
         if hidden_size % num_heads:
@@ -111,6 +118,7 @@ class OrcaGatedCrossAttention(nn.Module):
         self.audio_position_scale = audio_position_scale
         self.config = config
         self._use_fused = use_fused
+        self._attention_backend = attention_backend
         self.layer_align_loss: torch.Tensor | None = None
 
     @property
@@ -119,6 +127,12 @@ class OrcaGatedCrossAttention(nn.Module):
         when built with a config, else the constructor's flag. Read-only: a model's modules follow
         its config (`DeSTA25AudioModel.set_use_fused_orca`)."""
         return self.config.use_fused_orca if self.config is not None else self._use_fused
+
+    @property
+    def attention_backend(self) -> str:
+        """The fused path's attention core: `config.orca_attention_backend` when built with a
+        config, else the constructor's."""
+        return self.config.orca_attention_backend if self.config is not None else self._attention_backend
 
     def parameters_in_order(self) -> tuple[torch.Tensor, ...]:
         """The ten parameters in the order of `orca_kernels.gated_cross_attention`."""
@@ -142,12 +156,19 @@ class OrcaGatedCrossAttention(nn.Module):
         audio_local_mask: torch.Tensor | None = None,
         transcription_positions: Sequence[tuple[int, int, int]] | None = None,
         audio_cache: AudioMemoryCache | None = None,
+        audio_local_mask_marks_rows: bool = False,
     ) -> torch.Tensor:
         """hidden_states [B, T_x, H], audio_local [B, T_a, H] (None or T_a = 0: returned unchanged),
         audio_local_mask [B, T_a] (True = keep, the reference's convention; a row with no True is
         returned unchanged: it has no audio), transcription_positions a list of (row, start, end)
         spans for the alignment loss, audio_cache an `AudioMemoryCache` shared by the layers
-        (optional). Returns [B, T_x, H]."""
+        (optional). Returns [B, T_x, H].
+
+        audio_local_mask_marks_rows: the caller knows that the mask only marks whole rows (all
+        True or all False, as `inputs.memory_by_row` makes it, with zeros in the rows without
+        audio). The fused path then runs the attention core without a mask (the unmasked, faster
+        kernels), since those rows are returned unchanged anyway; nothing reads the mask's values
+        on the host to find that out."""
         self._check_forward_inputs(hidden_states, audio_local, audio_local_mask)
         if audio_local is None or audio_local.shape[1] == 0:
             self.layer_align_loss = None
@@ -180,7 +201,14 @@ class OrcaGatedCrossAttention(nn.Module):
             if id(self) not in cache.kv:
                 cache.kv[id(self)] = orca_kernels.project_audio_kv(rotated, parameters[0], parameters[1])
             kv = cache.kv[id(self)]
-            out = orca_kernels.attend_audio_kv(hidden_states, kv, *parameters, self.num_heads, key_padding_mask)
+            out = orca_kernels.attend_audio_kv(
+                hidden_states,
+                kv,
+                *parameters,
+                self.num_heads,
+                None if audio_local_mask_marks_rows else key_padding_mask,
+                attention_backend=self.attention_backend,
+            )
         else:
             out = reference.attend_rotated(hidden_states, rotated, *parameters, self.num_heads, key_padding_mask)
         if has_audio is not None:

@@ -45,6 +45,7 @@ class InjectionContext:
     Attributes (None outside `active`):
         audio: [B, T_a, H] memory (local tokens, or global + local with `orca_global_cross_attn`).
         audio_mask: [B, T_a], True = attend (the reference's convention; always None there).
+        audio_mask_marks_rows: whether audio_mask only marks whole rows (False outside `active`).
         transcription_positions: (batch, start, end) spans for the per-layer alignment loss.
         audio_cache: what the layers derive from the memory (rotated memory, pooled memory,
             per-layer K/V), computed by the first layer that needs it and reused by the others
@@ -56,6 +57,7 @@ class InjectionContext:
         self.audio_mask: torch.Tensor | None = None
         self.transcription_positions: Sequence[tuple[int, int, int]] | None = None
         self.audio_cache: AudioMemoryCache | None = None
+        self.audio_mask_marks_rows = False
         # Set while a checkpointed decoder layer runs: its hook defers the injection to the
         # checkpoint wrapper (`_CheckpointOutsideInjection`) and records that it did.
         self.deferred: _DeferredInjection | None = None
@@ -66,16 +68,21 @@ class InjectionContext:
         audio: torch.Tensor | None,
         audio_mask: torch.Tensor | None = None,
         transcription_positions: Sequence[tuple[int, int, int]] | None = None,
+        audio_mask_marks_rows: bool = False,
     ) -> Iterator[None]:
-        """Set the memory for the body of the `with` block; cleared afterwards, even on an error."""
+        """Set the memory for the body of the `with` block; cleared afterwards, even on an error.
+        audio_mask_marks_rows: the mask only marks whole rows (`inputs.memory_by_row`), see
+        `OrcaGatedCrossAttention.forward`."""
         if self.audio is not None:
             raise RuntimeError("InjectionContext is already active: one LLM call at a time")
         self.audio, self.audio_mask, self.transcription_positions = audio, audio_mask, transcription_positions
+        self.audio_mask_marks_rows = audio_mask_marks_rows
         self.audio_cache = AudioMemoryCache()
         try:
             yield
         finally:
             self.audio = self.audio_mask = self.transcription_positions = self.audio_cache = None
+            self.audio_mask_marks_rows = False
 
 
 class DeepInjection:
@@ -119,6 +126,7 @@ class DeepInjection:
             audio_local_mask=context.audio_mask,
             transcription_positions=context.transcription_positions,
             audio_cache=context.audio_cache,
+            audio_local_mask_marks_rows=context.audio_mask_marks_rows,
         )
         return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
 

@@ -339,7 +339,12 @@ class DeSTA25AudioModel(nn.Module):
         try:
             active = memory is not None
             context = self._injection.context
-            with context.active(memory, memory_mask, transcription_positions) if active else nullcontext():
+            # The memory comes from `memory_by_row`: its mask marks whole rows only.
+            with (
+                context.active(memory, memory_mask, transcription_positions, audio_mask_marks_rows=True)
+                if active
+                else nullcontext()
+            ):
                 yield
         finally:
             # A failed forward must not leave per-layer losses behind for the next one.

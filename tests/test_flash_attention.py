@@ -15,7 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from orca_kernels import _utils, reference
+from orca_kernels import _utils, dispatch, reference
+from orca_kernels import flash_attention as attention
 from orca_kernels.flash_attention import flash_cross_attention
 from tolerances import assert_matches_truth
 
@@ -93,16 +94,17 @@ def _run(inputs: Inputs, mask, grad_out, backend="triton"):
     return out, torch.autograd.grad(out, inputs.leaves, grad_out)
 
 
+@pytest.mark.parametrize("backend", ["triton", "sdpa"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_matches_reference(device, dtype, case):
+def test_matches_reference(device, dtype, case, backend):
     B, Tx, Ta, nh, hd, masked, packed = case
     inputs = Inputs(B, Tx, Ta, nh, hd, dtype, device, packed)
     q, k, v = inputs.views()
     assert packed == (not q.is_contiguous() and not k.is_contiguous())
     mask = _partial_mask(B, Ta, device) if masked else None
     grad_out = torch.randn(B, Tx, nh, hd, dtype=dtype, device=device)
-    out, grads = _run(inputs, mask, grad_out)
+    out, grads = _run(inputs, mask, grad_out, backend)
     out_truth, grads_truth = inputs.truth(mask, grad_out)
     assert out.dtype == dtype and out.is_contiguous()
     assert_matches_truth(out, out_truth, name="out")
@@ -125,16 +127,17 @@ def test_longest_audio(device):
         assert_matches_truth(grad, grad_truth, name="grad")
 
 
+@pytest.mark.parametrize("backend", ["triton", "sdpa"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", [CASES[2], CASES[1], CASES[-1]], ids=_case_id)
-def test_low_precision_within_twice_reference_error(device, dtype, case):
+def test_low_precision_within_twice_reference_error(device, dtype, case, backend):
     """fp16/bf16: at most 2x the same-dtype PyTorch reference's error against fp64 (out and grads).
     On CPU bf16 dot operands are upcast under the interpreter, so the GPU run is the real bf16 check."""
     B, Tx, Ta, nh, hd, masked, packed = case
     inputs = Inputs(B, Tx, Ta, nh, hd, dtype, device, packed)
     mask = _partial_mask(B, Ta, device) if masked else None
     grad_out = torch.randn(B, Tx, nh, hd, dtype=dtype, device=device)
-    out, grads = _run(inputs, mask, grad_out)
+    out, grads = _run(inputs, mask, grad_out, backend)
     out_ref, grads_ref = _run(inputs, mask, grad_out, backend="torch")
     out_truth, grads_truth = inputs.truth(mask, grad_out)
     assert out.dtype == dtype
@@ -190,7 +193,7 @@ def test_module_path_matches_multi_head_attention(device):
     grad_out = torch.randn_like(expected)
     expected_grads = torch.autograd.grad(expected, params, grad_out)
     assert torch.equal(expected[0], b_out.detach().expand(Tx, H))
-    for backend in ("triton", "torch"):
+    for backend in ("triton", "sdpa", "torch"):
         actual = fused(backend)
         grads = torch.autograd.grad(actual, params, grad_out)
         assert torch.equal(actual[0], expected[0]), backend
@@ -201,8 +204,9 @@ def test_module_path_matches_multi_head_attention(device):
             assert_matches_truth(grad, expected_grad, name=f"{backend} grad {name}")
 
 
+@pytest.mark.parametrize("backend", ["triton", "sdpa"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_fully_masked_rows_give_zero_and_no_gradient(device, dtype):
+def test_fully_masked_rows_give_zero_and_no_gradient(device, dtype, backend):
     """Every key of batch 0 masked: output exactly 0 and exactly zero gradients there, no NaN
     anywhere; batch 1 (no masked key) is unaffected."""
     for Tx, Ta in [(7, 13), (1, 1)]:
@@ -210,7 +214,7 @@ def test_fully_masked_rows_give_zero_and_no_gradient(device, dtype):
         mask = torch.zeros(2, Ta, dtype=torch.bool, device=device)
         mask[0] = True
         grad_out = torch.randn(2, Tx, 2, 8, dtype=dtype, device=device)
-        out, (dq, dk, dv) = _run(inputs, mask, grad_out)
+        out, (dq, dk, dv) = _run(inputs, mask, grad_out, backend)
         for t in (out, dq, dk, dv):
             assert not t.isnan().any()
             assert torch.all(t[0] == 0)
@@ -244,15 +248,16 @@ def test_expanded_and_strided_upstream_gradients(device):
         assert_matches_truth(grad, grad_truth, name="grad from a strided view")
 
 
+@pytest.mark.parametrize("backend", ["triton", "sdpa"])
 @pytest.mark.parametrize("B, Tx, Ta", [(0, 7, 13), (2, 0, 13), (2, 7, 0)], ids=["B0", "Tx0", "Ta0"])
-def test_empty_dimensions(device, B, Tx, Ta):
+def test_empty_dimensions(device, B, Tx, Ta, backend):
     """Empty batch and Tx = 0: empty results. Ta = 0: no key to attend to, output 0 (as SDPA
     gives) and zero gradients."""
     inputs = Inputs(B, Tx, Ta, 2, 8, torch.float32, device, packed=False)
     mask = torch.zeros(B, Ta, dtype=torch.bool, device=device)
     grad_out = torch.randn(B, Tx, 2, 8, device=device)
     for m in (None, mask):
-        out, grads = _run(inputs, m, grad_out)
+        out, grads = _run(inputs, m, grad_out, backend)
         out_ref, grads_ref = _run(inputs, m, grad_out, backend="torch")
         assert out.shape == (B, Tx, 2, 8)
         torch.testing.assert_close(out, out_ref, rtol=0, atol=0)
@@ -283,16 +288,17 @@ def test_backward_is_deterministic(device):
         assert torch.equal(a, b)
 
 
-def test_gradcheck_fp64(device):
+@pytest.mark.parametrize("backend", ["triton", "sdpa"])
+def test_gradcheck_fp64(device, backend):
     inputs = Inputs(2, 3, 5, 2, 8, torch.float64, device, packed=True)
     mask = torch.tensor([[False, True, False, False, True], [True] * 5], device=device)  # batch 1 fully masked
 
     def fn(*leaves):
-        return flash_cross_attention(*inputs.views(leaves), mask, backend="triton")
+        return flash_cross_attention(*inputs.views(leaves), mask, backend=backend)
 
     assert torch.autograd.gradcheck(fn, tuple(inputs.leaves), fast_mode=True)
     assert torch.autograd.gradcheck(
-        lambda *leaves: flash_cross_attention(*inputs.views(leaves), backend="triton"),
+        lambda *leaves: flash_cross_attention(*inputs.views(leaves), backend=backend),
         tuple(inputs.leaves),
         fast_mode=True,
     )
@@ -314,12 +320,13 @@ def test_opcheck(device):
         )
 
 
-def test_torch_compile_fullgraph(device):
+@pytest.mark.parametrize("backend", ["auto", "sdpa"])
+def test_torch_compile_fullgraph(device, backend):
     inputs = Inputs(2, 7, 13, 2, 8, torch.float32, device, packed=True)
     mask = _partial_mask(2, 13, device)
 
     def objective(q_proj, kv):
-        out = flash_cross_attention(*inputs.views((q_proj, kv)), mask)
+        out = flash_cross_attention(*inputs.views((q_proj, kv)), mask, backend=backend)
         return (out * out).sum()
 
     compiled = torch.compile(objective, fullgraph=True, backend="aot_eager")
@@ -415,7 +422,7 @@ def _qkv(device="cpu"):
         (lambda q, k, v: (q.numpy(), k, v, None), TypeError, "q must be a torch.Tensor"),
     ],
 )
-@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("backend", ["auto", "sdpa", "torch"])
 def test_bad_inputs_name_the_argument(make_args, error, match, backend):
     with pytest.raises(error, match=match):
         flash_cross_attention(*make_args(*_qkv()), backend=backend)
@@ -431,7 +438,7 @@ def test_bad_scale(scale, error, match):
 
 
 def test_unknown_backend():
-    with pytest.raises(ValueError, match="backend must be one of 'auto', 'triton', 'torch'"):
+    with pytest.raises(ValueError, match="backend must be one of 'auto', 'sdpa', 'triton', 'torch'"):
         flash_cross_attention(*_qkv(), backend="cuda")
 
 
@@ -471,11 +478,25 @@ def test_auto_uses_the_kernels_where_they_run(monkeypatch, device):
         flash_cross_attention(*_qkv(device), backend="torch")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the dispatch of auto on CUDA")
+@pytest.mark.parametrize("picked", ["sdpa", "triton"])
+def test_auto_on_cuda_runs_what_the_dispatch_picks(monkeypatch, picked):
+    """auto on CUDA runs what orca_kernels.dispatch picks (never the reference)."""
+    ran = []
+    sdpa = attention._sdpa_attention
+    monkeypatch.setattr(attention, "_sdpa_attention", lambda *a: ran.append("sdpa") or sdpa(*a))
+    monkeypatch.setattr(attention, "_attention_op", lambda *a: ran.append("triton") or (a[0].clone(), None))
+    monkeypatch.setattr(dispatch, "attention_backend", lambda *a: picked)
+    flash_cross_attention(*_qkv("cuda"))
+    assert ran == [picked]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "mask"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("Ta", [5, 13], ids=["Ta5", "Ta13"])
-def test_non_finite_query_gives_nan_on_both_backends(device, dtype, masked, bad, Ta):
+@pytest.mark.parametrize("backend", ["triton", "sdpa"])
+def test_non_finite_query_gives_nan_on_both_backends(device, dtype, masked, bad, Ta, backend):
     """A NaN or ±inf in one query row: the kernel's output row is NaN, and so is the reference's
     (torch 2.14's CPU SDPA without a mask returns 0 there when Ta < 8, hiding the bad input).
     Every other row, and the NaN pattern of the gradients, agree between the backends."""
@@ -485,7 +506,7 @@ def test_non_finite_query_gives_nan_on_both_backends(device, dtype, masked, bad,
         inputs.leaves[0][0, 3, 1, 5] = bad
     mask = _partial_mask(B, Ta, device) if masked else None
     grad_out = torch.randn(B, Tx, nh, hd, dtype=dtype, device=device)
-    kernel = _run(inputs, mask, grad_out)
+    kernel = _run(inputs, mask, grad_out, backend)
     torch_backend = _run(inputs, mask, grad_out, backend="torch")
     out = torch_backend[0]
     assert out[0, 3, 1].isnan().all(), "the reference hid a non-finite query"
@@ -508,7 +529,7 @@ def test_finite_inputs_are_unchanged_by_the_nan_check(masked):
     assert torch.equal(reference.flash_cross_attention(q, k, v, mask), expected.transpose(1, 2))
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "sdpa", "torch"])
 def test_fully_masked_row_stays_zero_with_a_nan_query(triton_device, backend):
     """Fully masked rows are 0 with zero gradients whatever the query holds, on both backends."""
     q, k, v = (t.to(triton_device).requires_grad_() for t in _qkv())
@@ -522,7 +543,7 @@ def test_fully_masked_row_stays_zero_with_a_nan_query(triton_device, backend):
     assert all(torch.all(g[0] == 0) for g in grads)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "sdpa", "torch"])
 def test_fully_masked_batch_with_nan_keys_and_values_stays_zero(triton_device, backend):
     """NaN and inf in the keys and values of a fully masked batch element: still 0 with zero
     gradients there (the kernels select rather than multiply by 0), and the other element clean."""
@@ -549,7 +570,58 @@ def test_an_infinite_query_with_unmasked_keys_is_nan_not_empty(triton_device, ba
     q[0, 1, 0, 2] = bad
     mask = torch.zeros(2, 9, dtype=torch.bool, device=triton_device)
     mask[0, :4] = True
-    for backend in ("triton", "torch"):
+    for backend in ("triton", "sdpa", "torch"):
         out = flash_cross_attention(q, k, v, mask, backend=backend)
         assert out[0, 1, 0].isnan().all(), backend
         assert not out[0, 0].isnan().any() and not out[1].isnan().any(), backend
+
+
+@pytest.mark.parametrize("backend", ["triton", "sdpa", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_a_padded_key_reaches_nothing(triton_device, backend, dtype, bad):
+    """NaN or inf in the k and v of padded keys (a batch element partly padded, Ta spanning two
+    key blocks): the output and dq, dk, dv equal those of the same call with zeros there, bit for
+    bit, and the padded keys' dk and dv are exactly 0."""
+    B, Tx, Ta, nh, hd = 2, 7, 40, 2, 8
+    inputs = Inputs(B, Tx, Ta, nh, hd, dtype, triton_device, packed=False)
+    mask = _partial_mask(B, Ta, triton_device)
+    grad_out = torch.randn(B, Tx, nh, hd, dtype=dtype, device=triton_device)
+    with torch.no_grad():
+        for leaf in inputs.leaves[1:]:
+            leaf.masked_fill_(mask[:, :, None, None], 0)
+    clean = _run(inputs, mask, grad_out, backend)
+    with torch.no_grad():
+        for leaf in inputs.leaves[1:]:
+            leaf.masked_fill_(mask[:, :, None, None], bad)
+    dirty = _run(inputs, mask, grad_out, backend)
+    for name, actual, expected in zip("oqkv", (dirty[0], *dirty[1]), (clean[0], *clean[1]), strict=True):
+        assert torch.equal(actual, expected), name
+    for grad in dirty[1][1:]:
+        assert torch.all(grad[mask] == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sdpa_backend_matches_the_kernels_at_head_dim_80(triton_device, dtype):
+    """Head dim 80 (Qwen3-4B): the vendor path and the Triton kernels agree with each other and
+    with the fp64 truth, masked, on packed views."""
+    inputs = Inputs(2, 9, 21, 2, 80, dtype, triton_device, packed=True)
+    mask = _partial_mask(2, 21, triton_device)
+    grad_out = torch.randn(2, 9, 2, 80, dtype=dtype, device=triton_device)
+    sdpa, kernels = _run(inputs, mask, grad_out, "sdpa"), _run(inputs, mask, grad_out, "triton")
+    reference_run = _run(inputs, mask, grad_out, "torch")
+    out_truth, grads_truth = inputs.truth(mask, grad_out)
+    for run in (sdpa, kernels):
+        assert_matches_truth(run[0], out_truth, same_dtype_reference=reference_run[0], name="out")
+        for grad, grad_ref, grad_truth in zip(run[1], reference_run[1], grads_truth, strict=True):
+            assert_matches_truth(grad, grad_truth, same_dtype_reference=grad_ref, name="grad")
+
+
+def test_sdpa_backend_runs_without_the_interpreter(monkeypatch):
+    """backend="sdpa" is plain PyTorch: it runs on CPU tensors whether or not the Triton kernels can."""
+    monkeypatch.setattr(_utils, "KERNELS_INTERPRETED", False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v = _qkv()
+    torch.testing.assert_close(
+        flash_cross_attention(q, k, v, backend="sdpa"), reference.flash_cross_attention(q, k, v), rtol=0, atol=0
+    )
