@@ -47,6 +47,8 @@ from orca_kernels import flash_attention as attention
 TABLE = Path(attention.__file__).with_name("_tuned.py")
 DISPATCH_TABLE = Path(attention.__file__).with_name("_dispatch_table.py")
 REPEATS = 25
+# The forward, the two-kernel backward's dK/dV and dQ kernels, and the one-pass backward.
+KERNELS = ("fwd", "dkdv", "dq", "bwd")
 PHASES = {"decode": 1, "prefill": 300}  # query rows: one decode step, a training sequence
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -74,7 +76,7 @@ class Launch:
 def launches(dtypes: list[torch.dtype]) -> list[Launch]:
     """One per kernel, dtype, head width and phase (models sharing a width are measured once)."""
     seen, result = set(), []
-    for dtype, model, phase, kernel in itertools.product(dtypes, MODELS, PHASES, ("fwd", "dkdv", "dq")):
+    for dtype, model, phase, kernel in itertools.product(dtypes, MODELS, PHASES, KERNELS):
         launch = Launch(kernel, model, phase, dtype)
         identity = (kernel, dtype, launch.width, phase)
         if identity not in seen:
@@ -119,7 +121,8 @@ def measure(launch: Launch, device: torch.device, capability: tuple[int, int]) -
     if launch.kernel == "fwd":
         run = lambda: attention._forward(q, k, v, None, scale)  # noqa: E731
     else:
-        run = lambda: attention._backward(q, k, v, None, out, lse, grad_out, scale)  # noqa: E731
+        one_pass = launch.kernel == "bwd"
+        run = lambda: attention._backward(q, k, v, None, out, lse, grad_out, scale, one_pass=one_pass)  # noqa: E731
     key = launch.key(capability)
     previous = _tuned.TUNED.pop(key, None)
     timings, failed = [], 0

@@ -536,6 +536,170 @@ def _flash_cross_attention_bwd_dq_kernel(
         tl.store(dq_ptr + g_offsets, cast_for_store(dq_t, dq_ptr), mask=_tile_mask(rows, dt, Tx, head_dim, False))
 
 
+@triton.jit
+def _flash_cross_attention_bwd_fused_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    bias_ptr,
+    do_ptr,
+    lse_ptr,
+    delta_ptr,
+    dq_ptr,
+    dk_ptr,
+    dv_ptr,
+    dq_acc_ptr,
+    Tx,
+    Ta,
+    num_heads,
+    head_dim,
+    qk_scale_hi,
+    qk_scale_lo,
+    scale_hi,
+    scale_lo,
+    sqb,
+    sqt,
+    sqh,
+    skb,
+    skt,
+    skh,
+    svb,
+    svt,
+    svh,
+    sbb,
+    sbt,
+    sdob,
+    sdot,
+    sdoh,
+    sgb,
+    sgt,
+    sgh,
+    sdqb,
+    sdqt,
+    sdqh,
+    acc_width,
+    HAS_MASK: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    BLOCK_DT: tl.constexpr,
+    HAS_TAIL: tl.constexpr,
+):
+    """dQ [B, Tx, nh, hd] (strides sdq*), dK, dV [B, Ta, nh, hd] (strides sg*) of one (batch, head) in one
+    pass: 5 tile products per (key block, query block) pair (S, dP, dV, dK and dQ), where the
+    two-kernel backward recomputes S and dP for dQ (7).
+
+    The program walks the key blocks in order; for each it accumulates dK and dV in registers over
+    every query block, and adds each query block's dS·K to dQ's fp32 partial sum, which this
+    program alone owns (dq_acc [B, nh, Tx, acc_width], no atomics: the same bits at every
+    run). The last key block writes dQ itself, scaled and in its dtype, so the partial sums never
+    need a pass of their own."""
+    h = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1).to(tl.int64)
+    qk_scale = _scalar(qk_scale_hi, qk_scale_lo, ACC_DTYPE)
+    scale = _scalar(scale_hi, scale_lo, ACC_DTYPE)
+    d = tl.arange(0, BLOCK_D)
+    dt = BLOCK_D + tl.arange(0, BLOCK_DT)
+    q_base = q_ptr + b * sqb + h * sqh
+    do_base = do_ptr + b * sdob + h * sdoh
+    k_base = k_ptr + b * skb + h * skh
+    v_base = v_ptr + b * svb + h * svh
+    stats_base = (b * num_heads + h) * Tx
+    acc_base = dq_acc_ptr + stats_base * acc_width
+    walked = _walked(Tx, lse_ptr + stats_base, HAS_MASK)
+    last = tl.cdiv(Ta, BLOCK_N) - 1
+    if walked == 0:
+        # Every key of this batch element is masked: dQ is 0 (the loops below write only dK, dV).
+        for m0 in range(0, Tx, BLOCK_M):
+            rows = m0 + tl.arange(0, BLOCK_M)
+            zero = tl.zeros((BLOCK_M, BLOCK_D), ACC_DTYPE)
+            g_offsets = b * sdqb + h * sdqh + rows.to(tl.int64)[:, None] * sdqt + d[None, :]
+            tl.store(dq_ptr + g_offsets, cast_for_store(zero, dq_ptr), mask=_tile_mask(rows, d, Tx, head_dim, EVEN_D))
+            if HAS_TAIL:
+                zero_t = tl.zeros((BLOCK_M, BLOCK_DT), ACC_DTYPE)
+                g_offsets = b * sdqb + h * sdqh + rows.to(tl.int64)[:, None] * sdqt + dt[None, :]
+                tl.store(
+                    dq_ptr + g_offsets, cast_for_store(zero_t, dq_ptr), mask=_tile_mask(rows, dt, Tx, head_dim, False)
+                )
+    for block in range(0, last + 1):
+        cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        bias = _key_bias(bias_ptr, b, cols, Ta, sbb, sbt, HAS_MASK)
+        k = _load_keys(k_base, cols, d, Ta, head_dim, skt, bias, EVEN_D, HAS_MASK).to(DOT_DTYPE)
+        v = _load_keys(v_base, cols, d, Ta, head_dim, svt, bias, EVEN_D, HAS_MASK).to(DOT_DTYPE)
+        k_t = _load_keys(k_base, cols, dt, Ta, head_dim, skt, bias, False, HAS_MASK).to(DOT_DTYPE) if HAS_TAIL else k
+        v_t = _load_keys(v_base, cols, dt, Ta, head_dim, svt, bias, False, HAS_MASK).to(DOT_DTYPE) if HAS_TAIL else v
+        dk = tl.zeros((BLOCK_N, BLOCK_D), ACC_DTYPE)
+        dv = tl.zeros((BLOCK_N, BLOCK_D), ACC_DTYPE)
+        dk_t = tl.zeros((BLOCK_N, BLOCK_DT), ACC_DTYPE)  # the tail columns' (unused without a tail)
+        dv_t = tl.zeros((BLOCK_N, BLOCK_DT), ACC_DTYPE)
+        for m0 in range(0, walked, BLOCK_M):
+            rows = m0 + tl.arange(0, BLOCK_M)
+            q = _load_tile(q_base, rows, d, Tx, head_dim, sqt, EVEN_D).to(DOT_DTYPE)
+            do = _load_tile(do_base, rows, d, Tx, head_dim, sdot, EVEN_D).to(DOT_DTYPE)
+            q_t = _load_tile(q_base, rows, dt, Tx, head_dim, sqt, False).to(DOT_DTYPE) if HAS_TAIL else q
+            do_t = _load_tile(do_base, rows, dt, Tx, head_dim, sdot, False).to(DOT_DTYPE) if HAS_TAIL else do
+            # Rows past Tx get lse = +inf, hence P = 0, like fully masked rows.
+            lse = tl.load(lse_ptr + stats_base + rows, mask=rows < Tx, other=float("inf"))
+            delta = tl.load(delta_ptr + stats_base + rows, mask=rows < Tx, other=0.0)
+            s_t = _dot_t(k, k_t, q, q_t, ACC_DTYPE, HAS_TAIL) * qk_scale + bias[:, None]
+            s_t = _mask_scores(s_t, bias[:, None], HAS_MASK)
+            p_t = tl.exp2(s_t - lse[None, :])
+            dv = tl.dot(p_t.to(DOT_DTYPE), do, dv, input_precision="ieee", out_dtype=ACC_DTYPE)
+            if HAS_TAIL:
+                dv_t = tl.dot(p_t.to(DOT_DTYPE), do_t, dv_t, input_precision="ieee", out_dtype=ACC_DTYPE)
+            dp_t = _dot_t(v, v_t, do, do_t, ACC_DTYPE, HAS_TAIL)
+            ds_t = (p_t * (dp_t - delta[None, :])).to(DOT_DTYPE)
+            dk = tl.dot(ds_t, q, dk, input_precision="ieee", out_dtype=ACC_DTYPE)
+            if HAS_TAIL:
+                dk_t = tl.dot(ds_t, q_t, dk_t, input_precision="ieee", out_dtype=ACC_DTYPE)
+            # dQ of these rows: this key block's dS·K added to the partial sum of the blocks before.
+            ds = tl.trans(ds_t)
+            row_mask = (rows < Tx)[:, None]
+            acc_offsets = rows.to(tl.int64)[:, None] * acc_width + d[None, :]
+            dq = tl.dot(ds, k, input_precision="ieee", out_dtype=ACC_DTYPE)
+            if block > 0:
+                dq += tl.load(acc_base + acc_offsets, mask=row_mask, other=0.0)
+            if block == last:
+                g_offsets = b * sdqb + h * sdqh + rows.to(tl.int64)[:, None] * sdqt + d[None, :]
+                dq_mask = _tile_mask(rows, d, Tx, head_dim, EVEN_D)
+                tl.store(dq_ptr + g_offsets, cast_for_store(dq * scale, dq_ptr), mask=dq_mask)
+            else:
+                tl.store(acc_base + acc_offsets, dq, mask=row_mask)
+            if HAS_TAIL:
+                acc_offsets = rows.to(tl.int64)[:, None] * acc_width + dt[None, :]
+                dq_t = tl.dot(ds, k_t, input_precision="ieee", out_dtype=ACC_DTYPE)
+                if block > 0:
+                    dq_t += tl.load(acc_base + acc_offsets, mask=row_mask, other=0.0)
+                if block == last:
+                    g_offsets = b * sdqb + h * sdqh + rows.to(tl.int64)[:, None] * sdqt + dt[None, :]
+                    dq_mask = _tile_mask(rows, dt, Tx, head_dim, False)
+                    tl.store(dq_ptr + g_offsets, cast_for_store(dq_t * scale, dq_ptr), mask=dq_mask)
+                else:
+                    tl.store(acc_base + acc_offsets, dq_t, mask=row_mask)
+        dk = dk * scale
+        if HAS_MASK:
+            # A masked key gets exactly zero gradients, even from a query row holding NaN (0 · NaN).
+            padded = (bias == float("-inf"))[:, None]
+            dk, dv = tl.where(padded, 0.0, dk), tl.where(padded, 0.0, dv)
+        g_offsets = b * sgb + h * sgh + cols.to(tl.int64)[:, None] * sgt + d[None, :]
+        g_mask = _tile_mask(cols, d, Ta, head_dim, EVEN_D)
+        tl.store(dk_ptr + g_offsets, cast_for_store(dk, dk_ptr), mask=g_mask)
+        tl.store(dv_ptr + g_offsets, cast_for_store(dv, dv_ptr), mask=g_mask)
+        if HAS_TAIL:
+            dk_t = dk_t * scale
+            if HAS_MASK:
+                dk_t, dv_t = tl.where(padded, 0.0, dk_t), tl.where(padded, 0.0, dv_t)
+            g_offsets = b * sgb + h * sgh + cols.to(tl.int64)[:, None] * sgt + dt[None, :]
+            g_mask = _tile_mask(cols, dt, Ta, head_dim, False)
+            tl.store(dk_ptr + g_offsets, cast_for_store(dk_t, dk_ptr), mask=g_mask)
+            tl.store(dv_ptr + g_offsets, cast_for_store(dv_t, dv_ptr), mask=g_mask)
+        # The next key block reads the dQ partial sums this one wrote, possibly from other threads.
+        tl.debug_barrier()
+
+
 # ----------------------------------------------------------------------------- launchers
 
 
@@ -581,14 +745,15 @@ def _head_dim_args(head_dim: int) -> dict:
 
 
 def _configs(dtype: torch.dtype, Tx: int, block_d: int, capability: tuple[int, int]) -> dict[str, dict[str, int]]:
-    """Launch parameters of the forward ("fwd"), dK/dV ("dkdv") and dQ ("dq") kernels: the
+    """Launch parameters of the forward ("fwd"), dK/dV ("dkdv"), dQ ("dq") and one-pass backward
+    ("bwd") kernels: the
     interpreter's, else those `python -m benchmarks.tune` measured for this card, dtype, head
     width and phase (orca_kernels/_tuned.py), else the heuristics of `heuristic_configs`."""
     if KERNELS_INTERPRETED:
         # The interpreter's cost is per op, not per element: few, mid-sized blocks (two of them
         # already at the test shapes, so the block loops and tails are exercised).
         one = {"BLOCK_M": 32, "BLOCK_N": 32}
-        return {"fwd": one, "dkdv": one, "dq": one}
+        return {"fwd": one, "dkdv": one, "dq": one, "bwd": one}
     configs = heuristic_configs(dtype, Tx, block_d, capability)
     for kernel in configs:
         key = tuning_key(kernel, dtype, Tx, block_d, capability)
@@ -612,11 +777,11 @@ def heuristic_configs(
         # thread: 8 warps, and narrower key blocks for wide heads, keep every kernel free of
         # register spills on sm_80 and sm_90 (benchmarks/compile_audit.py checks it).
         one = {"BLOCK_M": 32, "BLOCK_N": 32 if block_d <= 64 else 16, "num_warps": 8, "num_stages": 1}
-        return {"fwd": one | {"maxnreg": register_cap(8, 2)}, "dkdv": one, "dq": one}
+        return {"fwd": one | {"maxnreg": register_cap(8, 2)}, "dkdv": one, "dq": one, "bwd": one}
     if dtype == torch.float64:
         # fp64 MMA, for gradcheck: small tiles, one stage, more warps for wide heads.
         one = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 8 if block_d >= 128 else 4, "num_stages": 1}
-        return {"fwd": one, "dkdv": one, "dq": one}
+        return {"fwd": one, "dkdv": one, "dq": one, "bwd": one}
     # fp16/bf16 on the tensor cores (wgmma on sm90; chosen for H100, to be tuned by benchmarks/).
     # Forward: 16 query rows for decode (Tx = 1), else 64 (one warpgroup) or 128 rows (two),
     # whichever pads Tx less (Tx = 300: 5 x 64 rather than 3 x 128).
@@ -642,7 +807,10 @@ def heuristic_configs(
     bwd = {"BLOCK_M": 64, "BLOCK_N": keys, "num_warps": 8, "num_stages": 2, "maxnreg": register_cap(8, 1)}
     if block_d & (block_d - 1) and capability < (9, 0):
         bwd = {"BLOCK_M": 32, "BLOCK_N": keys, "num_warps": 4, "num_stages": 2, "maxnreg": register_cap(4, 1)}
-    return {"fwd": fwd, "dkdv": bwd, "dq": bwd}
+    # One-pass backward: every tile product has 64 rows (keys for S, dP, dV, dK; queries for dQ),
+    # one warpgroup's worth, so 4 warps and no warp computes another's rows.
+    fused = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+    return {"fwd": fwd, "dkdv": bwd, "dq": bwd, "bwd": fused}
 
 
 def _bias_args(mask: torch.Tensor | None, dtype: torch.dtype, fallback: torch.Tensor) -> tuple:
@@ -752,8 +920,20 @@ def decode_splits(programs: int, Tx: int, Ta: int, block_n: int, device: torch.d
     return triton.cdiv(blocks, blocks_per_split), blocks_per_split * block_n
 
 
-def _backward(q, k, v, mask, out, lse, grad_out, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv), contiguous, in the input dtype."""
+def one_pass_backward(B: int, nh: int, device: torch.device) -> bool:
+    """Whether the backward runs as one pass per (batch, head) (`_flash_cross_attention_bwd_fused_kernel`:
+    5 tile products per tile pair, an fp32 dQ partial sum of [B, nh, Tx, head width]) rather than
+    two kernels over key blocks and query blocks (7 products, no scratch): when B·nh programs fill
+    the GPU twice over (one per (batch, head), the grid of the one-pass kernel). Under the
+    interpreter (4 "SMs") both run in the tests: one pass from B·nh = 2."""
+    return B * nh >= _utils.persistent_programs(device) // 2
+
+
+def _backward(
+    q, k, v, mask, out, lse, grad_out, scale: float, one_pass: bool | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv), contiguous, in the input dtype. one_pass: force the one-pass or the
+    two-kernel backward (the tuner times both); None chooses by `one_pass_backward`."""
     B, Tx, nh, hd = q.shape
     Ta = k.shape[1]
     dq = new_output(q.shape, dtype=q.dtype, device=q.device)
@@ -815,6 +995,43 @@ def _backward(q, k, v, mask, out, lse, grad_out, scale: float) -> tuple[torch.Te
             BLOCK_D=block_d,
             EVEN_D=hd == block_d,
         )
+        if one_pass is None:
+            one_pass = one_pass_backward(B, nh, q.device)
+        if one_pass:
+            cfg = cfgs["bwd"]
+            # dQ's partial sums, [B, nh, Tx, main + tail columns], fp32 (fp64 for fp64); only
+            # written where there is more than one key block.
+            acc_shape = (B, nh, Tx, head_width(hd)) if Ta > cfg["BLOCK_N"] else (1,)
+            dq_acc = q.new_empty(acc_shape, dtype=accumulator_dtype(q.dtype))
+            _flash_cross_attention_bwd_fused_kernel[(nh, B)](
+                q,
+                k,
+                v,
+                bias,
+                grad_out,
+                lse,
+                delta,
+                dq,
+                dk,
+                dv,
+                dq_acc,
+                Tx,
+                Ta,
+                nh,
+                hd,
+                *scales,
+                *strides,
+                dk.stride(0),
+                dk.stride(1),
+                dk.stride(2),
+                dq.stride(0),
+                dq.stride(1),
+                dq.stride(2),
+                head_width(hd),
+                **common,
+                **cfg,
+            )
+            return dq, dk, dv
         cfg = cfgs["dkdv"]
         _flash_cross_attention_bwd_dkdv_kernel[(triton.cdiv(Ta, cfg["BLOCK_N"]), nh, B)](
             q,

@@ -625,3 +625,27 @@ def test_sdpa_backend_runs_without_the_interpreter(monkeypatch):
     torch.testing.assert_close(
         flash_cross_attention(q, k, v, backend="sdpa"), reference.flash_cross_attention(q, k, v), rtol=0, atol=0
     )
+
+
+@pytest.mark.parametrize("hd", [16, 80], ids=["hd16", "hd80-tail"])
+@pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "mask"])
+def test_one_pass_and_two_kernel_backwards_match_the_truth(triton_device, hd, masked):
+    """Both backward layouts, forced, in fp64 against the truth: several key blocks (Ta = 70, three
+    under the interpreter) and query blocks, a tail of the head dim, a fully masked batch element."""
+    B, Tx, Ta, nh = 3, 40, 70, 2
+    inputs = Inputs(B, Tx, Ta, nh, hd, torch.float64, triton_device, packed=True)
+    mask = None
+    if masked:
+        mask = _partial_mask(B, Ta, triton_device)
+        mask[2] = True
+    q, k, v = inputs.views()
+    grad_out = torch.randn(B, Tx, nh, hd, dtype=torch.float64, device=triton_device)
+    scale = hd**-0.5
+    out, lse = attention._forward(q, k, v, mask, scale)
+    _, grads_truth = inputs.truth(mask, grad_out)
+    for one_pass in (True, False):
+        grads = attention._backward(q, k, v, mask, out, lse, grad_out, scale, one_pass=one_pass)
+        leaves = [t.detach().requires_grad_() for t in inputs.leaves]
+        leaf_grads = torch.autograd.grad(inputs.views(leaves), leaves, grads)
+        for grad, truth in zip(leaf_grads, grads_truth, strict=True):
+            assert_matches_truth(grad, truth, name=f"one_pass={one_pass}")
