@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from orca_kernels import cross_attention as fused_module
 from orca_model.inputs import memory_by_row
-from tiny_models import build, make_batch
+from tiny_models import build, make_batch, to_device
 from tolerances import relative_error
 
 FP32_MODEL_TOLERANCE = 1e-5  # the same fp32 computation, batched in another order
@@ -75,6 +76,28 @@ def test_a_row_without_audio_is_the_plain_llm_row(checkpoints, fused):
         [(0, batch["batch_start_positions"][1][1])],
     )
     assert relative_error(out.logits[1], alone.logits[0]) < FP32_MODEL_TOLERANCE
+
+
+@pytest.mark.parametrize("attention_backend", ["triton", "sdpa"])
+def test_rows_without_audio_run_the_unmasked_attention_core(checkpoints, triton_device, monkeypatch, attention_backend):
+    """The model's mask only marks whole rows (memory_by_row), which the module returns unchanged:
+    the fused path calls the attention core without a mask, with the configured backend, and the
+    logits are the reference path's (the masked one)."""
+    model = build(checkpoints, use_fused_orca=True, orca_attention_backend=attention_backend).eval().to(triton_device)
+    batch = to_device(reorder_audios(make_batch(batch_size=3, padded=False), [2, 0]), triton_device)  # row 1: none
+    calls = []
+    core = fused_module.flash_cross_attention
+
+    def spy(q, k, v, key_padding_mask, **kwargs):
+        calls.append((key_padding_mask, kwargs["backend"]))
+        return core(q, k, v, key_padding_mask, **kwargs)
+
+    monkeypatch.setattr(fused_module, "flash_cross_attention", spy)
+    fused = model(**batch).logits
+    assert calls == [(None, attention_backend)] * model.config.llm_config.num_hidden_layers
+    model.set_use_fused_orca(False)
+    reference = model(**batch).logits
+    assert relative_error(fused, reference) < FP32_MODEL_TOLERANCE
 
 
 def test_generation_with_a_row_without_audio_and_beams(checkpoints):

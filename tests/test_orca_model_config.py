@@ -123,12 +123,18 @@ def test_rope_theta_from_5x_4x_and_per_layer_type_layouts(caplog):
 
 
 def test_save_and_load_without_the_hub(tmp_path):
-    config = tiny(connector_mode="orca_hybrid", use_fused_orca=True, orca_target_layer_ids=[1, 3], llm_dtype="float32")
+    config = tiny(
+        connector_mode="orca_hybrid",
+        use_fused_orca=True,
+        orca_attention_backend="sdpa",
+        orca_target_layer_ids=[1, 3],
+        llm_dtype="float32",
+    )
     config.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["llm_config"]["model_type"] == "qwen3"  # nested, as the reference's configs are
     loaded = DeSTA25Config.from_pretrained(tmp_path)  # the ids are hub names: nothing is fetched
-    for name in (*REFERENCE_DEFAULTS, "orca_target_layer_ids", "llm_dtype"):
+    for name in (*REFERENCE_DEFAULTS, "orca_target_layer_ids", "llm_dtype", "orca_attention_backend"):
         assert getattr(loaded, name) == getattr(config, name), name
     assert loaded.llm_config.to_dict() == config.llm_config.to_dict()
     assert loaded.encoder_config.num_hidden_layers == 4
@@ -206,6 +212,8 @@ BAD_FIELDS = [
     ("orca_gate_init", INF, ValueError, "finite"),
     ("llm_dtype", "bf16", ValueError, "one of 'bfloat16', 'float16', 'float32', 'float64'"),
     ("llm_dtype", "int8", ValueError, "one of 'bfloat16', 'float16', 'float32', 'float64'"),
+    ("orca_attention_backend", "cudnn", ValueError, "one of 'auto', 'sdpa', 'triton'"),
+    ("orca_attention_backend", None, ValueError, "one of 'auto', 'sdpa', 'triton'"),
     ("use_fused_orca", 1, TypeError, "must be a bool, got int"),
     ("use_fused_orca", "true", TypeError, "must be a bool, got str"),
     ("use_fused_orca", None, TypeError, "must be a bool, got NoneType"),
