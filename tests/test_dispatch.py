@@ -127,3 +127,25 @@ def test_no_gpu_gives_no_card_names():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     assert dispatch._cached_card_names(None) == ("", "")
+
+
+def test_the_choice_traces_in_one_graph():
+    """torch.compile(fullgraph=True) traces the choice (the card's names as a constant, the table a
+    dict lookup, the modes from grad mode and requires_grad) and guards on what it read."""
+
+    def scaled(q, k, v):
+        return q * (1.0 if dispatch.attention_backend(q, k, v, None) == "sdpa" else 2.0)
+
+    compiled = torch.compile(scaled, fullgraph=True, backend="eager")
+    q = torch.randn(2, 300, 2, 64, requires_grad=True)
+    k = torch.randn(2, 439, 2, 64)
+    previous = torch.are_deterministic_algorithms_enabled()
+    try:
+        results = []
+        for deterministic in (False, True):  # the vendor path (no table entry), then Triton
+            torch.use_deterministic_algorithms(deterministic)
+            results.append(compiled(q, k, k))
+            torch.testing.assert_close(results[-1], scaled(q, k, k), rtol=0, atol=0)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    torch.testing.assert_close(results[1], 2 * results[0], rtol=0, atol=0)
