@@ -96,6 +96,34 @@ inline int64_t last_row_for_frame(const Conv1dGeometry& g, int64_t f) {
   return std::min<int64_t>(g.length_out - 1, floor_div(g.length_in - 1 + g.padding - f, g.stride));
 }
 
+// BLAS takes sizes and leading dimensions as 32-bit ints.
+constexpr int64_t kBlasIntMax = std::numeric_limits<int32_t>::max();
+
+// Whether some output row's window reads a row of x, i.e. the plan has (row, frame) pairs: rows
+// [first_row_for_frame(k - 1), last_row_for_frame(0)] are exactly those whose window overlaps x.
+inline bool windows_read_input(const Conv1dGeometry& g) {
+  return g.length_in > 0 && g.kernel_size > 0 &&
+         first_row_for_frame(g, g.kernel_size - 1) <= last_row_for_frame(g, 0);
+}
+
+// Whether the forward and both gradients have GEMMs to run (otherwise the result is the bias, or
+// zeros, or empty, whatever the stride).
+inline bool plan_has_gemms(const Conv1dGeometry& g) {
+  return g.batch > 0 && g.channels_in > 0 && g.channels_out > 0 && windows_read_input(g);
+}
+
+// The largest stride the plan runs for C_in input channels: successive output rows sit
+// stride * C_in elements apart in x and in dx (both packed), the leading dimension of the GEMMs
+// (x with wider rows is packed first where its row step would pass 32 bits), so
+// stride * C_in <= 2**31 - 1. The glue and orca_kernels/strided_conv.py refuse a larger stride
+// up front whenever `plan_has_gemms`.
+inline int64_t max_stride(int64_t channels_in) { return kBlasIntMax / channels_in; }
+
+// The largest padding for an input of length_in rows: length_in + 2 * padding is an int64.
+inline int64_t max_padding(int64_t length_in) {
+  return (std::numeric_limits<int64_t>::max() - length_in) / 2;
+}
+
 // Splits every window into chunks of at most `max_frames` frames (stride when the input rows are
 // packed, 1 otherwise). Rows whose whole chunk is inside the input form one piece per chunk; the
 // remaining valid (row, frame) pairs, near the padded edges, form at most two pieces per frame,
@@ -190,7 +218,9 @@ inline std::vector<GemmTask> grad_weight_tasks(const Conv1dGeometry& g, RowStrid
     t.a = {p.t_begin * dy.row, dy.row, dy.batch, true};
     t.b = {(p.t_begin * g.stride - g.padding + p.frame_begin) * x.row, g.stride * x.row, x.batch, false};
     t.c = {p.frame_begin * g.channels_in, g.kernel_size * g.channels_in, 0, false};
-    const bool foldable = t.k == 1 && t.batch > 1 && dy.batch >= t.m && x.batch >= t.n;
+    // The batch strides become leading dimensions: only while they fit in 32 bits.
+    const bool foldable = t.k == 1 && t.batch > 1 && dy.batch >= t.m && x.batch >= t.n && dy.batch <= kBlasIntMax &&
+                          x.batch <= kBlasIntMax;
     if (foldable) {
       t.k = t.batch;
       t.a.row_stride = dy.batch;
@@ -215,7 +245,7 @@ inline int64_t stored_row_length(const GemmTask& t, char which) {
 // The conditions BLAS puts on a task (leading dimension >= row length, 32-bit sizes, C never
 // transposed, A and B not both transposed). Returns nullptr when the task is valid.
 inline const char* check_blas_task(const GemmTask& t) {
-  constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
+  constexpr int64_t kIntMax = kBlasIntMax;
   if (t.c.transposed) return "C operand may not be transposed";
   if (t.a.transposed && t.b.transposed) return "A and B may not both be transposed";
   if (t.m > kIntMax || t.n > kIntMax || t.k > kIntMax || t.batch > kIntMax) return "GEMM size exceeds 32 bits";

@@ -1,7 +1,7 @@
 // Torch glue of orca_kernels._C: validates inputs, fills the GEMM plan of conv1d_plan.h, allocates
 // the accumulation buffers, runs the plan (on the CPU through ATen's GEMM, on CUDA through the
 // cuBLAS executor) and registers the ops.
-// Autograd formulas and fake (meta) kernels are registered in Python (orca_kernels/conv_downsample.py)
+// Autograd formulas and fake (meta) kernels are registered in Python (orca_kernels/strided_conv.py)
 // so that they work with symbolic shapes under torch.compile.
 #include <Python.h>
 
@@ -66,6 +66,10 @@ int64_t output_length(int64_t length_in, int64_t kernel_size, int64_t stride, in
   TORCH_CHECK(stride >= 1, "strided_conv1d: stride must be >= 1, got ", text(stride));
   TORCH_CHECK(padding >= 0, "strided_conv1d: padding must be >= 0, got ", text(padding));
   TORCH_CHECK(kernel_size >= 1, "strided_conv1d: weight kernel size must be >= 1, got ", text(kernel_size));
+  TORCH_CHECK(length_in >= 0, "strided_conv1d: input_length must be >= 0, got ", text(length_in));
+  TORCH_CHECK(padding <= max_padding(length_in), "strided_conv1d: padding must be at most ", text(max_padding(length_in)),
+              " for T = ", text(length_in), " (T + 2 * padding must fit in 64 bits: at most 2**63 - 1), got ",
+              text(padding));
   const int64_t length_out = (length_in + 2 * padding - kernel_size) / stride + 1;
   TORCH_CHECK(length_in + 2 * padding >= kernel_size && length_out >= 1, "strided_conv1d: x has length ",
               text(length_in), ", too short for one window of kernel size ", text(kernel_size), " with padding ",
@@ -74,11 +78,26 @@ int64_t output_length(int64_t length_in, int64_t kernel_size, int64_t stride, in
 }
 
 // Rows of a [B, T, C] tensor are read as a strided matrix: channel stride 1 and row stride >= C
-// (BLAS leading dimension). Anything else (expanded gradients, transposes) is packed first.
-at::Tensor as_row_matrix(const at::Tensor& t) {
+// (BLAS leading dimension). Anything else (expanded gradients, transposes) is packed first, and so
+// is a view whose leading dimension, `row_step` rows (the conv's stride for x), passes 32 bits:
+// packed, it is row_step * C, which `check_stride_fits` bounds.
+at::Tensor as_row_matrix(const at::Tensor& t, int64_t row_step = 1) {
   const bool channels_unit = t.size(2) <= 1 || t.stride(2) == 1;
   const bool rows_apart = t.size(1) <= 1 || t.stride(1) >= t.size(2);
-  return channels_unit && rows_apart ? t : t.contiguous();
+  const bool step_fits = t.size(1) <= 1 || t.stride(1) <= kBlasIntMax / row_step;
+  return channels_unit && rows_apart && step_fits ? t : t.contiguous();
+}
+
+// Refuses a stride whose row step stride * C_in passes 32 bits (conv1d_plan.h's max_stride), with
+// the message of orca_kernels/strided_conv.py, but only where the plan has GEMMs to run: an empty
+// batch, no channels or no window over x compute without them, whatever the stride.
+void check_stride_fits(const Conv1dGeometry& g) {
+  if (!plan_has_gemms(g)) return;
+  TORCH_CHECK(g.stride <= max_stride(g.channels_in), "strided_conv1d: stride must be at most ",
+              text(max_stride(g.channels_in)), " for C_in = ", text(g.channels_in),
+              " (stride * C_in, the row step of the compiled kernels' GEMMs, must fit in 32 bits: at most "
+              "2**31 - 1), got ",
+              text(g.stride));
 }
 
 RowStrides row_strides(const at::Tensor& t) {
@@ -176,6 +195,7 @@ at::Tensor strided_conv1d(const at::Tensor& x_in, const at::Tensor& weight, cons
   const Conv1dGeometry g{x_in.size(0), x_in.size(1), x_in.size(2),
                          output_length(x_in.size(1), weight.size(2), stride, padding),
                          weight.size(0), weight.size(2), stride, padding};
+  check_stride_fits(g);
   const auto options = x_in.options().dtype(accumulation_type(x_in.scalar_type()));
   // A fresh buffer in both cases: expand(...).contiguous() of a [1, 1, C] shape would alias bias.
   at::Tensor out = at::empty({g.batch, g.length_out, g.channels_out}, options);
@@ -185,7 +205,7 @@ at::Tensor strided_conv1d(const at::Tensor& x_in, const at::Tensor& weight, cons
     out.zero_();
   }
   if (out.numel() > 0 && g.channels_in > 0) {
-    const at::Tensor x = as_row_matrix(cpu_operand(x_in));
+    const at::Tensor x = as_row_matrix(cpu_operand(x_in), stride);
     const at::Tensor w = pack_weight(cpu_operand(weight));
     run_pass({forward_tasks(g, row_strides(x)), dtype_of(x.scalar_type()), x.data_ptr(), w.data_ptr(), out.data_ptr()},
              x.device(), describe("strided_conv1d", g));
@@ -203,6 +223,7 @@ at::Tensor strided_conv1d_grad_input(const at::Tensor& grad_out_in, const at::Te
               text(length_out), ", ", text(weight.size(0)), "]");
   const Conv1dGeometry g{grad_out_in.size(0), input_length, weight.size(1), length_out,
                          weight.size(0), weight.size(2), stride, padding};
+  check_stride_fits(g);
   at::Tensor grad_x = at::zeros({g.batch, g.length_in, g.channels_in},
                                 grad_out_in.options().dtype(accumulation_type(grad_out_in.scalar_type())));
   if (grad_x.numel() > 0 && g.channels_out > 0) {
@@ -225,11 +246,12 @@ at::Tensor strided_conv1d_grad_weight(const at::Tensor& grad_out_in, const at::T
               text(x_in.size(0)), ", ", text(length_out), ", C_out]");
   const Conv1dGeometry g{x_in.size(0), x_in.size(1), x_in.size(2), length_out,
                          grad_out_in.size(2), kernel_size, stride, padding};
+  check_stride_fits(g);
   at::Tensor packed = at::zeros({g.channels_out, g.kernel_size, g.channels_in},
                                 x_in.options().dtype(accumulation_type(x_in.scalar_type())));
   if (packed.numel() > 0 && g.batch > 0) {
     const at::Tensor grad_out = as_row_matrix(cpu_operand(grad_out_in));
-    const at::Tensor x = as_row_matrix(cpu_operand(x_in));
+    const at::Tensor x = as_row_matrix(cpu_operand(x_in), stride);
     run_pass({grad_weight_tasks(g, row_strides(grad_out), row_strides(x)), dtype_of(x.scalar_type()),
               grad_out.data_ptr(), x.data_ptr(), packed.data_ptr()},
              x.device(), describe("strided_conv1d_grad_weight", g));

@@ -329,19 +329,51 @@ def layer_align_loss(
 # ----------------------------------------------------------------------------- local branch
 
 
+def conv1d_rows_reading_input(length: int, kernel_size: int, stride: int, padding: int) -> tuple[int, int]:
+    """The output rows [first, last] of a Conv1d whose window reads x (first > last when none
+    does): row t reads input rows t*stride - padding ... t*stride - padding + kernel_size - 1, and
+    the rows that overlap [0, length) are consecutive. The rows outside are the bias alone."""
+    if length == 0:
+        return 0, -1
+    length_out = (length + 2 * padding - kernel_size) // stride + 1
+    first = max(0, -((kernel_size - 1 - padding) // stride))  # ceil((padding - kernel_size + 1) / stride)
+    last = min(length_out - 1, (length - 1 + padding) // stride)
+    return first, last
+
+
 def strided_conv1d(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, padding: int
 ) -> torch.Tensor:
     """nn.Conv1d on channels-last x [B, T, C_in] -> [B, T_out, C_out] (a transposed view).
 
-    C_in = 0 gives the bias broadcast (zeros without bias), as the extension does: F.conv1d would
-    return [B, T_out, 0] there. The einsum over the empty channel axis is zeros [B, C_out] that
-    keep x and weight in the graph, so their (empty) gradients exist."""
-    if x.shape[2] == 0:
-        length_out = (x.shape[1] + 2 * padding - weight.shape[2]) // stride + 1
-        zeros = torch.einsum("btc,ocj->bo", x, weight)[:, None, :].expand(x.shape[0], length_out, weight.shape[0])
-        return zeros + bias if bias is not None else zeros.contiguous()
-    return F.conv1d(x.transpose(1, 2), weight, bias, stride=stride, padding=padding).transpose(1, 2)
+    Where every window reads x (padding < kernel size), exactly F.conv1d. The sizes F.conv1d
+    refuses or mis-shapes give what the extension computes: C_in = 0, T = 0 (every window in the
+    padding) or no window over x give the bias broadcast (zeros without bias), C_out = 0 gives
+    [B, T_out, 0], with zero gradients for x and weight. With padding >= kernel size the rows
+    whose window lies in the padding are the bias and F.conv1d runs over the others only, so a
+    padding of 2**40 is never materialised."""
+    batch, length, channels_in = x.shape
+    channels_out, _, kernel_size = weight.shape
+    length_out = (length + 2 * padding - kernel_size) // stride + 1
+    first, last = conv1d_rows_reading_input(length, kernel_size, stride, padding)
+    if channels_in == 0 or channels_out == 0 or first > last:
+        # Zeros [B, 1, 1] that keep x and weight in the graph (zero gradients) and read none of
+        # their values, as the extension reads none: a NaN in x stays out of the bias rows.
+        zeros = x[:, :0].sum(dim=(1, 2))[:, None, None] + weight[:0].sum()
+        out = zeros.expand(batch, length_out, channels_out)
+        return out + bias if bias is not None else out.contiguous()
+    if first == 0 and last == length_out - 1:
+        return F.conv1d(x.transpose(1, 2), weight, bias, stride=stride, padding=padding).transpose(1, 2)
+    start, end = first * stride - padding, last * stride - padding + kernel_size  # the input rows read
+    window = F.pad(x[:, max(start, 0) : min(end, length)].transpose(1, 2), (max(-start, 0), max(end - length, 0)))
+    middle = F.conv1d(window, weight, bias, stride=stride).transpose(1, 2)
+
+    def edge(rows: int) -> torch.Tensor:
+        if bias is None:
+            return middle.new_zeros(batch, rows, channels_out)
+        return bias.to(middle.dtype).expand(batch, rows, channels_out)
+
+    return torch.cat([edge(first), middle, edge(length_out - 1 - last)], dim=1)
 
 
 def local_branch(

@@ -18,7 +18,31 @@ OP = "strided_conv1d"
 BACKENDS = ("auto", "extension", "cuda", "torch")
 
 
+# The compiled kernels' GEMMs step stride * C_in elements from one output row to the next (their
+# leading dimension, a 32-bit int in BLAS: csrc/conv1d_plan.h's max_stride), and the extension
+# computes T + 2 * padding in an int64.
+MAX_ROW_STEP = 2**31 - 1
+MAX_LENGTH_SUM = 2**63 - 1
+
+
+def max_stride(channels_in: int) -> int:
+    """The largest stride the compiled kernels run for C_in = channels_in >= 1 input channels."""
+    return MAX_ROW_STEP // channels_in
+
+
+def max_padding(length: int) -> int:
+    """The largest padding for an input of `length` rows: T + 2 * padding fits in an int64."""
+    return (MAX_LENGTH_SUM - length) // 2
+
+
 def _check_inputs(x, weight, bias, stride, padding) -> None:
+    """The one check of every backend, before any work: what the extension computes is valid on
+    all of them, with the same result; anything else is the same error on all of them.
+
+    Valid: any B, T, C_in, C_out >= 0 with T + 2 * padding >= k >= 1 (one window at least), so
+    B = 0, C_in = 0, C_out = 0 and T = 0 with enough padding (every window in the padding: the
+    bias) included. A stride over `max_stride(C_in)` is refused only when some GEMM would run (B,
+    C_in, C_out >= 1 and some window reads x): the result of the others needs no GEMM."""
     check_tensor(OP, "x", x, 3)
     check_tensor(OP, "weight", weight, 3, like=x)
     if weight.shape[1] != x.shape[2]:
@@ -33,10 +57,26 @@ def _check_inputs(x, weight, bias, stride, padding) -> None:
             )
     check_int(OP, "stride", stride, 1)
     check_int(OP, "padding", padding, 0)
-    if x.shape[1] + 2 * padding < weight.shape[2]:
+    batch, length, channels_in = x.shape
+    channels_out, _, kernel_size = weight.shape
+    if kernel_size < 1:
+        raise ValueError(f"{OP}: weight kernel size must be >= 1, got {kernel_size}")
+    if padding > max_padding(length):
         raise ValueError(
-            f"{OP}: x has length {x.shape[1]}, too short for one window of kernel size {weight.shape[2]} "
-            f"with padding {padding}"
+            f"{OP}: padding must be at most {max_padding(length)} for T = {length} "
+            f"(T + 2 * padding must fit in 64 bits: at most 2**63 - 1), got {padding}"
+        )
+    if length + 2 * padding < kernel_size:
+        raise ValueError(
+            f"{OP}: x has length {length}, too short for one window of kernel size {kernel_size} with padding {padding}"
+        )
+    first, last = reference.conv1d_rows_reading_input(length, kernel_size, stride, padding)
+    runs_gemms = batch > 0 and channels_in > 0 and channels_out > 0 and first <= last
+    if runs_gemms and stride > max_stride(channels_in):
+        raise ValueError(
+            f"{OP}: stride must be at most {max_stride(channels_in)} for C_in = {channels_in} "
+            f"(stride * C_in, the row step of the compiled kernels' GEMMs, must fit in 32 bits: "
+            f"at most 2**31 - 1), got {stride}"
         )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import math
 import numbers
@@ -67,6 +68,19 @@ def _boolean(name: str, value: Any) -> None:
     check_bool("DeSTA25Config", name, value)
 
 
+def _layer_ids(name: str, value: Any) -> None:
+    """None or a list (or tuple) of ints; which ints are allowed is `target_layer_ids_for`'s rule."""
+    if value is None:
+        return
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"DeSTA25Config: {name} must be None or a list of ints, got {type(value).__name__}")
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, numbers.Integral):
+            raise TypeError(
+                f"DeSTA25Config: {name} must be None or a list of ints, got a {type(item).__name__} in {value!r}"
+            )
+
+
 def _one_of(choices: tuple[str, ...]) -> Callable[[str, Any], None]:
     def check(name: str, value: Any) -> None:
         if value not in choices:
@@ -89,7 +103,65 @@ FIELD_CHECKS: dict[str, Callable[[str, Any], None]] = {
     "use_fused_orca": _boolean,
     "orca_attention_backend": _one_of(ATTENTION_BACKENDS),
     "llm_dtype": _one_of(LLM_DTYPES),
+    "orca_target_layer_ids": _layer_ids,
 }
+
+
+def target_layer_ids_for(num_layers: int, use_all_layers: bool, layer_ids: list[int] | None) -> list[int]:
+    """The encoder layers the connector reads (`DeSTA25Config.target_layer_ids`), and the one home
+    of the rule and its messages: `layer_ids` when given, which must be a non-empty, sorted list
+    of unique indices in [0, num_layers); every layer when `use_all_layers`; otherwise
+    (i+1)·L/4 − 1 for i = 0..3, which needs L = num_layers divisible by 4."""
+    if layer_ids is not None:
+        ids = list(layer_ids)
+        # The reference walks the encoder layers in order and keeps those in the list, so an
+        # unsorted or repeated list would not mean what it says.
+        if not ids or ids != sorted(set(ids)) or ids[0] < 0 or ids[-1] >= num_layers:
+            raise ValueError(
+                f"DeSTA25Config: orca_target_layer_ids must be a non-empty, sorted list of unique encoder "
+                f"layer indices in [0, {num_layers}), got {ids}"
+            )
+        return ids
+    if use_all_layers:
+        return list(range(num_layers))
+    if num_layers % 4 != 0:
+        raise ValueError(
+            "DeSTA25Config: orca_target_layer_ids must be set (or orca_use_all_layers=True) for an encoder "
+            f"whose layer count is not a multiple of 4, got None with {num_layers} encoder layers"
+        )
+    return [(i + 1) * num_layers // 4 - 1 for i in range(4)]
+
+
+def _check_target_layers(fields: dict[str, Any]) -> None:
+    target_layer_ids_for(
+        fields["encoder_config"].num_hidden_layers, fields["orca_use_all_layers"], fields["orca_target_layer_ids"]
+    )
+
+
+def _check_injection_heads(fields: dict[str, Any]) -> None:
+    """OrcaGatedCrossAttention(H, heads of the LLM) exists only where the heads divide H."""
+    if not fields["orca_deep_injection_enabled"]:
+        return
+    hidden = getattr(fields["llm_config"], "hidden_size", None)
+    heads = getattr(fields["llm_config"], "num_attention_heads", None)
+    if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 and hidden % heads:
+        raise ValueError(
+            "DeSTA25Config: llm_config must have num_attention_heads dividing hidden_size while "
+            "orca_deep_injection_enabled (the ORCA cross-attention's head dim is hidden_size / "
+            f"num_attention_heads), got hidden_size={hidden}, num_attention_heads={heads}"
+        )
+
+
+# Fields the model is built from together, and their check. It runs whenever one of them is set,
+# once all of them exist (the last one __init__ sets completes the group), on the value being set
+# and the others' current values, so a config never holds a combination the model cannot be built
+# from. Inside `from_dict` (so `from_pretrained`) it runs once, after the keyword overrides.
+GROUP_CHECKS: tuple[tuple[tuple[str, ...], Callable[[dict[str, Any]], None]], ...] = (
+    (("encoder_config", "orca_use_all_layers", "orca_target_layer_ids"), _check_target_layers),
+    (("llm_config", "orca_deep_injection_enabled"), _check_injection_heads),
+)
+_DEFER_GROUP_CHECKS: contextvars.ContextVar[bool] = contextvars.ContextVar("defer_group_checks", default=False)
+_UNSET = object()
 
 
 def _as_config(value: PretrainedConfig | dict[str, Any] | None, model_id: str) -> PretrainedConfig:
@@ -160,8 +232,11 @@ class DeSTA25Config(PretrainedConfig):
     `qformer_num_hidden_layers`, `orca_global_num_tokens`, `orca_local_downsample`,
     `orca_local_kernel_size` ints >= 1; `orca_audio_position_scale` finite and > 0; the four loss
     weights finite and >= 0; `orca_gate_init` finite; `use_fused_orca` a bool; `orca_attention_backend` in
-    ATTENTION_BACKENDS. A bad value is a
-    ValueError (TypeError for a wrong type) naming the field and what it allows.
+    ATTENTION_BACKENDS; `orca_target_layer_ids` None or a list of ints. Then what the model is built
+    from together (GROUP_CHECKS): the target layers (`target_layer_ids_for`: explicit ids sorted,
+    unique, in [0, encoder layers); without them, all layers or an encoder layer count divisible by
+    4), and, with `orca_deep_injection_enabled`, the LLM's heads dividing its hidden size. A bad
+    value is a ValueError (TypeError for a wrong type) naming the field and what it allows.
     """
 
     model_type = "desta25"
@@ -230,17 +305,47 @@ class DeSTA25Config(PretrainedConfig):
 
         self.use_fused_orca = use_fused_orca
         self.orca_attention_backend = orca_attention_backend
-        self.orca_target_layer_ids = list(orca_target_layer_ids) if orca_target_layer_ids is not None else None
+        self.orca_target_layer_ids = orca_target_layer_ids  # stored as a list (__setattr__)
         self.llm_dtype = llm_dtype
         self.info = "Ｄｅｓｔａ２。５ Ａｕｄｉｏ"  # the reference stores this banner in its configs too
 
     def __setattr__(self, name: str, value: Any) -> None:
-        """Validates the fields of FIELD_CHECKS as they are set (at construction and after it): an
-        error names the field and its allowed values instead of a late crash or a NaN loss."""
+        """Validates the fields of FIELD_CHECKS and GROUP_CHECKS as they are set (at construction
+        and after it), before storing them: an error names the field and its allowed values
+        instead of a late crash or a NaN loss, and a refused value is not stored."""
         check = FIELD_CHECKS.get(name)
         if check is not None:
             check(name, value)
+        if name == "orca_target_layer_ids" and value is not None:
+            value = [int(i) for i in value]  # a tuple or numpy ints are stored as the list JSON holds
+        if not _DEFER_GROUP_CHECKS.get():
+            self._check_groups(name, value)
         super().__setattr__(name, value)
+
+    def _check_groups(self, name: str | None = None, value: Any = None) -> None:
+        """GROUP_CHECKS (those holding `name`, with `value` in its place; all when name is None)
+        whose fields are all set."""
+        for fields, check in GROUP_CHECKS:
+            if name is not None and name not in fields:
+                continue
+            current = {field: value if field == name else getattr(self, field, _UNSET) for field in fields}
+            if all(v is not _UNSET for v in current.values()):
+                check(current)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs):
+        """PretrainedConfig.from_dict (so also from_pretrained), with GROUP_CHECKS run once on the
+        result, after the keyword overrides are applied: overrides may change fields that are
+        checked together (`orca_target_layer_ids=None, orca_use_all_layers=True`) in any order.
+        FIELD_CHECKS still run on each value as it is set."""
+        token = _DEFER_GROUP_CHECKS.set(True)
+        try:
+            result = super().from_dict(config_dict, **kwargs)
+        finally:
+            _DEFER_GROUP_CHECKS.reset(token)
+        config = result[0] if isinstance(result, tuple) else result
+        config._check_groups()
+        return result
 
     @property
     def is_orca(self) -> bool:
@@ -253,27 +358,12 @@ class DeSTA25Config(PretrainedConfig):
         `orca_target_layer_ids` when set; all layers when `orca_use_all_layers`; otherwise
         (i+1)·L/4 − 1 for i = 0..3 with L the encoder's layer count, which gives the reference's
         table (tiny [0, 1, 2, 3], small [2, 5, 8, 11], medium [5, 11, 17, 23], large-v3 and
-        large-v3-turbo [7, 15, 23, 31]) and extends it to any L divisible by 4.
+        large-v3-turbo [7, 15, 23, 31]) and extends it to any L divisible by 4. The fields were
+        checked when set (`target_layer_ids_for`, the one home of the rule and its messages).
         """
-        num_layers = self.encoder_config.num_hidden_layers
-        if self.orca_target_layer_ids is not None:
-            ids = list(self.orca_target_layer_ids)
-            # The reference walks the encoder layers in order and keeps those in the list, so
-            # an unsorted or repeated list would not mean what it says.
-            if not ids or ids != sorted(set(ids)) or ids[0] < 0 or ids[-1] >= num_layers:
-                raise ValueError(
-                    f"DeSTA25Config: orca_target_layer_ids must be a non-empty, sorted list of unique encoder "
-                    f"layer indices in [0, {num_layers}), got {ids}"
-                )
-            return ids
-        if self.orca_use_all_layers:
-            return list(range(num_layers))
-        if num_layers % 4 != 0:
-            raise ValueError(
-                f"the encoder has {num_layers} layers, not a multiple of 4: set orca_target_layer_ids "
-                "(or orca_use_all_layers=True)"
-            )
-        return [(i + 1) * num_layers // 4 - 1 for i in range(4)]
+        return target_layer_ids_for(
+            self.encoder_config.num_hidden_layers, self.orca_use_all_layers, self.orca_target_layer_ids
+        )
 
     def audio_rope_theta(self) -> float:
         """θ of the audio RoPE from the LLM config (logged), see `rope_theta_from_config`."""

@@ -20,6 +20,16 @@ import torch
 
 import orca_kernels  # noqa: F401  (registers torch.ops.orca_kernels)
 
+# x [2, 37, 6]: stride * C_in is a 32-bit int (at most 2**31 - 1), 37 + 2 * padding a 64-bit one.
+STRIDE_LIMIT_MESSAGE = (
+    "strided_conv1d: stride must be at most 357913941 for C_in = 6 (stride * C_in, the row step of the "
+    "compiled kernels' GEMMs, must fit in 32 bits: at most 2**31 - 1), got 1099511627776"
+)
+PADDING_LIMIT_MESSAGE = (
+    "strided_conv1d: padding must be at most 4611686018427387885 for T = 37 (T + 2 * padding must fit in "
+    "64 bits: at most 2**63 - 1), got 4611686018427387904"
+)
+
 # Each call, evaluated with `ops`, `x`, `weight` and `bias` of run_bad_op_calls, and its message.
 BAD_OP_CALLS = [
     ("ops.strided_conv1d(x[0], weight, bias, 4, 2)", "x must have 3 dimensions"),
@@ -31,6 +41,22 @@ BAD_OP_CALLS = [
     ("ops.strided_conv1d(x.int(), weight.int(), None, 4, 2)", "unsupported dtype"),
     ("ops.strided_conv1d_grad_input(torch.randn(2, 9, 5), weight, 37, 4, 2)", "grad_out has shape"),
     ("ops.strided_conv1d_grad_weight(torch.randn(3, 10, 5), x, 5, 4, 2)", "grad_out has shape"),
+    ("ops.strided_conv1d_grad_input(torch.randn(2, 9, 5), weight, -1, 4, 2)", "input_length must be >= 0, got -1"),
+    # The geometry rules of orca_kernels/strided_conv.py's _check_inputs, in the same words.
+    (
+        "ops.strided_conv1d(x, weight[:, :, :0], bias, 4, 2)",
+        re.escape("strided_conv1d: weight kernel size must be >= 1, got 0"),
+    ),
+    ("ops.strided_conv1d_grad_weight(torch.randn(2, 10, 5), x, 0, 4, 2)", "weight kernel size must be >= 1, got 0"),
+    *[
+        (call, re.escape(STRIDE_LIMIT_MESSAGE))
+        for call in (
+            "ops.strided_conv1d(x, weight, bias, 2**40, 2**40)",
+            "ops.strided_conv1d_grad_input(torch.randn(2, 3, 5), weight, 37, 2**40, 2**40)",
+            "ops.strided_conv1d_grad_weight(torch.randn(2, 3, 5), x, 5, 2**40, 2**40)",
+        )
+    ],
+    ("ops.strided_conv1d(x, weight, bias, 2**40, 2**62)", re.escape(PADDING_LIMIT_MESSAGE)),
 ]
 
 

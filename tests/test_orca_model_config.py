@@ -75,14 +75,90 @@ def test_target_layers_reproduce_the_reference_table(layers, expected):
     assert tiny(encoder_config=whisper_config(encoder_layers=layers)).target_layer_ids() == expected
 
 
+TARGET_IDS_RULE = (
+    "DeSTA25Config: orca_target_layer_ids must be a non-empty, sorted list of unique encoder layer indices"
+)
+NO_DEFAULT_LAYERS = (
+    "DeSTA25Config: orca_target_layer_ids must be set (or orca_use_all_layers=True) for an encoder whose "
+    "layer count is not a multiple of 4, got None with 6 encoder layers"
+)
+
+
 def test_target_layers_all_override_and_errors():
+    """The target layers the connector would refuse are refused when the config is built, with the
+    message `target_layer_ids()` gives (one home: target_layer_ids_for)."""
     assert tiny(orca_use_all_layers=True).target_layer_ids() == [0, 1, 2, 3]
     assert tiny(orca_target_layer_ids=[1, 3]).target_layer_ids() == [1, 3]
+    assert tiny(orca_target_layer_ids=(0, 3)).orca_target_layer_ids == [0, 3]  # stored as JSON holds it
     for bad in ([3, 1], [1, 1], [4], [-1, 0], []):
-        with pytest.raises(ValueError, match="orca_target_layer_ids"):
-            tiny(orca_target_layer_ids=bad).target_layer_ids()
-    with pytest.raises(ValueError, match="not a multiple of 4"):
-        tiny(encoder_config=whisper_config(encoder_layers=6)).target_layer_ids()
+        with pytest.raises(ValueError) as caught:
+            tiny(orca_target_layer_ids=bad)
+        assert str(caught.value) == f"{TARGET_IDS_RULE} in [0, 4), got {bad}"
+    six_layers = whisper_config(encoder_layers=6)
+    with pytest.raises(ValueError) as caught:
+        tiny(encoder_config=six_layers)
+    assert str(caught.value) == NO_DEFAULT_LAYERS
+    # An encoder without a default layer set is fine with explicit ids or all layers.
+    assert tiny(encoder_config=six_layers, orca_target_layer_ids=[1, 5]).target_layer_ids() == [1, 5]
+    assert tiny(encoder_config=six_layers, orca_use_all_layers=True).target_layer_ids() == list(range(6))
+
+
+def test_target_layers_are_checked_on_assignment():
+    """An assignment that would leave target layers the model cannot be built from is refused,
+    with the same messages, and the value is not stored: ids, the all-layers flag, the encoder."""
+    config = tiny(encoder_config=whisper_config(encoder_layers=6), orca_use_all_layers=True)
+    with pytest.raises(ValueError) as caught:
+        config.orca_use_all_layers = False
+    assert str(caught.value) == NO_DEFAULT_LAYERS and config.orca_use_all_layers is True
+    with pytest.raises(ValueError, match=r"in \[0, 6\), got \[2, 6\]"):
+        config.orca_target_layer_ids = [2, 6]
+    assert config.orca_target_layer_ids is None
+    config.orca_target_layer_ids = [2, 5]
+    config.orca_use_all_layers = False  # the explicit ids now decide
+    with pytest.raises(ValueError, match=r"in \[0, 4\), got \[2, 5\]"):
+        config.encoder_config = whisper_config(encoder_layers=4)
+    assert config.encoder_config.num_hidden_layers == 6
+    with pytest.raises(ValueError) as caught:
+        config.orca_target_layer_ids = None
+    assert str(caught.value) == NO_DEFAULT_LAYERS and config.orca_target_layer_ids == [2, 5]
+
+
+def test_target_layers_are_checked_after_from_pretrained_overrides(tmp_path):
+    """from_pretrained checks the fields set together once its keyword overrides are applied, so
+    overrides may move between valid states in any order, and may not end in an invalid one."""
+    tiny(encoder_config=whisper_config(encoder_layers=6), orca_target_layer_ids=[1, 5]).save_pretrained(tmp_path)
+    loaded = DeSTA25Config.from_pretrained(tmp_path, orca_target_layer_ids=None, orca_use_all_layers=True)
+    assert loaded.target_layer_ids() == list(range(6))
+    with pytest.raises(ValueError) as caught:
+        DeSTA25Config.from_pretrained(tmp_path, orca_target_layer_ids=None)
+    assert str(caught.value) == NO_DEFAULT_LAYERS
+    with pytest.raises(ValueError) as caught:
+        DeSTA25Config.from_pretrained(tmp_path, orca_target_layer_ids=[5, 1])
+    assert str(caught.value) == f"{TARGET_IDS_RULE} in [0, 6), got [5, 1]"
+    with pytest.raises(TypeError, match="orca_target_layer_ids must be None or a list of ints, got str"):
+        DeSTA25Config.from_pretrained(tmp_path, orca_target_layer_ids="1,5")
+    saved = json.loads((tmp_path / "config.json").read_text())
+    with pytest.raises(ValueError, match=r"in \[0, 6\), got \[1, 6\]"):
+        DeSTA25Config.from_dict({**saved, "orca_target_layer_ids": [1, 6]})
+
+
+def test_injection_needs_llm_heads_dividing_the_hidden_size():
+    """With deep injection the model builds one OrcaGatedCrossAttention(hidden_size, the LLM's heads)
+    per decoder layer, which needs the heads to divide the hidden size (a Qwen3 config, with its
+    own head_dim, need not): refused at construction and on assignment, not after the LLM loads."""
+    odd_heads = Qwen3Config(**{**llm_config("qwen3").to_dict(), "num_attention_heads": 3, "num_key_value_heads": 1})
+    message = (
+        "DeSTA25Config: llm_config must have num_attention_heads dividing hidden_size while "
+        "orca_deep_injection_enabled (the ORCA cross-attention's head dim is hidden_size / "
+        "num_attention_heads), got hidden_size=64, num_attention_heads=3"
+    )
+    with pytest.raises(ValueError) as caught:
+        tiny(llm_config=odd_heads)
+    assert str(caught.value) == message
+    config = tiny(llm_config=odd_heads, orca_deep_injection_enabled=False)  # no cross-attention built
+    with pytest.raises(ValueError) as caught:
+        config.orca_deep_injection_enabled = True
+    assert str(caught.value) == message and config.orca_deep_injection_enabled is False
 
 
 class _V4StyleConfig(PretrainedConfig):
@@ -217,6 +293,20 @@ BAD_FIELDS = [
     ("use_fused_orca", 1, TypeError, "must be a bool, got int"),
     ("use_fused_orca", "true", TypeError, "must be a bool, got str"),
     ("use_fused_orca", None, TypeError, "must be a bool, got NoneType"),
+    # tiny()'s encoder has 4 layers
+    *[
+        (
+            "orca_target_layer_ids",
+            value,
+            ValueError,
+            "a non-empty, sorted list of unique encoder layer indices in [0, 4)",
+        )
+        for value in ([3, 1], [1, 1], [0, 4], [-1, 2], [])
+    ],
+    *[
+        ("orca_target_layer_ids", value, TypeError, "None or a list of ints")
+        for value in ("1,3", 3, [1.0, 3.0], [True], [None])
+    ],
 ]
 
 

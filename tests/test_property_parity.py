@@ -154,12 +154,14 @@ def _exponent(draw, dtype: torch.dtype) -> int:
     data=st.data(),
     dtype=dtypes,
     batch=st.integers(0, 3),
-    length=st.integers(1, 24),
+    length=st.integers(0, 24),
     c_in=st.integers(0, 5),
-    c_out=st.integers(1, 5),
+    c_out=st.integers(0, 5),
     kernel_size=st.integers(1, 7),
     stride=st.integers(1, 5),
-    padding=st.integers(0, 4),
+    # Up to past the kernel size: windows wholly in the padding (the bias), at both ends, and
+    # with T = 0 every window.
+    padding=st.integers(0, 9),
     with_bias=st.booleans(),
     seed=seeds,
 )
@@ -167,7 +169,8 @@ def test_strided_conv1d_matches_reference(
     data, dtype, batch, length, c_in, c_out, kernel_size, stride, padding, with_bias, seed
 ):
     """strided_conv1d(backend="extension") = nn.Conv1d on the transposed input, in value and in the
-    gradients of x, weight and bias, for any geometry with at least one window, any layout of x."""
+    gradients of x, weight and bias, for any geometry with at least one window, any layout of x,
+    the degenerate sizes included (B, T, C_in, C_out = 0; padding past the kernel size)."""
     assume(length + 2 * padding >= kernel_size)
     gen = torch.Generator().manual_seed(seed)
     # fp16 products of two in-range values stay in range only for modest magnitudes.

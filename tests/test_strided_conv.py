@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import subprocess
 import sys
@@ -243,6 +244,135 @@ def test_bad_input_python_errors():
     for call, error, message in cases:
         with pytest.raises(error, match=message):
             call()
+
+
+# Every backend accepts the same inputs, with one result, and refuses the others with one error.
+# (id, B, T, C_in, C_out, kernel_size, stride, padding)
+STRIDE_LIMIT_3 = strided_conv.max_stride(3)  # 715827882: stride * C_in = 2**31 - 2 for C_in = 3
+STRIDE_LIMIT_1 = strided_conv.max_stride(1)  # 2**31 - 1
+EDGE_CASES = [
+    ("C_out=0", 2, 7, 3, 0, 3, 2, 1),
+    ("C_in=0", 2, 7, 0, 4, 3, 2, 1),
+    ("T=0 with padding", 2, 0, 3, 4, 3, 1, 2),  # every window in the padding: the bias
+    ("T=0, k=1, padding 1", 2, 0, 3, 4, 1, 2, 1),
+    ("B=0", 0, 7, 3, 4, 3, 2, 1),
+    ("all sizes 0", 0, 0, 0, 0, 1, 1, 1),
+    ("no window reads x", 2, 1, 3, 4, 1, 3, 5),
+    ("padding > kernel size", 2, 5, 3, 4, 3, 2, 4),  # bias rows at both ends
+    ("stride > T", 2, 3, 3, 4, 3, 10, 0),
+    ("stride at the 32-bit limit", 2, 3, 3, 4, 1, STRIDE_LIMIT_3, 0),
+    ("stride = padding at the limit, 3 rows", 2, 1, 3, 4, 1, STRIDE_LIMIT_3, STRIDE_LIMIT_3),
+    # 1025 rows, row 512 reads x, the others are the bias: the padding is never materialised.
+    ("padding ~2**40, stride at the limit", 2, 3, 1, 2, 3, STRIDE_LIMIT_1, 512 * STRIDE_LIMIT_1),
+    ("stride = padding = 2**40, B=0", 0, 1, 3, 4, 1, 2**40, 2**40),
+    ("stride = padding = 2**40, C_in=0", 2, 1, 0, 4, 1, 2**40, 2**40),
+    ("stride = padding = 2**40, C_out=0", 2, 1, 3, 0, 1, 2**40, 2**40),
+    ("stride 2**40 + 1, no window reads x", 2, 1, 3, 4, 1, 2**40 + 1, 2**40),
+    ("padding at the 64-bit limit", 2, 1, 3, 4, 1, 2**62, strided_conv.max_padding(1)),
+]
+
+
+def skip_unless_runs(backend: str, device: torch.device) -> None:
+    if backend == "cuda" and device.type != "cuda":
+        pytest.skip("backend='cuda' needs CUDA tensors")
+    if backend in ("extension", "cuda") and not _extension.supports(device):
+        pytest.skip(f"orca_kernels._C has no {device.type} kernels in this build")
+
+
+def backend_conv(backend: str):
+    return lambda x, weight, bias, stride, padding: orca_kernels.strided_conv1d(
+        x, weight, bias, stride, padding, backend=backend
+    )
+
+
+@pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "column_slice"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("backend", strided_conv.BACKENDS)
+@pytest.mark.parametrize("case", EDGE_CASES, ids=[c[0] for c in EDGE_CASES])
+def test_edge_sizes_agree_on_every_backend(device, case, backend, with_bias, contiguous):
+    """The degenerate sizes and the limits the extension computes: every backend returns its
+    result, output and gradients of x, weight and bias (compared with the reference, which the
+    extension matches), the rows whose window lies in the padding being the bias exactly."""
+    skip_unless_runs(backend, device)
+    _, batch, length, c_in, c_out, kernel_size, stride, padding = case
+    x = make_input(batch, length, c_in, torch.float64, device, contiguous)
+    weight = torch.randn(c_out, c_in, kernel_size, dtype=torch.float64, device=device)
+    bias = torch.randn(c_out, dtype=torch.float64, device=device) if with_bias else None
+    length_out = (length + 2 * padding - kernel_size) // stride + 1
+    grad_out = torch.randn(batch, length_out, c_out, dtype=torch.float64, device=device)
+
+    got = conv_and_grads(backend_conv(backend), x, weight, bias, stride, padding, grad_out)
+    want = conv_and_grads(reference.strided_conv1d, x, weight, bias, stride, padding, grad_out)
+    assert got[0].shape == (batch, length_out, c_out)
+    for name, a, t in zip(["output", "grad_x", "grad_weight", "grad_bias"], got, want, strict=False):
+        assert a.shape == t.shape, name
+        assert_matches_truth(a, t, name=f"{backend} {name}")
+    first, last = reference.conv1d_rows_reading_input(length, kernel_size, stride, padding)
+    if c_in == 0 or first > last:
+        first, last = length_out, length_out - 1  # no row reads x
+    edge = bias if with_bias else torch.zeros(c_out, dtype=torch.float64, device=device)
+    for rows in (got[0][:, :first], got[0][:, last + 1 :]):
+        assert torch.equal(rows, edge.expand_as(rows))
+
+
+@pytest.mark.parametrize("backend", strided_conv.BACKENDS)
+def test_rows_in_the_padding_never_read_x(device, backend):
+    """A window wholly in the padding is the bias, even where x holds NaN or inf: no backend
+    multiplies the padding's zeros into x's values."""
+    skip_unless_runs(backend, device)
+    x = torch.tensor([[[math.nan, math.inf, -math.inf]]], dtype=torch.float64, device=device)
+    weight = torch.randn(4, 3, 1, dtype=torch.float64, device=device)
+    bias = torch.randn(4, dtype=torch.float64, device=device)
+    out = orca_kernels.strided_conv1d(x, weight, bias, 3, 5, backend=backend)  # rows start at -5, -2, 1, 4
+    assert torch.equal(out, bias.expand(1, 4, 4))
+
+
+# (id, B, T, C_in, C_out, kernel_size, stride, padding, the error's exact text)
+BAD_GEOMETRY = [
+    ("kernel size 0", 2, 5, 3, 4, 0, 1, 1, "strided_conv1d: weight kernel size must be >= 1, got 0"),
+    (
+        "T=0 without padding",
+        2, 0, 3, 4, 1, 1, 0,
+        "strided_conv1d: x has length 0, too short for one window of kernel size 1 with padding 0",
+    ),
+    (
+        "output length 0",
+        2, 2, 3, 4, 5, 1, 1,
+        "strided_conv1d: x has length 2, too short for one window of kernel size 5 with padding 1",
+    ),
+    (
+        "stride = padding = 2**40, 3 rows",
+        1, 1, 3, 4, 1, 2**40, 2**40,
+        "strided_conv1d: stride must be at most 715827882 for C_in = 3 (stride * C_in, the row step of the "
+        "compiled kernels' GEMMs, must fit in 32 bits: at most 2**31 - 1), got 1099511627776",
+    ),
+    (
+        "stride one over the 32-bit limit",
+        2, 3, 3, 4, 1, STRIDE_LIMIT_3 + 1, 0,
+        "strided_conv1d: stride must be at most 715827882 for C_in = 3 (stride * C_in, the row step of the "
+        "compiled kernels' GEMMs, must fit in 32 bits: at most 2**31 - 1), got 715827883",
+    ),
+    (
+        "padding one over the 64-bit limit",
+        0, 1, 3, 4, 1, 2**62, 2**62,
+        "strided_conv1d: padding must be at most 4611686018427387903 for T = 1 (T + 2 * padding must fit in "
+        "64 bits: at most 2**63 - 1), got 4611686018427387904",
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", strided_conv.BACKENDS)
+@pytest.mark.parametrize("case", BAD_GEOMETRY, ids=[c[0] for c in BAD_GEOMETRY])
+def test_bad_geometry_is_one_error_on_every_backend(device, case, backend):
+    """Each refused geometry gives the same ValueError, word for word, on every backend, before
+    any backend is chosen (so also backend='cuda' with CPU tensors, or where _C is missing)."""
+    _, batch, length, c_in, c_out, kernel_size, stride, padding, message = case
+    x = torch.randn(batch, length, c_in, device=device)
+    weight = torch.randn(c_out, c_in, kernel_size, device=device)
+    bias = torch.randn(c_out, device=device)
+    with pytest.raises(ValueError) as caught:
+        orca_kernels.strided_conv1d(x, weight, bias, stride, padding, backend=backend)
+    assert str(caught.value) == message
 
 
 def test_bad_input_op_errors():
