@@ -142,6 +142,27 @@ def measure(launch: Launch, device: torch.device, capability: tuple[int, int]) -
     return best, best_ms, heuristic_ms, failed
 
 
+def backward_layouts(measured: dict[Launch, float], capability: tuple[int, int]) -> dict[str, dict[str, int]]:
+    """The backward layout entries ("flash_layout/..." -> {"one_pass": 0 or 1}) where both layouts
+    were measured: each dK/dV or dQ timing is the whole two-kernel backward (with the other kernel
+    on its setting), the "bwd" timing the one-pass backward."""
+    entries = {}
+    for launch, one_pass_ms in measured.items():
+        if launch.kernel != "bwd":
+            continue
+        two_kernel = [
+            ms for other, ms in measured.items() if other.kernel in ("dkdv", "dq") and _same_site(other, launch)
+        ]
+        if two_kernel:
+            key = attention.tuning_key("layout", launch.dtype, PHASES[launch.phase], launch.width, capability)
+            entries[key] = {"one_pass": int(one_pass_ms < min(two_kernel))}
+    return entries
+
+
+def _same_site(a: Launch, b: Launch) -> bool:
+    return (a.dtype, a.width, a.phase) == (b.dtype, b.width, b.phase)
+
+
 def render(table: dict[str, dict[str, int]], header: str) -> str:
     """The source of orca_kernels/_tuned.py holding `table`."""
     body = pprint.pformat(dict(sorted(table.items())), width=110, sort_dicts=False)
@@ -349,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda")
     capability = torch.cuda.get_device_capability(device)
     table = dict(_tuned.TUNED)
+    measured: dict[Launch, float] = {}
     start = time.monotonic()
     for index, launch in enumerate(todo, 1):
         if args.budget_s is not None and time.monotonic() - start > args.budget_s:
@@ -356,12 +378,14 @@ def main(argv: list[str] | None = None) -> int:
             break
         best, best_ms, heuristic_ms, failed = measure(launch, device, capability)
         table[launch.key(capability)] = best
+        measured[launch] = best_ms
         print(
             f"[{index}/{len(todo)}] {launch.key(capability)}: {best_ms * 1e3:.1f} us "
             f"(heuristic {heuristic_ms * 1e3:.1f} us, {heuristic_ms / best_ms:.2f}x) {best}"
             + (f", {failed} candidates did not compile" if failed else ""),
             flush=True,
         )
+    table.update(backward_layouts(measured, capability))
     card = torch.cuda.get_device_name(device)
     versions = f"torch {torch.__version__}, triton {__import__('triton').__version__}"
     header = f"Last measured on {card} (sm{capability[0]}{capability[1]}), {versions}, {datetime.date.today()}."

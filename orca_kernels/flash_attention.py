@@ -59,6 +59,7 @@ from orca_kernels.validation import check_backend, check_key_padding_mask, check
 OP = "flash_cross_attention"
 BACKENDS = ("auto", "sdpa", "triton", "torch")
 MAX_HEAD_DIM = 256  # the kernels keep [BLOCK, head_dim] tiles in registers
+MAX_ONE_PASS_KEY_BLOCKS = 4  # see one_pass_backward
 LOG2E = math.log2(math.e)
 
 
@@ -783,34 +784,47 @@ def heuristic_configs(
         one = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 8 if block_d >= 128 else 4, "num_stages": 1}
         return {"fwd": one, "dkdv": one, "dq": one, "bwd": one}
     # fp16/bf16 on the tensor cores (wgmma on sm90; chosen for H100, to be tuned by benchmarks/).
+    # Every setting keeps each warp on rows and columns of its own: a tile product's rows (its M)
+    # must hold 16 per warp the compiler puts along M (all of them, on sm90's wgmma and wherever
+    # one product feeds another), else warps recompute each other's tiles (the compile audit's
+    # duplicated-warp check). Each also compiles without register spills on sm80 and sm90.
+    power_of_two = not block_d & (block_d - 1)
     # Forward: 16 query rows for decode (Tx = 1), else 64 (one warpgroup) or 128 rows (two),
     # whichever pads Tx less (Tx = 300: 5 x 64 rather than 3 x 128).
     if Tx <= 16:
         # A cap for two blocks per SM: uncapped, triton 3.6's ptxas spilled at hd 128 with a mask.
-        # A split head dim (80 = 64 + 16) is the other way round: triton 3.8 spills under the cap
-        # and needs 168 registers without it.
-        fwd = {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
-        if not block_d & (block_d - 1):
-            fwd["maxnreg"] = register_cap(4, 2)
+        fwd = {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "maxnreg": register_cap(4, 2)}
+        if not power_of_two:
+            # A split head dim (80 = 64 + 16): the 16-column tail product puts every warp along M,
+            # so the 16 rows take one warp (flash-decoding then makes more programs); uncapped,
+            # since a cap spills there.
+            fwd = {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 1, "num_stages": 3}
     elif triton.cdiv(Tx, 128) * 128 > triton.cdiv(Tx, 64) * 64:
         fwd = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
     else:
         fwd = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3 if block_d <= 128 else 2}
-    # Backward: two [BLOCK_N, BLOCK_D] fp32 accumulators per program (dK and dV) bound the tiles;
-    # 8 warps and one block per SM's registers keep both kernels free of spills. 64-key blocks
-    # feed Hopper's wgmma (two warpgroups); Ampere's mma.sync spills there with triton 3.6 at
-    # head dim 64, so it takes 32.
-    # A head dim split into main + tail blocks (80 = 64 + 16) holds two more tiles of each operand:
-    # on Ampere the dK/dV kernel spills with them (triton 3.6) at every setting the compile audit
-    # tried but 32 query rows on 4 warps.
-    keys = 64 if capability >= (9, 0) else 32
-    bwd = {"BLOCK_M": 64, "BLOCK_N": keys, "num_warps": 8, "num_stages": 2, "maxnreg": register_cap(8, 1)}
-    if block_d & (block_d - 1) and capability < (9, 0):
-        bwd = {"BLOCK_M": 32, "BLOCK_N": keys, "num_warps": 4, "num_stages": 2, "maxnreg": register_cap(4, 1)}
-    # One-pass backward: every tile product has 64 rows (keys for S, dP, dV, dK; queries for dQ),
-    # one warpgroup's worth, so 4 warps and no warp computes another's rows.
-    fused = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
-    return {"fwd": fwd, "dkdv": bwd, "dq": bwd, "bwd": fused}
+    # Two-kernel backward. dK/dV works on transposed tiles: its products' rows are the BLOCK_N
+    # keys; dQ's are the BLOCK_M query rows. Two [BLOCK_N, BLOCK_D] fp32 accumulators (dK and dV)
+    # bound the dK/dV tiles.
+    cap = register_cap(4, 1)
+    if capability >= (9, 0):
+        dkdv = {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "maxnreg": cap}
+    elif power_of_two:
+        # Ampere's mma.sync spreads these 8 warps along the head dim, not the keys.
+        dkdv = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2, "maxnreg": register_cap(8, 1)}
+    else:
+        dkdv = {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "maxnreg": cap}
+    dq = {"BLOCK_M": 64, "BLOCK_N": 64 if capability >= (9, 0) else 32, "num_warps": 4, "num_stages": 2, "maxnreg": cap}
+    # One-pass backward: the key products' rows are BLOCK_N keys, dQ's the BLOCK_M query rows, and
+    # the program holds dK, dV and a dQ tile at once. Wide heads and split heads take small tiles
+    # to stay clear of spills; sm90 at head width 64 has room for two warpgroups over 128 keys.
+    if not power_of_two:
+        one_pass = {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 2, "num_stages": 2}
+    elif block_d <= 64 and capability >= (9, 0):
+        one_pass = {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2, "maxnreg": register_cap(8, 1)}
+    else:
+        one_pass = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+    return {"fwd": fwd, "dkdv": dkdv, "dq": dq, "bwd": one_pass}
 
 
 def _bias_args(mask: torch.Tensor | None, dtype: torch.dtype, fallback: torch.Tensor) -> tuple:
@@ -838,7 +852,9 @@ def _forward(q, k, v, mask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     head = _head_dim_args(hd)
     cfg = _configs(q.dtype, Tx, head_width(hd), _utils.cuda_capability(q.device))["fwd"]
     row_blocks = triton.cdiv(Tx, cfg["BLOCK_M"])
-    splits, keys_per_split = decode_splits(B * nh * row_blocks, Tx, Ta, cfg["BLOCK_N"], q.device)
+    splits, keys_per_split = decode_splits(
+        B * nh * row_blocks, Tx, Ta, cfg["BLOCK_N"], q.device, cfg.get("num_warps", 4)
+    )
     # Split: the kernel writes fp32 (fp64) partials [S, B, Tx, nh, hd] and [S, B, nh, Tx] instead.
     dest, dest_lse = out, lse
     if splits > 1:
@@ -905,28 +921,37 @@ def _forward(q, k, v, mask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     return out, lse
 
 
-def decode_splits(programs: int, Tx: int, Ta: int, block_n: int, device: torch.device) -> tuple[int, int]:
+def decode_splits(
+    programs: int, Tx: int, Ta: int, block_n: int, device: torch.device, num_warps: int = 4
+) -> tuple[int, int]:
     """(splits, keys per split) of the forward over the keys (flash-decoding). A decode step
     (Tx <= 16: one row block) has B·nh programs, too few to fill a GPU when B is small (B = 1 and
     32 heads: 32 programs for 132 SMs), each walking all Ta keys; splitting the keys into ranges
-    of whole key blocks gives about two programs per SM. The interpreter splits every decode
-    into single key blocks, so the tests exercise the split and the combine."""
+    of whole key blocks gives about eight warps per SM (two programs of 4 warps, eight of one).
+    The interpreter splits every decode into single key blocks, so the tests exercise the split
+    and the combine."""
     blocks = triton.cdiv(Ta, block_n)
     if Tx > 16 or blocks <= 1:
         return 1, max(Ta, 1)
-    wanted = blocks if KERNELS_INTERPRETED else _utils.persistent_programs(device) // 2 // max(programs, 1)
+    # persistent_programs is 4 per SM: 2 programs of 4 warps per SM, 8 of 1 warp.
+    wanted_programs = _utils.persistent_programs(device) * 2 // num_warps
+    wanted = blocks if KERNELS_INTERPRETED else wanted_programs // max(programs, 1)
     splits = min(blocks, max(1, wanted))
     blocks_per_split = triton.cdiv(blocks, splits)
     return triton.cdiv(blocks, blocks_per_split), blocks_per_split * block_n
 
 
-def one_pass_backward(B: int, nh: int, device: torch.device) -> bool:
+def one_pass_backward(B: int, nh: int, Ta: int, block_n: int, device: torch.device) -> bool:
     """Whether the backward runs as one pass per (batch, head) (`_flash_cross_attention_bwd_fused_kernel`:
-    5 tile products per tile pair, an fp32 dQ partial sum of [B, nh, Tx, head width]) rather than
-    two kernels over key blocks and query blocks (7 products, no scratch): when B·nh programs fill
-    the GPU twice over (one per (batch, head), the grid of the one-pass kernel). Under the
-    interpreter (4 "SMs") both run in the tests: one pass from B·nh = 2."""
-    return B * nh >= _utils.persistent_programs(device) // 2
+    5 tile products per tile pair, and an fp32 dQ partial sum [B, nh, Tx, head width] written and
+    read back once per key block but the last) rather than two kernels over key blocks and query
+    blocks (7 products, no scratch): where B·nh programs fill the GPU twice over (one per (batch,
+    head), the one-pass grid) and the keys take at most MAX_ONE_PASS_KEY_BLOCKS blocks, so that
+    the partial sums move at most 3 fp32 copies of dQ each way (Qwen3-0.6B: 439 keys in 128-key
+    blocks; the narrower tiles the split and wide heads need would make 12-14 blocks). Under the
+    interpreter (4 "SMs") both run in the tests: one pass from B·nh = 2 and up to 4 key blocks."""
+    fills = B * nh >= _utils.persistent_programs(device) // 2
+    return fills and triton.cdiv(Ta, block_n) <= MAX_ONE_PASS_KEY_BLOCKS
 
 
 def _backward(
@@ -996,7 +1021,13 @@ def _backward(
             EVEN_D=hd == block_d,
         )
         if one_pass is None:
-            one_pass = one_pass_backward(B, nh, q.device)
+            # The layout `python -m benchmarks.tune` measured faster on this card, else the rule.
+            key = tuning_key("layout", q.dtype, Tx, head_width(hd), _utils.cuda_capability(q.device))
+            measured = None if KERNELS_INTERPRETED else _tuned.TUNED.get(key)
+            if measured is not None:
+                one_pass = bool(measured["one_pass"])
+            else:
+                one_pass = one_pass_backward(B, nh, Ta, cfgs["bwd"]["BLOCK_N"], q.device)
         if one_pass:
             cfg = cfgs["bwd"]
             # dQ's partial sums, [B, nh, Tx, main + tail columns], fp32 (fp64 for fp64); only

@@ -521,6 +521,13 @@ def _block(size: int, low: int, high: int) -> int:
     return max(low, min(high, triton.next_power_of_2(max(size, 1))))
 
 
+def split_warps(block_m: int, block_n: int) -> int:
+    """Warps of the split forward's [block_m, block_n] dot tile: one per 128 elements (a 16 x 8
+    instruction tile), at most 8, so that no warp recomputes another's part of a small tile
+    (Llama-3.1-8B's 8 global tokens give 16 x 16 tiles: 2 warps, not 8)."""
+    return max(1, min(8, block_m * block_n // 128))
+
+
 def hidden_splits(tiles: int, H: int, block_h: int, device: torch.device) -> tuple[int, int]:
     """(splits, hidden width per split) of the forward's H loop. The forward has one program per
     tile of rows x columns per batch element: B·⌈Kg/BLOCK_M⌉·⌈(Kg + n)/BLOCK_N⌉, 24 at
@@ -624,7 +631,7 @@ def _forward(
                 BLOCK_M=block_m,
                 BLOCK_N=block_n,
                 BLOCK_H=block_h,
-                num_warps=8,
+                num_warps=split_warps(block_m, block_n),
             )
         _ortho_losses_fwd_kernel[(num_programs,)](
             g,

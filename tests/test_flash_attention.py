@@ -382,6 +382,8 @@ def test_decode_splits_fill_the_gpu(monkeypatch):
     assert attention.decode_splits(8 * 32, 1, 383, 64, cuda) == (1, 384)
     assert attention.decode_splits(32, 300, 383, 64, cuda) == (1, 383)
     assert attention.decode_splits(32, 1, 40, 64, cuda) == (1, 40)
+    # One-warp programs (a split head dim): four times as many programs per SM.
+    assert attention.decode_splits(4 * 32, 1, 383, 64, cuda, num_warps=1) == (6, 64)
 
 
 # ----------------------------------------------------------------------------- errors and backends

@@ -315,8 +315,16 @@ def test_a_models_parts_have_no_switch_of_their_own(checkpoints):
     with pytest.raises(TypeError, match="enabled must be a bool"):
         model.set_use_fused_orca("False")
     assert model.config.use_fused_orca is False
-    with pytest.raises(ValueError, match="use_fused or config, not both"):
+    with pytest.raises(ValueError, match="use_fused / attention_backend or config, not both"):
         OrcaGatedCrossAttention(64, 4, use_fused=True, config=model.config)
+    with pytest.raises(ValueError, match="use_fused / attention_backend or config, not both"):
+        OrcaGatedCrossAttention(64, 4, attention_backend="sdpa", config=model.config)
+    with pytest.raises(AttributeError):
+        model.orca_cross_attns[0].attention_backend = "triton"
+    model.config.orca_attention_backend = "sdpa"
+    assert all(module.attention_backend == "sdpa" for module in model.orca_cross_attns)
+    with pytest.raises(ValueError, match="attention_backend must be one of 'auto', 'sdpa', 'triton'"):
+        OrcaGatedCrossAttention(64, 4, attention_backend="cudnn")
 
 
 def generate(model: DeSTA25AudioModel, batch: dict, **kwargs) -> torch.Tensor:

@@ -62,3 +62,45 @@ def test_measuring_needs_a_gpu(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert tune.main([]) == 2
     assert "--dry-run" in capsys.readouterr().err
+
+
+def test_the_faster_backward_layout_is_recorded():
+    """Both layouts measured at a site: the entry says which was faster (each dK/dV or dQ timing is
+    the whole two-kernel backward); a site with only one layout measured gets no entry."""
+    launches = {kernel: tune.Launch(kernel, tune.MODELS[0], "prefill", torch.bfloat16) for kernel in tune.KERNELS}
+    key = attention.tuning_key("layout", torch.bfloat16, 300, launches["bwd"].width, (9, 0))
+    measured = {launches["dkdv"]: 1.0, launches["dq"]: 0.9, launches["bwd"]: 0.8}
+    assert tune.backward_layouts(measured, (9, 0)) == {key: {"one_pass": 1}}
+    measured[launches["bwd"]] = 0.95
+    assert tune.backward_layouts(measured, (9, 0)) == {key: {"one_pass": 0}}
+    assert tune.backward_layouts({launches["bwd"]: 0.8}, (9, 0)) == {}
+
+
+def test_a_measured_backward_layout_is_followed(monkeypatch):
+    """The GPU path of _backward takes the layout the tuner recorded over the rule."""
+    monkeypatch.setattr(attention, "KERNELS_INTERPRETED", False)
+    monkeypatch.setattr(attention._utils, "cuda_capability", lambda device: (9, 0))
+    ran = []
+    monkeypatch.setattr(attention, "_flash_cross_attention_bwd_fused_kernel", _Recorder("one pass", ran))
+    monkeypatch.setattr(attention, "_flash_cross_attention_bwd_dkdv_kernel", _Recorder("dkdv", ran))
+    monkeypatch.setattr(attention, "_flash_cross_attention_bwd_dq_kernel", _Recorder("dq", ran))
+    monkeypatch.setattr(attention, "_flash_cross_attention_bwd_preprocess_kernel", _Recorder("pre", []))
+    q = torch.zeros(2, 300, 2, 64, dtype=torch.bfloat16)
+    k = torch.zeros(2, 439, 2, 64, dtype=torch.bfloat16)
+    lse = torch.zeros(2, 2, 300)
+    key = attention.tuning_key("layout", torch.bfloat16, 300, 64, (9, 0))
+    for one_pass, expected in ((1, ["one pass"]), (0, ["dkdv", "dq"])):
+        monkeypatch.setitem(_tuned.TUNED, key, {"one_pass": one_pass})
+        ran.clear()
+        attention._backward(q, k, k, None, q, lse, q, 0.125)
+        assert ran == expected
+
+
+class _Recorder:
+    """Stands in for a kernel: `kernel[grid](...)` records its name."""
+
+    def __init__(self, name, ran):
+        self.name, self.ran = name, ran
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.ran.append(self.name)
