@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import orca_kernels
 from call_counts import count_calls
@@ -384,3 +385,103 @@ def test_fused_module_refuses_head_dims_the_kernels_lack(triton_device):
     hidden, audio = torch.zeros(1, 1, 2 * 257, device=triton_device), torch.zeros(1, 3, 2 * 257, device=triton_device)
     with pytest.raises(ValueError, match=r"head dim 257 \(hidden_size / num_heads\) > 256 .*\(use_fused=False"):
         module(hidden, audio)
+
+
+# ----------------------------------------------------------------------------- q and u in one GEMM
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten operators dispatched inside the block, by name (`addmm`, `mm`, `cat`, ...),
+    with the shapes of their first tensor argument."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[str, tuple[int, ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        self.calls.append((func.overloadpacket.__name__, tuple(first.shape) if first is not None else ()))
+        return func(*args, **(kwargs or {}))
+
+    def count(self, *names: str) -> int:
+        return sum(name in names for name, _ in self.calls)
+
+
+GEMMS = ("mm", "addmm", "addmm_", "bmm")
+SHAPE = (2, 25, 7, 16, 2)  # B, T_x, T_a, H, heads
+
+
+def functional_inputs(shape, dtype, device):
+    batch, t_x, t_a, size, heads = shape
+    _, module = make_pair(size, heads, dtype, device)
+    hidden = torch.randn(batch, t_x, size, device=device, dtype=dtype)
+    audio = torch.randn(batch, t_a, size, device=device, dtype=dtype)
+    mask = torch.zeros(batch, t_a, dtype=torch.bool, device=device)
+    mask[0, t_a - 2 :] = True
+    return module, hidden, audio, mask
+
+
+def test_query_and_gate_gradients_match_the_reference(triton_device):
+    """With autograd (fp64): the output and the gradients of hidden, the audio and all ten
+    parameters (in_proj_weight's Q rows, in_proj_bias, gate_hidden_weight and gate_hidden_bias
+    through the shared projection) match backend="torch". The backward writes ∂hidden once:
+    ∂q·W_q, then ∂u·W₁ accumulated into it (addmm_), and autograd adds one gradient of hidden
+    (the residual's) instead of two; ∂k and ∂v meet in one concatenation, not in two zero-filled
+    buffers."""
+    module, hidden, audio, mask = functional_inputs(SHAPE, torch.float64, triton_device)
+    params = [p.detach().requires_grad_() for p in module.parameters_in_order()]
+    hidden.requires_grad_()
+    audio.requires_grad_()
+    grad_out = torch.randn_like(hidden)
+
+    def outputs_and_grads(backend):
+        with OpCounter() as forward:
+            out = orca_kernels.gated_cross_attention(
+                hidden, audio, *params, 2, key_padding_mask=mask, rope_theta=1e6, backend=backend
+            )
+        with OpCounter() as backward:
+            grads = torch.autograd.grad(out, [hidden, audio, *params], grad_out)
+        return out, grads, forward, backward
+
+    out, grads, forward, backward = outputs_and_grads("triton")
+    assert forward.count(*GEMMS) == 4, forward.calls  # K/V, q, u, out
+    assert backward.count("addmm_") == 1, backward.calls
+    batch, t_x, t_a, size, _ = SHAPE
+    kv_slices = [call for call in backward.calls if call == ("slice_backward", (batch, t_a, size))]
+    assert not kv_slices and ("cat", ()) in backward.calls, backward.calls
+    hidden_adds = [call for call in backward.calls if call == ("add", tuple(hidden.shape))]
+    assert len(hidden_adds) == 1, backward.calls
+    want_out, want_grads, _, _ = outputs_and_grads("torch")
+    assert_matches_truth(out.detach(), want_out.detach(), name="output", tolerances=MODULE_RELATIVE_TOLERANCE)
+    names = ["hidden", "audio", *cross_attention.PARAMETER_NAMES]
+    for name, got, want in zip(names, grads, want_grads, strict=True):
+        assert_matches_truth(got, want, name=f"grad {name}", tolerances=MODULE_RELATIVE_TOLERANCE)
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["training", "inference"])
+def test_query_and_gate_under_autocast(triton_device, grad):
+    """CPU/CUDA autocast with fp32 parameters: the q/u projection and its own backward run in
+    bf16 as F.linear would; the outputs' and gradients' dtypes are the reference's and their errors
+    no worse than the reference's (the bf16 rule of tolerances.py)."""
+    module, hidden, audio, _ = functional_inputs(SHAPE, torch.float32, triton_device)
+    params = [p.detach().requires_grad_(grad) for p in module.parameters_in_order()]
+    hidden.requires_grad_(grad)
+
+    def run(backend, dtype, autocast):
+        leaves = [p.detach().to(dtype).requires_grad_(grad) for p in params]
+        h = hidden.detach().to(dtype).requires_grad_(grad)
+        with torch.autocast(triton_device.type, dtype=torch.bfloat16, enabled=autocast):
+            out = orca_kernels.gated_cross_attention(h, audio.to(dtype), *leaves, 2, rope_theta=1e6, backend=backend)
+        grads = torch.autograd.grad(out.double().sum(), [h, *leaves]) if grad else []
+        return out.detach(), grads
+
+    got, want, truth = (
+        run("triton", torch.float32, True),
+        run("torch", torch.float32, True),
+        run("torch", torch.float64, False),
+    )
+    assert got[0].dtype == want[0].dtype
+    assert_no_worse_than_unfused(got[0], want[0], truth[0], name="output")
+    for i, (a, b, t) in enumerate(zip(got[1], want[1], truth[1], strict=True)):
+        assert a.dtype == b.dtype
+        assert_no_worse_than_unfused(a, b, t, name=f"grad {i}")
