@@ -5,10 +5,11 @@ package's Triton kernels win (docs/architecture.md#attention-dispatch).
 The measurements live in `orca_kernels._dispatch_table` (written by `python -m benchmarks.tune
 --dispatch` on a GPU). An entry is keyed by
 
-    <card>|<mode>|<dtype>|d<head width>|<mask kind>|<shape bucket>
+    <card>|<op>|<mode>|<dtype>|d<head width>|<mask kind>|<shape bucket>
 
 - card: the GPU's name as `torch.cuda.get_device_name` gives it ("NVIDIA H200"); when no entry
   has that name, its compute capability ("sm90") is tried, so an H100 uses an H200's table;
+- op: "flash_cross_attention" (the one op with two paths today);
 - mode: "train" (a gradient will be taken), "decode" (no gradient, at most 16 query rows: a
   generation step) or "inference";
 - dtype: "bfloat16", "float16", "float32";
@@ -41,6 +42,7 @@ import triton
 
 from orca_kernels import _dispatch_table
 
+OP = "flash_cross_attention"
 VENDOR = "sdpa"
 TRITON = "triton"
 MODES = ("train", "inference", "decode")
@@ -64,7 +66,8 @@ def shape_bucket(Tx: int, Ta: int) -> str:
 
 
 def table_key(card: str, mode: str, dtype: torch.dtype, width: int, mask_kind: str, Tx: int, Ta: int) -> str:
-    return f"{card}|{mode}|{str(dtype).removeprefix('torch.')}|d{width}|{mask_kind}|{shape_bucket(Tx, Ta)}"
+    dtype_name = str(dtype).removeprefix("torch.")
+    return f"{card}|{OP}|{mode}|{dtype_name}|d{width}|{mask_kind}|{shape_bucket(Tx, Ta)}"
 
 
 @torch.compiler.assume_constant_result

@@ -48,7 +48,7 @@ def test_modes():
 
 def test_key_layout():
     key = dispatch.table_key("NVIDIA H200", "train", torch.bfloat16, 80, "keys", 300, 439)
-    assert key == "NVIDIA H200|train|bfloat16|d80|keys|tx512-ta512"
+    assert key == "NVIDIA H200|flash_cross_attention|train|bfloat16|d80|keys|tx512-ta512"
     assert dispatch.shape_bucket(0, 1) == "tx1-ta1"
 
 
@@ -116,8 +116,8 @@ def test_the_committed_table_follows_the_key_layout():
     """Every committed entry parses: a known mode, dtype, mask kind, and both paths' numbers."""
     assert isinstance(_dispatch_table.TABLE_ID, str) and _dispatch_table.TABLE_ID
     for key, entry in _dispatch_table.TABLE.items():
-        card, mode, dtype, width, mask_kind, bucket = key.split("|")
-        assert card and mode in dispatch.MODES and mask_kind in dispatch.MASK_KINDS, key
+        card, op, mode, dtype, width, mask_kind, bucket = key.split("|")
+        assert card and op == dispatch.OP and mode in dispatch.MODES and mask_kind in dispatch.MASK_KINDS, key
         assert isinstance(getattr(torch, dtype), torch.dtype) and width.startswith("d") and bucket.startswith("tx")
         assert isinstance(dispatch.triton_wins(entry), bool)
 
