@@ -3,10 +3,16 @@
 A Hugging Face Qwen3 / Llama decoder layer (config written inline, random weights, frozen as in
 ORCA training: its input still gets gradients) whose output goes through an
 `OrcaGatedCrossAttention` over the audio memory, applied by orca_model's `DeepInjection` forward
-hook exactly as in `DeSTA25AudioModel`. Providers: "eager" (use_fused=False), "compiled"
-(torch.compile of that layer with its injection hook), "orca" (use_fused=True: the fused
-cross-attention after HF's eager decoder layer). On the CPU, without TRITON_INTERPRET=1, the fused
-cross-attention would run its reference path, so "orca" is left out there.
+hook exactly as in `DeSTA25AudioModel`. Providers:
+
+- "eager": use_fused=False, the reference cross-attention after HF's eager decoder layer;
+- "compiled": torch.compile of that layer call, its injection hook included (one graph);
+- "orca": use_fused=True, the fused cross-attention (attention core by `backend="auto"`);
+- "orca+compiled": torch.compile of the fused layer call, hook and fused ops in one graph.
+
+On the CPU, without TRITON_INTERPRET=1, the fused cross-attention would run its reference path, so
+the "orca" providers are left out there; with it, "orca+compiled" is listed but not run by default
+(inductor around the interpreted kernels takes minutes; `benchmarks.run --all-providers` runs it).
 """
 
 from __future__ import annotations
@@ -18,23 +24,25 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRot
 from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer, Qwen3RotaryEmbedding
 
 from benchmarks import model_configs
+from benchmarks.bench_cross_attention import COMPILE_ON_CPU, auto_info
 from benchmarks.harness import Case, Provider, targets_gpu
 from orca_kernels import kernels_available
 from orca_model import DeepInjection, OrcaGatedCrossAttention, rope_theta_from_config
 
 LAYER_CLASSES = {"qwen3": (Qwen3DecoderLayer, Qwen3RotaryEmbedding), "llama": (LlamaDecoderLayer, LlamaRotaryEmbedding)}
 
-# (label, LLM config, batch, T_x, T_a, with "compiled"): the training shapes of
-# docs/model-shapes.md#training-shapes (T_a = K global + 375 local tokens). torch.compile of a layer
-# takes an estimated ~20 s per shape (a forward and a forward+backward graph) of the suite's few GPU
-# minutes, so "compiled" runs for one shape of each layer class; the op suite compiles the qwen3-4b
-# cross-attention.
+OPS = ("decoder_layer+injection",)  # the case ops this suite makes (benchmarks.run --only)
+
+# (label, LLM config, batch, T_x, T_a): the training shapes of docs/model-shapes.md#training-shapes
+# (T_a = K global + 375 local tokens). torch.compile of a layer takes ~20 s per provider and shape
+# on a GPU (a forward and a forward+backward graph): gpu_check.sh gives this suite its own time
+# slot, and `benchmarks.run --shapes` picks shapes.
 FULL_SHAPES = [
-    ("llama3.1-8b", model_configs.llama3_1_8b, 12, 300, 383, True),
-    ("qwen3-4b", model_configs.qwen3_4b, 12, 300, 439, False),
-    ("qwen3-0.6b", model_configs.qwen3_0_6b, 32, 300, 439, True),
+    ("llama3.1-8b", model_configs.llama3_1_8b, 12, 300, 383),
+    ("qwen3-4b", model_configs.qwen3_4b, 12, 300, 439),
+    ("qwen3-0.6b", model_configs.qwen3_0_6b, 32, 300, 439),
 ]
-QUICK_SHAPES = [("quick", model_configs.tiny_qwen3, 2, 16, 24, True)]
+QUICK_SHAPES = [("quick", model_configs.tiny_qwen3, 2, 16, 24)]
 
 
 class InjectedDecoderLayer(nn.Module):
@@ -100,20 +108,25 @@ def _reference_fp64(eager: InjectedDecoderLayer, llm_config: PretrainedConfig, s
 def cases(device: torch.device, quick: bool) -> list[Case]:
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     fused_runs = targets_gpu(device) or kernels_available(device)
+    compile_skip = None if targets_gpu(device) else COMPILE_ON_CPU
     result = []
-    for label, make_config, batch, t_x, t_a, compiled in QUICK_SHAPES if quick else FULL_SHAPES:
+    for label, make_config, batch, t_x, t_a in QUICK_SHAPES if quick else FULL_SHAPES:
         llm_config = make_config(num_layers=1)
-        size = llm_config.hidden_size
+        size, heads = llm_config.hidden_size, llm_config.num_attention_heads
         eager = InjectedDecoderLayer(llm_config, t_x, False, dtype, device)
         with torch.no_grad():
             eager.cross_attn.gate_proj[2].weight.normal_(std=0.02)  # a gate that depends on the token
-        providers = [Provider("eager", eager)] + ([Provider("compiled", _compiled(eager))] if compiled else [])
+        # The compiled providers last: a time budget that cuts the case keeps eager and orca.
+        providers = [Provider("eager", eager)]
+        compiled = [Provider("compiled", _compiled(eager))]
         parameters = list(eager.cross_attn.parameters())
         if fused_runs:
             fused = InjectedDecoderLayer(llm_config, t_x, True, dtype, device)
             fused.load_state_dict(eager.state_dict())
             providers.append(Provider("orca", fused))
+            compiled.append(Provider("orca+compiled", _compiled(fused), skip_here=compile_skip))
             parameters += fused.cross_attn.parameters()
+        providers += compiled
 
         def make_inputs(batch=batch, t_x=t_x, t_a=t_a, size=size):
             hidden = torch.randn(batch, t_x, size, device=device, dtype=dtype, requires_grad=True)
@@ -122,15 +135,13 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
         result.append(
             Case(
                 op="decoder_layer+injection",
-                shape=(
-                    f"{label} {llm_config.model_type} B{batch} Tx{t_x} H{size} "
-                    f"h{llm_config.num_attention_heads} Ta{t_a}"
-                ),
+                shape=f"{label} {llm_config.model_type} B{batch} Tx{t_x} H{size} h{heads} Ta{t_a}",
                 dtype=dtype,
                 make_inputs=make_inputs,
                 providers=providers,
                 reference_fp64=_reference_fp64(eager, llm_config, t_x),
                 parameters=parameters,
+                info=auto_info(batch, t_x, t_a, heads, size // heads, dtype, device),
             )
         )
     return result

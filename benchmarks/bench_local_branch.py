@@ -24,6 +24,7 @@ from orca_kernels import FoldedWeightCache, local_branch, reference
 
 NUM_LAYERS, FRAMES, KERNEL_SIZE, STRIDE = 4, 1500, 5, 4
 # (label, batch, Whisper width D, LLM width H): Whisper large-v3 into the LLMs of docs/model-shapes.md#training-shapes
+OPS = ("local_branch", "local_branch_inference")  # the case ops this suite makes (benchmarks.run --only)
 FULL_SHAPES = [("llama3.1-8b", 12, 1280, 4096), ("qwen3-4b", 12, 1280, 2560), ("qwen3-0.6b", 32, 1280, 1024)]
 QUICK_SHAPES = [("quick", 2, 64, 128)]
 

@@ -10,24 +10,34 @@ network. Two cases per model, each timed as one call (the harness's forward-only
   ORCA losses (`total_training_loss`), backward, gradient clipping at 1.0 and an Adafactor step
   with the settings of Hugging Face Trainer's `optim="adafactor"` (the reference's optimiser);
   the "-checkpointed" providers run the same step with the LLM's gradient checkpointing on
-  (the injection outside the checkpoints), for its memory and its cost in time.
+  (the injection outside the checkpoints), for its memory and its cost in time; "orca+compiled"
+  runs the fused step with every LLM decoder layer's call compiled by torch.compile (inductor),
+  its forward hook included, so each graph holds the decoder layer and its injected fused
+  cross-attention. The Whisper encoder, the connector, the LM head and loss, the ORCA losses and
+  the optimizer stay eager. The layers of a model share their graphs (the first layer gets a
+  graph of its own, as it fills the per-call audio cache), so compiling costs two graphs, forward
+  and backward, whatever the depth. On the CPU it is listed but not run by default (inductor around
+  the interpreted kernels takes minutes; `benchmarks.run --all-providers` runs it).
 - model_generate: one request: Whisper, connector, prefill of the prompt with its audio tokens,
   then DECODE_TOKENS greedy tokens (no autocast, as in inference). Both paths rotate the memory
   once per request; the fused one also projects each layer's audio K/V once, where the reference
   path projects it again at every step.
 
 No fp64 reference fits at these sizes (accuracy is measured per op and per layer), so the error
-column is empty. On the CPU, without TRITON_INTERPRET=1, the fused model would run the reference
-cross-attention and losses, so only "eager" runs there.
+column is empty. `benchmarks.run --profile` adds a torch.profiler table of the costliest kernels of
+the "eager" and "orca" training steps, by model part (`profile_groups`). On the CPU, without
+TRITON_INTERPRET=1, the fused model would run the reference cross-attention and losses, so only
+"eager" runs there.
 """
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from types import SimpleNamespace
 from unittest import mock
@@ -38,15 +48,20 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from transformers.optimization import Adafactor
 
 from benchmarks import model_configs
-from benchmarks.harness import Case, Provider, targets_gpu
+from benchmarks.harness import Case, Provider, group_range, targets_gpu
 from orca_kernels import kernels_available
 from orca_model import DeSTA25AudioModel, DeSTA25Config, modeling, total_training_loss
+from orca_model.injection import decoder_layers
+
+OPS = ("model_train_step", "model_generate")  # the case ops this suite makes (benchmarks.run --only)
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 PROMPT_TOKENS = 2  # text tokens before the audio's global tokens; the rest of the T_x tokens follow them
 DECODE_BATCH = 8
 DECODE_TOKENS = 16
 MAX_WARMUP, MAX_REPEATS = 1, 3  # a step takes up to a second: few repeats keep the GPU run short
+COMPILE_ON_CPU = "torch.compile of every decoder layer around the interpreted kernels takes minutes on the CPU"
+OPTIMIZER_GROUP = "optimizer (clip + Adafactor)"
 
 
 @dataclass(frozen=True)
@@ -137,11 +152,12 @@ class ModelPair:
         self.device, self.dtype, self.encoder_config = device, dtype, encoder_config
         self.shape: ModelShape | None = None
         self.models: dict[bool, tuple[DeSTA25AudioModel, Adafactor]] = {}
+        self.compiled_layers: dict[bool, CompiledLayers] = {}
 
     def load(self, shape: ModelShape) -> None:
         if shape == self.shape:
             return
-        self.shape, self.models = None, {}
+        self.shape, self.models, self.compiled_layers = None, {}, {}
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -159,6 +175,7 @@ class ModelPair:
                 relative_step=False,
             )
             self.models[fused] = model, optimizer
+            self.compiled_layers[fused] = CompiledLayers(model)
         self.shape = shape
 
     def batch(self, shape: ModelShape, rows: int, labels: bool) -> list[torch.Tensor]:
@@ -179,12 +196,61 @@ class ModelPair:
         return batch
 
 
+def _layer_call(layer: torch.nn.Module, *args, **kwargs):
+    """A decoder layer's call with its hooks (the injected cross-attention): what one compiled
+    graph holds. `_call_impl` is what `nn.Module.compile` compiles; calling the module itself here
+    would come back to its compiled call."""
+    return layer._call_impl(*args, **kwargs)
+
+
+class CompiledLayers:
+    """torch.compile of every LLM decoder layer's call of one model (what `nn.Module.compile` sets,
+    through `_layer_call` so that the hooks are traced into the layer's graph), switched on only
+    inside `active()`: the same model serves the eager providers."""
+
+    def __init__(self, model: DeSTA25AudioModel):
+        self.layers = list(decoder_layers(model.llm_model))
+        self.compiled = [torch.compile(functools.partial(_layer_call, layer)) for layer in self.layers]
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        for layer, compiled in zip(self.layers, self.compiled, strict=True):
+            layer._compiled_call_impl = compiled
+        try:
+            yield
+        finally:
+            for layer in self.layers:
+                layer._compiled_call_impl = None
+
+
+def profile_groups(model: DeSTA25AudioModel) -> list[tuple[str, list[torch.nn.Module]]]:
+    """The model's parts for the profiler table (harness.profile_kernels; the innermost wins): the
+    rest of the model's forward (prompt splicing, ORCA losses), the Whisper encoder, the Q-Former,
+    the rest of the connector (global projection, local branch), the LLM's CausalLM wrapper (LM
+    head and LM loss), its decoder stack (embeddings, layers, final norm), the injected
+    cross-attention. The optimizer has its range in the step (OPTIMIZER_GROUP)."""
+    connector = model.perception.connector
+    llm = model.llm_model
+    groups = [
+        ("DeSTA glue + ORCA losses", [model]),
+        ("encoder (Whisper)", [model.perception]),
+        ("connector (global proj, local branch)", [connector]),
+        ("Q-Former", [connector.global_qformer]),
+        ("LM head + loss", [llm]),
+        ("LLM layers", [getattr(llm, "model", None) or llm]),
+    ]
+    cross_attns = getattr(model, "orca_cross_attns", None)
+    if cross_attns is not None:
+        groups.append(("injected cross-attention", list(cross_attns)))
+    return groups
+
+
 def _audio(rows: int) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
     """Empty transcriptions (as in training) and the audio's start (row, PROMPT_TOKENS) per row."""
     return [torch.zeros(1, 0, dtype=torch.long)] * rows, [(row, PROMPT_TOKENS) for row in range(rows)]
 
 
-def _train_step(pair: ModelPair, fused: bool, rows: int, checkpointing: bool = False):
+def _train_step(pair: ModelPair, fused: bool, rows: int, checkpointing: bool = False, compiled: bool = False):
     transcriptions, starts = _audio(rows)
 
     def step(input_ids, attention_mask, features, labels):
@@ -197,14 +263,18 @@ def _train_step(pair: ModelPair, fused: bool, rows: int, checkpointing: bool = F
         else:
             model.gradient_checkpointing_disable()
         autocast = torch.autocast(pair.device.type, dtype=torch.bfloat16, enabled=pair.device.type == "cuda")
-        with torch.enable_grad():  # the harness calls forward-only providers under no_grad
+        with ExitStack() as stack:
+            if compiled:
+                stack.enter_context(pair.compiled_layers[fused].active())
+            stack.enter_context(torch.enable_grad())  # the harness calls forward-only providers under no_grad
             with autocast:
                 outputs = model(input_ids, attention_mask, features, transcriptions, starts, labels=labels)
                 loss = total_training_loss(outputs)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            with group_range(OPTIMIZER_GROUP):
+                torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
     return step
@@ -235,7 +305,28 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     encoder_config = model_configs.tiny_whisper() if quick else model_configs.whisper_large_v3()
     pair = ModelPair(device, dtype, encoder_config)
-    runs = [(False, "eager")] + ([(True, "orca")] if targets_gpu(device) or kernels_available(device) else [])
+    fused_runs = targets_gpu(device) or kernels_available(device)
+    runs = [(False, "eager")] + ([(True, "orca")] if fused_runs else [])
+    compile_skip = None if targets_gpu(device) else COMPILE_ON_CPU
+
+    def train_providers(shape: ModelShape) -> list[Provider]:
+        providers = [Provider(name, _train_step(pair, fused, shape.batch)) for fused, name in runs]
+        if fused_runs:
+            step = _train_step(pair, True, shape.batch, compiled=True)
+            providers.append(Provider("orca+compiled", step, skip_here=compile_skip))
+        providers += [
+            Provider(f"{name}-checkpointed", _train_step(pair, fused, shape.batch, checkpointing=True))
+            for fused, name in runs
+        ]
+        return providers
+
+    def train_profile_groups(provider: str):
+        """The eager and orca steps are profiled (run.py --profile), on the models loaded then."""
+        fused = {"eager": False, "orca": True}.get(provider)
+        if fused is None or fused not in pair.models:
+            return None
+        return profile_groups(pair.models[fused][0])
+
     local_tokens = (encoder_config.max_source_positions + 2 * 2 - 5) // 4 + 1  # Conv1d k5, s4, padding 2
     result = []
     for shape in QUICK_SHAPES if quick else FULL_SHAPES:
@@ -247,15 +338,12 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
                 shape=f"{shape.name()} B{shape.batch} Tx{shape.seq_len} Ta{memory} fwd+bwd+Adafactor",
                 dtype=dtype,
                 make_inputs=lambda shape=shape: pair.batch(shape, shape.batch, labels=True),
-                providers=[
-                    Provider(name + suffix, _train_step(pair, fused, shape.batch, checkpointing))
-                    for checkpointing, suffix in ((False, ""), (True, "-checkpointed"))
-                    for fused, name in runs
-                ],
+                providers=train_providers(shape),
                 reference_fp64=None,
                 backward=False,
                 max_warmup=MAX_WARMUP,
                 max_repeats=MAX_REPEATS,
+                profile_groups=train_profile_groups,
             ),
             Case(
                 op="model_generate",

@@ -7,6 +7,7 @@ import torch
 from benchmarks.harness import Case, Provider, targets_gpu
 from orca_kernels import kernels_available, ortho_losses, reference
 
+OPS = ("ortho_losses",)  # the case ops this suite makes (benchmarks.run --only)
 LOCAL_TOKENS = 375  # Whisper's 1500 frames after the stride-4 conv
 # (label, batch, global tokens K, hidden)
 FULL_SHAPES = [("qwen3-0.6b", 32, 64, 1024), ("qwen3-4b", 12, 64, 2560), ("llama3.1-8b", 12, 8, 4096)]

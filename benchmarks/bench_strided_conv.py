@@ -10,6 +10,7 @@ from benchmarks.harness import Case, Provider
 from orca_kernels import reference, strided_conv1d
 
 KERNEL_SIZE, STRIDE, PADDING = 5, 4, 2
+OPS = ("strided_conv1d",)  # the case ops this suite makes (benchmarks.run --only)
 FRAMES = 1500  # Whisper frames per 30 s clip
 
 # (label, batch, hidden): the local branch's conv runs on [B, 1500, H] (docs/model-shapes.md#training-shapes)

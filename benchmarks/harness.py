@@ -8,16 +8,24 @@ GPU the peak allocated during forward+backward above what was allocated before; 
 bytes of the tensors autograd saves for backward plus the output (the activation memory a
 training step keeps). Accuracy: max |provider − fp64 reference| over the forward output, where an
 fp64 run fits (not for whole models).
+
+A provider that may be refused by its backend (SDPA forced to one kernel that does not take the
+inputs) is recorded as a row with no timings and `extra["skipped"]` saying why, not as a failure.
+`profile_kernels` runs one call under torch.profiler and tabulates its costliest kernels (CPU ops
+on the CPU) by the module each ran for (forward and backward).
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+import warnings
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
+from torch import nn
 
 Inputs = Sequence[torch.Tensor | None]
 
@@ -26,6 +34,12 @@ Inputs = Sequence[torch.Tensor | None]
 class Provider:
     name: str
     fn: Callable[..., torch.Tensor]
+    may_refuse: bool = False  # a RuntimeError from fn is a refusal of these inputs: a skipped row with the reason
+    skip_here: str | None = None  # why this provider is not run on this device by default (listed, not run)
+
+
+class Refused(RuntimeError):
+    """Raised by a provider whose backend does not take the case's inputs (the message says why)."""
 
 
 @dataclass
@@ -40,6 +54,15 @@ class Case:
     backward: bool = True  # False: forward-only cases (decode steps, and whole training steps timed as one call)
     max_warmup: int | None = None  # caps on the run's warm-up and repeats, for cases whose calls take seconds
     max_repeats: int | None = None
+    # What a run records about the case beside the timings (e.g. which SDPA kernel PyTorch picks),
+    # computed once from its inputs; it goes into every row's `extra`.
+    info: Callable[[Inputs], dict] | None = None
+    # For `run.py --profile`: provider name -> [(group label, modules)] whose calls are that group
+    # in the profiler table; None for a provider that is not profiled.
+    profile_groups: Callable[[str], Sequence[tuple[str, Sequence[nn.Module]]] | None] | None = None
+
+    def label(self) -> str:
+        return f"{self.op} {self.shape} {str(self.dtype).removeprefix('torch.')}"
 
 
 @dataclass
@@ -48,13 +71,13 @@ class Result:
     shape: str
     dtype: str
     provider: str
-    ms_fwd: float
-    ms_fwd_p20: float
-    ms_fwd_p80: float
+    ms_fwd: float | None  # None: the provider was refused (extra["skipped"] says why)
+    ms_fwd_p20: float | None
+    ms_fwd_p80: float | None
     ms_fwd_bwd: float | None
     ms_fwd_bwd_p20: float | None
     ms_fwd_bwd_p80: float | None
-    peak_mb: float
+    peak_mb: float | None
     max_error: float | None
     speedup_vs_eager: float | None = None
     speedup_vs_compiled: float | None = None
@@ -140,13 +163,68 @@ def peak_memory_mb(fn, inputs: Inputs, grad_out: torch.Tensor | None, device: to
     return (saved + out.untyped_storage().nbytes()) / 2**20
 
 
-def run_case(case: Case, device: torch.device, warmup: int, repeats: int) -> list[Result]:
-    """Every provider of `case` on the same inputs: timings, peak memory, max error vs fp64."""
+def _refusal(error: BaseException, caught: Sequence[warnings.WarningMessage]) -> str:
+    """The reason a backend refused the inputs: its warnings (PyTorch's SDPA says there why each
+    kernel does not fit) and the error's first line."""
+    lines = [str(w.message).strip() for w in caught] + [(str(error).strip() or type(error).__name__).splitlines()[0]]
+    return "; ".join(dict.fromkeys(line for line in lines if line))[:600]
+
+
+def _attempt(provider: Provider, call: Callable[[], object]) -> tuple[object, str | None]:
+    """call() -> (its value, None), or (None, the reason) where the provider refused the inputs."""
+    try:
+        if not provider.may_refuse:
+            return call(), None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                return call(), None
+            except RuntimeError as error:
+                return None, _refusal(error, caught)
+    except Refused as error:
+        return None, str(error)
+
+
+def fill_speedups(results: list[Result], backward: bool) -> None:
+    """Speedups against the eager and compiled rows (forward+backward time, or forward time for
+    forward-only cases); None where either time is missing."""
+    key = "ms_fwd_bwd" if backward else "ms_fwd"
+    eager = next((r for r in results if r.provider == "eager"), None)
+    compiled = next((r for r in results if r.provider == "compiled"), None)
+    ratio = lambda base, r: (  # noqa: E731
+        getattr(base, key) / getattr(r, key) if base is not None and getattr(base, key) and getattr(r, key) else None
+    )
+    for r in results:
+        r.speedup_vs_eager, r.speedup_vs_compiled = ratio(eager, r), ratio(compiled, r)
+
+
+def run_case(
+    case: Case,
+    device: torch.device,
+    warmup: int,
+    repeats: int,
+    skip: Callable[[Provider], str | None] | None = None,
+    on_result: Callable[[Result], None] | None = None,
+    on_error: Callable[[Provider, Exception], None] | None = None,
+) -> list[Result]:
+    """Every provider of `case` on the same inputs: timings, peak memory, max error vs fp64.
+
+    skip(provider) -> a reason not to run it (the caller records it) or None; on_result(result)
+    is called after each provider (speedups are filled in as the eager and compiled rows arrive),
+    so a run cut short keeps every provider it finished; on_error(provider, error), where given,
+    takes a provider's failure (not a refusal) and the case goes on with the next provider,
+    which otherwise raises."""
     if case.max_warmup is not None:
         warmup = min(warmup, case.max_warmup)
     if case.max_repeats is not None:
         repeats = min(repeats, case.max_repeats)
     inputs = case.make_inputs()
+    info: dict = {}
+    if case.info is not None:
+        try:
+            info = case.info(inputs)
+        except Exception as error:  # a record beside the timings: never worth losing the timings for
+            info = {"info_error": f"{type(error).__name__}: {error}"}
     truth = None
     if case.reference_fp64 is not None:
         with torch.no_grad():
@@ -155,42 +233,190 @@ def run_case(case: Case, device: torch.device, warmup: int, repeats: int) -> lis
             ]
             truth = case.reference_fp64(*as_fp64)
     grad_out = None
-    results = []
+    results: list[Result] = []
     for provider in case.providers:
-        with torch.no_grad():
-            out = provider.fn(*inputs)
-        if case.backward and grad_out is None:
-            grad_out = torch.randn_like(out, dtype=case.dtype)
-        max_error = None if truth is None else (out.double() - truth).abs().max().item() if truth.numel() else 0.0
-
-        def forward(fn=provider.fn):
-            with torch.no_grad():
-                fn(*inputs)
-
-        fwd = time_ms(forward, device, warmup, repeats)
-        if case.backward:
-            step = lambda fn=provider.fn, g=grad_out: forward_backward(fn, inputs, g, case.parameters)
-            fwd_bwd = time_ms(step, device, warmup, repeats)
-        else:
-            fwd_bwd = (None, None, None)
-        peak = peak_memory_mb(provider.fn, inputs, grad_out, device, case.parameters)
-        results.append(
-            Result(
-                case.op,
-                case.shape,
-                str(case.dtype).removeprefix("torch."),
-                provider.name,
-                *fwd,
-                *fwd_bwd,
-                peak,
-                max_error,
-            )
-        )
-    eager = next((r for r in results if r.provider == "eager"), None)
-    compiled = next((r for r in results if r.provider == "compiled"), None)
-    # Speedups compare forward+backward time, or forward time for forward-only cases.
-    key = "ms_fwd_bwd" if case.backward else "ms_fwd"
-    for r in results:
-        r.speedup_vs_eager = getattr(eager, key) / getattr(r, key) if eager else None
-        r.speedup_vs_compiled = getattr(compiled, key) / getattr(r, key) if compiled else None
+        if skip is not None and skip(provider) is not None:
+            continue
+        try:
+            result, grad_out = _run_provider(case, provider, inputs, info, truth, grad_out, device, warmup, repeats)
+        except Exception as error:
+            if on_error is None:
+                raise
+            on_error(provider, error)
+            continue
+        results.append(result)
+        fill_speedups(results, case.backward)
+        if on_result is not None:
+            on_result(result)
     return results
+
+
+def _run_provider(
+    case: Case,
+    provider: Provider,
+    inputs: Inputs,
+    info: dict,
+    truth: torch.Tensor | None,
+    grad_out: torch.Tensor | None,
+    device: torch.device,
+    warmup: int,
+    repeats: int,
+) -> tuple[Result, torch.Tensor | None]:
+    """One provider's row of run_case, and the upstream gradient of the case (drawn from the
+    first provider's output that a backward case sees, then shared by every provider)."""
+    dtype = str(case.dtype).removeprefix("torch.")
+    extra = dict(info)
+
+    def forward(fn=provider.fn):
+        with torch.no_grad():
+            return fn(*inputs)
+
+    out, refused = _attempt(provider, forward)
+    if refused is not None:
+        extra["skipped"] = refused
+        return Result(case.op, case.shape, dtype, provider.name, *[None] * 8, extra=extra), grad_out
+    if case.backward and grad_out is None:
+        grad_out = torch.randn_like(out, dtype=case.dtype)
+    max_error = None if truth is None else (out.double() - truth).abs().max().item() if truth.numel() else 0.0
+    del out
+    fwd = time_ms(forward, device, warmup, repeats)
+    fwd_bwd: tuple = (None, None, None)
+    if case.backward:
+        step = lambda: forward_backward(provider.fn, inputs, grad_out, case.parameters)  # noqa: E731
+        timed, refused = _attempt(provider, lambda: time_ms(step, device, warmup, repeats))
+        if refused is None:
+            fwd_bwd = timed
+        else:
+            extra["skipped_backward"] = refused
+    memory_grad = grad_out if fwd_bwd[0] is not None else None  # None: forward only
+    peak, refused = _attempt(
+        provider, lambda: peak_memory_mb(provider.fn, inputs, memory_grad, device, case.parameters)
+    )
+    if refused is not None:
+        extra["skipped_peak_memory"] = refused
+    return Result(case.op, case.shape, dtype, provider.name, *fwd, *fwd_bwd, peak, max_error, extra=extra), grad_out
+
+
+# ----------------------------------------------------------------------------- kernel profile
+
+# The record_function ranges that name a group: around a module's forward (its backward is found
+# through the autograd nodes its ops recorded), or around a part of a step outside any module.
+GROUP_PREFIX = "orca_group::"
+STEP_PREFIX = "orca_step::"
+BACKWARD_NODE = "autograd::engine::evaluate_function: "
+GROUP_WIDTH = 38
+
+
+def group_range(label: str) -> torch.autograd.profiler.record_function:
+    """A profiler range that makes every kernel launched inside it count for group `label` in
+    `profile_kernels`'s table (e.g. the optimizer step); its pass is shown as "step"."""
+    return torch.autograd.profiler.record_function(STEP_PREFIX + label)
+
+
+class _GroupHooks:
+    """Forward pre/post hooks that open and close a group range around each call of a module."""
+
+    def __init__(self, label: str):
+        self.label, self.open = label, []
+
+    def enter(self, module, args):
+        self.open.append(torch.autograd.profiler.record_function(GROUP_PREFIX + self.label).__enter__())
+
+    def exit(self, module, args, output):
+        if self.open:
+            self.open.pop().__exit__(None, None, None)
+
+
+def _attribute(event, forward_by_seq: dict) -> tuple[str, str]:
+    """(group, "fwd" | "bwd" | "step" | "") of a profiler event: the innermost group range around
+    it, or for an op run by the autograd engine, the group of the forward op that recorded its node."""
+    node = event
+    while node is not None:
+        if node.name.startswith(GROUP_PREFIX):
+            return node.name[len(GROUP_PREFIX) :], "fwd"
+        if node.name.startswith(STEP_PREFIX):
+            return node.name[len(STEP_PREFIX) :], "step"
+        if node.name.startswith(BACKWARD_NODE) and node.sequence_nr >= 0:
+            forward = forward_by_seq.get((node.fwd_thread, node.sequence_nr))
+            while forward is not None:
+                if forward.name.startswith(GROUP_PREFIX):
+                    return forward.name[len(GROUP_PREFIX) :], "bwd"
+                forward = forward.cpu_parent
+            return "other", "bwd"
+        node = node.cpu_parent
+    return "other", ""
+
+
+def profile_kernels(
+    fn: Callable[..., object],
+    inputs: Inputs,
+    device: torch.device,
+    groups: Sequence[tuple[str, Sequence[nn.Module]]],
+    title: str,
+    top: int = 25,
+) -> str:
+    """One call of fn(*inputs) under torch.profiler (after one unprofiled call, so that nothing is
+    compiled or allocated for the first time inside it): a table of the time per module group and
+    of the `top` costliest kernels, each with its group and direction.
+
+    groups: (label, modules) pairs; a kernel belongs to the innermost group whose module call (or
+    `group_range`) launched it, or, in the backward pass, to the group of the forward op whose
+    autograd node ran it. On CUDA the kernels are the GPU kernels (their device time); on the CPU,
+    which has none, the CPU ops by self time."""
+    handles = []
+    for label, modules in groups:
+        hooks = _GroupHooks(label)
+        for module in modules:
+            handles.append(module.register_forward_pre_hook(hooks.enter))
+            handles.append(module.register_forward_hook(hooks.exit, always_call=True))
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    try:
+        with torch.no_grad():
+            fn(*inputs)
+        synchronize(device)
+        with torch.profiler.profile(activities=activities) as prof, torch.no_grad():
+            fn(*inputs)
+            synchronize(device)
+    finally:
+        for handle in handles:
+            handle.remove()
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU]
+    forward_by_seq: dict = {}
+    for event in events:
+        if event.sequence_nr >= 0 and not event.fwd_thread and not event.name.startswith(BACKWARD_NODE):
+            forward_by_seq.setdefault((event.thread, event.sequence_nr), event)
+    on_gpu = any(event.kernels for event in events)
+    per_kernel: dict[tuple[str, str, str], list[float]] = defaultdict(lambda: [0.0, 0])
+    for event in events:
+        if on_gpu:
+            timed = [(kernel.name, kernel.duration) for kernel in event.kernels]
+        elif not event.name.startswith((GROUP_PREFIX, STEP_PREFIX)) and event.self_cpu_time_total > 0:
+            timed = [(event.name, event.self_cpu_time_total)]
+        else:
+            timed = []
+        if not timed:
+            continue
+        group, direction = _attribute(event, forward_by_seq)
+        for name, microseconds in timed:
+            entry = per_kernel[(group, direction, name)]
+            entry[0] += microseconds / 1e3
+            entry[1] += 1
+    total = sum(ms for ms, _ in per_kernel.values()) or 1.0
+    per_group: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for (group, direction, _), (ms, _) in per_kernel.items():
+        per_group[group][1 if direction == "bwd" else 0] += ms
+    what = "GPU kernels (device time)" if on_gpu else "CPU ops (self CPU time; no GPU kernels here)"
+    lines = [f"## {title}", "", f"{what}: {total:.2f} ms in one call", "", "time by module group:", ""]
+    w = GROUP_WIDTH
+    lines.append(f"{'group':<{w}} {'fwd/step ms':>11} {'bwd ms':>9} {'total ms':>9} {'share':>6}")
+    for group, (fwd, bwd) in sorted(per_group.items(), key=lambda item: -sum(item[1])):
+        lines.append(f"{group:<{w}} {fwd:11.3f} {bwd:9.3f} {fwd + bwd:9.3f} {(fwd + bwd) / total:6.1%}")
+    lines += ["", f"the {top} costliest kernels:", ""]
+    lines.append(f"{'group':<{w}} {'pass':<4} {'calls':>5} {'total ms':>9} {'share':>6}  kernel")
+    ranked = sorted(per_kernel.items(), key=lambda item: -item[1][0])[:top]
+    for (group, direction, name), (ms, calls) in ranked:
+        short = name if len(name) <= 110 else name[:107] + "..."
+        lines.append(f"{group:<{w}} {direction or '-':<4} {calls:5d} {ms:9.3f} {ms / total:6.1%}  {short}")
+    return "\n".join(lines) + "\n"

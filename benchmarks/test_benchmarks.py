@@ -5,6 +5,8 @@
 
 Each case of `benchmarks.run.SUITES` (the quick workload on the CPU, the model shapes on a GPU)
 and each of its providers is one benchmark of forward+backward (forward only for decode steps).
+A provider this device skips by default (`Provider.skip_here`) and one whose backend refuses the
+inputs (SDPA forced to a kernel that does not take them) are skipped with the reason.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.harness import forward_backward, synchronize
+from benchmarks.harness import Refused, forward_backward, synchronize
 from benchmarks.run import SUITES
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -27,11 +29,19 @@ PARAMS = [
 
 @pytest.mark.parametrize("case,provider", PARAMS)
 def test_provider(benchmark, case, provider):
+    if provider.skip_here:
+        pytest.skip(provider.skip_here)
     inputs = case.make_inputs()
     grad_out = None
-    if case.backward:
+    try:
         with torch.no_grad():
-            grad_out = torch.randn_like(provider.fn(*inputs))
+            out = provider.fn(*inputs)
+    except RuntimeError as error:
+        if provider.may_refuse or isinstance(error, Refused):
+            pytest.skip(f"{provider.name} refuses these inputs: {error}")
+        raise
+    if case.backward:
+        grad_out = torch.randn_like(out)
 
     def step():
         forward_backward(provider.fn, inputs, grad_out, case.parameters)

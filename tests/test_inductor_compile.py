@@ -202,6 +202,35 @@ def test_gated_cross_attention(triton_device):
     check_op(fn, (hidden, audio, mask, *params), (grad_out,), names, ops, exact=set())
 
 
+@pytest.mark.parametrize("grad", [True, False], ids=["training", "inference"])
+def test_gated_cross_attention_query_gate_projection(triton_device, grad):
+    """The q/u projection in one graph: with autograd its autograd.Function (custom backward
+    included), without it two plain GEMMs; the graph's GEMMs are four: K/V, q, u, out."""
+    H, nh, G = 16, 2, 4
+    hidden = torch.randn(2, 25, H, device=triton_device, requires_grad=grad)
+    audio = torch.randn(2, 5, H, device=triton_device, requires_grad=grad)
+    shapes = [(3 * H, H), (3 * H,), (H, H), (H,), (G, H), (G,), (1, G), (1,), (H,), (H,)]
+    params = [(0.3 * torch.randn(s, device=triton_device)).requires_grad_(grad) for s in shapes]
+
+    def fn(hidden, audio, *params):
+        return orca_kernels.gated_cross_attention(hidden, audio, *params, nh, rope_theta=1e6, backend="triton")
+
+    ops = ["audio_rope", "flash_cross_attention", "gated_residual"]
+    if grad:
+        names = ["out", "grad_hidden", "grad_audio", *(f"grad_param{i}" for i in range(len(params)))]
+        check_op(fn, (hidden, audio, *params), (torch.randn(2, 25, H, device=triton_device),), names, ops, exact=set())
+        return
+    compiled_fn, counter = compile_inductor(fn)
+    with torch.no_grad():
+        got, want = compiled_fn(hidden, audio, *params), fn(hidden, audio, *params)
+    assert_one_graph(counter, *ops)
+    assert_matches_eager([got], [want], ["out"])
+    linears = [
+        n for g in counter.graphs for n in g.graph.nodes if n.op == "call_function" and "linear" in str(n.target)
+    ]
+    assert len(linears) == 4, [str(n.target) for n in linears]
+
+
 # ----------------------------------------------------------------------------- dynamic shapes
 
 
@@ -269,3 +298,39 @@ def test_flash_cross_attention_dynamic_lengths(triton_device):
     fn = lambda q, k, v, mask: orca_kernels.flash_cross_attention(q, k, v, mask, backend="triton")
     counter = run_lengths(fn, make_inputs, [(7, 13), (5, 21)], {0: 1, 1: 1, 2: 1, 3: 1}, grad=True)
     assert_one_graph(counter, "flash_cross_attention")
+
+
+# ----------------------------------------------------------------------------- a decoder layer
+
+
+def test_decoder_layer_with_fused_injection(triton_device):
+    """A tiny Qwen3 decoder layer with the fused gated cross-attention (use_fused=True) applied by
+    orca_model's DeepInjection forward hook, as DeSTA25AudioModel runs it: the layer call compiled
+    with fullgraph=True is one graph holding the layer, the hook and the fused ops (no graph
+    break), forward and backward, within the fp32 tolerance of eager (benchmarks'
+    "orca+compiled" provider of decoder_layer+injection)."""
+    from benchmarks.bench_decoder_layer import InjectedDecoderLayer
+    from tiny_models import llm_config
+
+    B, Tx, Ta = 2, 5, 7
+    module = InjectedDecoderLayer(llm_config("qwen3", num_layers=1), Tx, True, torch.float32, triton_device)
+    with torch.no_grad():
+        module.cross_attn.gate_proj[2].weight.normal_(std=0.3)  # a gate that depends on the token
+    hidden = torch.randn(B, Tx, module.cross_attn.hidden_size, device=triton_device)
+    audio = torch.randn(B, Ta, module.cross_attn.hidden_size, device=triton_device)
+    grad_out = torch.randn_like(hidden)
+    parameters = list(module.cross_attn.parameters())
+    compiled_layer, counter = compile_inductor(module.decoder_layer)
+
+    def outputs_and_grads(layer_call):
+        leaves = [hidden.clone().requires_grad_(), audio.clone().requires_grad_()]
+        with module.injection.context.active(leaves[1]):
+            out = layer_call(leaves[0])
+        grads = torch.autograd.grad(out, [*leaves, *parameters], grad_out)
+        return [out.detach(), *grads]
+
+    got = outputs_and_grads(compiled_layer)
+    assert_one_graph(counter, "audio_rope", "flash_cross_attention", "gated_residual")
+    want = outputs_and_grads(module.decoder_layer)
+    names = ["out", "grad_hidden", "grad_audio", *(f"grad_{name}" for name, _ in module.cross_attn.named_parameters())]
+    assert_matches_eager(got, want, names)
