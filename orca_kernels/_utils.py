@@ -61,6 +61,12 @@ def use_triton(op: str, tensor: torch.Tensor, backend: str) -> bool:
     return runnable
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """Whether an autocast region is active for `device_type` (never for "meta": shape inference
+    has no autocast)."""
+    return device_type != "meta" and torch.is_autocast_enabled(device_type)
+
+
 def autocast_lower_precision(*tensors: torch.Tensor | None, device_type: str) -> tuple:
     """The tensors as torch's autocast casts the inputs of an op on its lower-precision list
     (conv1d, linear, matmul/bmm/einsum): inside an autocast region for `device_type`, every floating
@@ -68,7 +74,7 @@ def autocast_lower_precision(*tensors: torch.Tensor | None, device_type: str) ->
     None, non-floating, fp64 or other-device tensors) nothing changes. For fused ops that take one
     dtype and replace such an op, so that they follow autocast instead of refusing mixed dtypes."""
     # Autocast exists for cpu, cuda and a few accelerators; "meta" (shape inference) has none.
-    if device_type == "meta" or not torch.is_autocast_enabled(device_type):
+    if not autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if _autocast_eligible(t, device_type) else t for t in tensors)

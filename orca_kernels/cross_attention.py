@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from orca_kernels import reference
-from orca_kernels._utils import autocast_fp32_normalisations, use_triton
+from orca_kernels._utils import autocast_enabled, autocast_fp32_normalisations, use_triton
 from orca_kernels.flash_attention import flash_cross_attention
 from orca_kernels.gated_residual import gated_residual
 from orca_kernels.rope import audio_rope
@@ -48,9 +48,14 @@ PARAMETER_NAMES = (
 )
 
 
-def check_parameters(hidden_size: int, parameters: tuple[torch.Tensor, ...], like: torch.Tensor, op: str = OP) -> None:
-    """The module parameters have the reference module's shapes (G = H // 4) and `like`'s device:
-    all ten, or the first ones of PARAMETER_NAMES (the in-projection alone for `project_audio_kv`)."""
+def check_parameters(
+    hidden_size: int, parameters: tuple[torch.Tensor, ...], like: torch.Tensor, op: str = OP, like_name: str = "hidden"
+) -> None:
+    """The module parameters have the reference module's shapes (G = H // 4), `like`'s device and,
+    outside an autocast region for that device, `like`'s dtype (as the reference's GEMMs and
+    LayerNorm require; under autocast they cast, and CUDA's feeds fp32 hidden states to bf16
+    modules after the first injected layer): all ten, or the first ones of PARAMETER_NAMES (the
+    in-projection alone for `project_audio_kv`)."""
     gate = hidden_size // 4
     shapes = [
         (3 * hidden_size, hidden_size),
@@ -65,12 +70,18 @@ def check_parameters(hidden_size: int, parameters: tuple[torch.Tensor, ...], lik
         (hidden_size,),
     ]
     count = len(parameters)
+    same_dtype = not autocast_enabled(like.device.type)
     for name, value, shape in zip(PARAMETER_NAMES[:count], parameters, shapes[:count], strict=True):
         check_tensor(op, name, value, len(shape))
         if tuple(value.shape) != shape:
             raise ValueError(f"{op}: {name} has shape {tuple(value.shape)} but expected {shape} for H = {hidden_size}")
         if value.device != like.device:
             raise ValueError(f"{op}: {name} is on {value.device} but expected {like.device}")
+        if same_dtype and value.dtype != like.dtype:
+            raise ValueError(
+                f"{op}: {name} is {value.dtype} but {like_name} is {like.dtype}; outside torch.autocast every "
+                f"parameter must have {like_name}'s dtype (under autocast the GEMMs cast them)"
+            )
 
 
 def check_num_heads(op: str, num_heads: int, hidden_size: int) -> None:
@@ -116,7 +127,7 @@ def project_audio_kv(rotated: torch.Tensor, in_proj_weight: torch.Tensor, in_pro
     `attend_audio_kv` takes, and can be cached: it depends on the audio only, not on the query.
     """
     check_tensor(PROJECT_OP, "rotated", rotated, 3)
-    check_parameters(rotated.shape[2], (in_proj_weight, in_proj_bias), rotated, PROJECT_OP)
+    check_parameters(rotated.shape[2], (in_proj_weight, in_proj_bias), rotated, PROJECT_OP, "rotated")
     return _project_audio_kv(rotated, in_proj_weight, in_proj_bias)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -485,3 +486,72 @@ def test_query_and_gate_under_autocast(triton_device, grad):
     for i, (a, b, t) in enumerate(zip(got[1], want[1], truth[1], strict=True)):
         assert a.dtype == b.dtype
         assert_no_worse_than_unfused(a, b, t, name=f"grad {i}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "auto"])
+@pytest.mark.parametrize(
+    "index, dtype",
+    [(None, torch.float64), (8, torch.float16), (3, torch.bfloat16)],
+    ids=["fp64-parameters", "fp16-ln_weight", "bf16-out_proj_bias"],
+)
+def test_parameters_of_another_dtype_are_refused_outside_autocast(triton_device, backend, index, dtype):
+    """fp64 parameters with fp32 activations, or one fp16 LayerNorm weight among fp32 ones: one
+    error naming the first parameter that differs, on every backend, for the op and its cached
+    pair (the reference failed deep inside with torch's own message, the Triton path computed in
+    a dtype nobody asked for)."""
+    _, module = make_pair(16, 2, torch.float32, triton_device)
+    params = list(module.parameters_in_order())
+    if index is None:
+        params = [p.to(dtype) for p in params]
+    else:
+        params[index] = params[index].to(dtype)
+    name = cross_attention.PARAMETER_NAMES[0 if index is None else index]
+    hidden = torch.randn(2, 3, 16, device=triton_device)
+    audio = torch.randn(2, 5, 16, device=triton_device)
+    message = (
+        f"^gated_cross_attention: {name} is {dtype} but hidden is torch.float32; outside torch.autocast every "
+        "parameter must have hidden's dtype"
+    )
+    with pytest.raises(ValueError, match=message):
+        orca_kernels.gated_cross_attention(hidden, audio, *params, 2, backend=backend)
+    if backend == "triton":
+        kv = torch.randn(2, 5, 32, device=triton_device)
+        with pytest.raises(ValueError, match=message.replace("gated_cross_attention", "attend_audio_kv")):
+            orca_kernels.attend_audio_kv(hidden, kv, *params, 2)
+        if index in (None, 0, 1):
+            with pytest.raises(ValueError, match=f"^project_audio_kv: {name} is {dtype} but rotated is"):
+                orca_kernels.project_audio_kv(audio, *params[:2])
+
+
+@contextlib.contextmanager
+def cuda_autocast_without_a_gpu(dtype: torch.dtype):
+    """CUDA's autocast rules for fake CUDA tensors on a machine without a GPU, where
+    `torch.autocast("cuda")` disables itself: the same state set directly."""
+    previous = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+    torch.set_autocast_enabled("cuda", True)
+    torch.set_autocast_dtype("cuda", dtype)
+    try:
+        yield
+    finally:
+        torch.set_autocast_enabled("cuda", previous[0])
+        torch.set_autocast_dtype("cuda", previous[1])
+
+
+def test_mixed_dtypes_follow_cuda_autocast_on_fake_tensors():
+    """Under CUDA autocast the model feeds fp32 hidden states to bf16 modules (the residual stream
+    turns fp32 after the first injected layer): accepted, with the reference's output dtype. Run on
+    fake CUDA tensors (no GPU needed), where the op takes the reference backend; the same call
+    outside autocast is refused."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    _, module = make_pair(16, 2, torch.bfloat16, "cpu")
+    real = [p.detach() for p in module.parameters_in_order()]
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        params = [mode.from_tensor(p).to("cuda") for p in real]
+        hidden = torch.empty(2, 3, 16, device="cuda")
+        audio = torch.empty(2, 5, 16, device="cuda", dtype=torch.bfloat16)
+        with cuda_autocast_without_a_gpu(torch.bfloat16):
+            out = orca_kernels.gated_cross_attention(hidden, audio, *params, 2, backend="torch")
+        assert out.dtype == torch.float32 and out.device.type == "cuda"
+        with pytest.raises(ValueError, match="in_proj_weight is torch.bfloat16 but hidden is torch.float32"):
+            orca_kernels.gated_cross_attention(hidden, audio, *params, 2, backend="torch")

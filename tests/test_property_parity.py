@@ -629,11 +629,12 @@ def _check_module(dtype, names, actual, truth, same_dtype):
 
 
 @_examples(50)
-@given(problem=module_problems())
-def test_gated_cross_attention_matches_reference(problem):
-    """gated_cross_attention(backend="triton") = the reference module's functional path in value
-    and in the gradients of hidden, audio and all ten parameters, with or without a mask (fully
-    masked batch elements attend to nothing), empty audio (returns hidden), any layout."""
+@given(problem=module_problems(), attention_backend=st.sampled_from(["triton", "sdpa"]))
+def test_gated_cross_attention_matches_reference(problem, attention_backend):
+    """gated_cross_attention(backend="triton") with either attention core = the reference module's
+    functional path in value and in the gradients of hidden, audio and all ten parameters, with or
+    without a mask (fully masked batch elements attend to nothing), empty audio (returns hidden),
+    any layout."""
     dtype, hidden, audio, params, heads, mask, (position_scale, rope_theta), grad_out = problem
 
     def op(backend):
@@ -646,6 +647,7 @@ def test_gated_cross_attention_matches_reference(problem):
             position_scale=position_scale,
             rope_theta=rope_theta,
             backend=backend,
+            attention_backend=attention_backend,
         )
 
     leaves = [hidden, audio, *params]
@@ -658,6 +660,27 @@ def test_gated_cross_attention_matches_reference(problem):
     _check_module(
         dtype, ["output", "hidden", "audio", *PARAMETER_NAMES], [out, *grads], [truth, *truth_grads], [ref, *ref_grads]
     )
+
+
+@_examples(30)
+@given(problem=module_problems(), data=st.data())
+def test_a_parameter_of_another_dtype_is_one_error_on_every_backend(problem, data):
+    """Outside autocast, any one parameter in another floating dtype than hidden: the same error,
+    naming it, from every backend, before any work (empty audio included)."""
+    dtype, hidden, audio, params, heads, mask, _, _ = problem
+    index = data.draw(st.integers(0, len(params) - 1))
+    other = data.draw(st.sampled_from([d for d in ALL_DTYPES if d != dtype]))
+    params = list(params)
+    params[index] = params[index].detach().to(other)
+    messages = set()
+    for backend in ("triton", "torch", "auto"):
+        with pytest.raises(ValueError) as error:
+            orca_kernels.gated_cross_attention(hidden, audio, *params, heads, key_padding_mask=mask, backend=backend)
+        messages.add(str(error.value))
+    assert messages == {
+        f"gated_cross_attention: {PARAMETER_NAMES[index]} is {other} but hidden is {dtype}; outside torch.autocast "
+        "every parameter must have hidden's dtype (under autocast the GEMMs cast them)"
+    }
 
 
 @_examples(40)
