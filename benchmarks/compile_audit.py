@@ -15,6 +15,13 @@ Checks, each a failure of the run (exit status 1):
   for gradcheck at small shapes: reported, not required);
 - dynamic shared memory within the target's per-block limit;
 - a bf16/fp16 kernel with a `tt.dot` lowers it to tensor-core instructions (wgmma or mma.sync);
+- no warp duplicates another's work (fp64 again reported, not required), read from the TTGIR:
+  every tensor in an `nvidia_mma` layout (a dot's result tile and what stays in its layout) must
+  hold at least one per-warp instruction tile per warp along M and N (M: warpsPerCTA[0] x
+  instrShape[0] rows; N: warpsPerCTA[1] x instrShape[1] columns); 8 warps over a 64-row tile
+  compute every element twice. Axes of size 1 (broadcast row statistics) are exempt. The result of
+  an FMA dot (fp32) is held to the same rule in its blocked layout (a warp's tile: sizePerThread x
+  threadsPerWarp); see `duplicated_warps`;
 - every `@triton.jit` kernel of orca_kernels is launched by some case (nothing goes unaudited).
 
 Launches are recorded on meta tensors (no memory, no compute): the launchers only read shapes,
@@ -161,7 +168,9 @@ def _attention_launches(model: ModelShape, text: int, dtype: torch.dtype, masked
     mask = _meta(B, model.audio_tokens, dtype=torch.bool) if masked else None
     out, lse = attention._forward(q, k, v, mask, hd**-0.5)
     if backward:
-        attention._backward(q, k, v, mask, out, lse, torch.empty_like(out), hd**-0.5)
+        # Both layouts of the backward: which one runs is a rule or a measurement on the card.
+        for one_pass in (True, False)[attention.head_width(hd) > attention.ONE_PASS_MAX_WIDTH :]:
+            attention._backward(q, k, v, mask, out, lse, torch.empty_like(out), hd**-0.5, one_pass=one_pass)
 
 
 def _rope_launches(model: ModelShape, dtype: torch.dtype, backward: bool) -> None:
@@ -401,6 +410,109 @@ def contracted_multiply_adds(ptx: str) -> int:
     return count
 
 
+MMA_LAYOUT = re.compile(r"^(#[\w.]+) = (#ttg\.nvidia_mma<\{[^}]*\}>)", re.MULTILINE)
+BLOCKED_LAYOUT = re.compile(r"^(#[\w.]+) = (#ttg\.blocked<\{[^}]*\}>)", re.MULTILINE)
+
+
+def _layout_fields(layout: str) -> dict[str, list[int] | int]:
+    """The integer and list fields of a `#ttg.nvidia_mma<{...}>` or `#ttg.blocked<{...}>` attribute."""
+    fields: dict[str, list[int] | int] = {}
+    for key, value in re.findall(r"(\w+) = (\[[^\]]*\]|-?\d+)", layout):
+        numbers = [int(x) for x in value.strip("[]").split(",") if x.strip()]
+        fields[key] = numbers if value.startswith("[") else numbers[0]
+    return fields
+
+
+def _tensor_types(text: str) -> Iterator[tuple[str, list[int], str]]:
+    """(type text, shape, encoding) of every `tensor<DxDx...xT, #encoding>` in `text`, brackets
+    balanced (an element type may be `!tt.ptr<f16>`, an encoding an inline `#ttg.x<{...}>`)."""
+    for match in re.finditer(r"tensor<", text):
+        depth, end = 1, match.end()
+        while depth and end < len(text):
+            depth += {"<": 1, ">": -1}.get(text[end], 0)
+            end += 1
+        body = text[match.end() : end - 1]
+        dims = re.match(r"((?:\d+x)+)", body)
+        comma = body.find(", #")
+        if dims and comma > 0:
+            shape = [int(d) for d in dims.group(1).rstrip("x").split("x")]
+            yield text[match.start() : end], shape, body[comma + 2 :].strip()
+
+
+def _axis_names(rank: int) -> list[str]:
+    return (["batch"] if rank == 3 else []) + ["M", "N"]
+
+
+def duplicated_warps(ttgir: str) -> list[dict]:
+    """Tensors whose layout gives some warps copies of other warps' elements, from the TTGIR.
+
+    nvidia_mma layouts (the layout of a `tt.dot`'s result, and everything Triton keeps in it):
+    along each axis the warps cover warpsPerCTA x the per-warp instruction tile (M: instrShape[0],
+    16 rows, 8 for fp64; N: instrShape[1], the whole warpgroup's N on Hopper's wgmma, 8 on
+    mma.sync), so a tensor with fewer tiles along M or N than warps there is computed more than once
+    (8 warps over a 64-row tile: the second warpgroup repeats the first). Chained dots (attention's
+    S = QK^T feeding P @ V) share one layout with every warp on one axis: along M on Hopper
+    ([num_warps, 1], whatever the tile), along M or N on mma.sync. Every tensor type in an mma
+    layout is checked; an axis of size 1 is a broadcast (a row statistic such as `m_i[:, None]`),
+    held by every warp on purpose.
+
+    blocked layouts, only where they hold a dot's result (a `tt.dot` on the FMA units, as IEEE
+    fp32 dots are): a warp holds sizePerThread x threadsPerWarp elements along an axis, and an axis
+    shorter than warpsPerCTA x that gives whole warps copies, that is, repeated multiply-adds.
+    (Elementwise and reduction tensors in blocked layouts are left alone: Triton picks one blocked
+    layout for a kernel's loads and vectors, and copies of a row vector cost little.)
+
+    One finding per layout and offending axes: the axes (warps x per-warp tile > the tensor's
+    size), the layout, and the tensor types in it."""
+    layouts = {alias: ("mma", layout) for alias, layout in MMA_LAYOUT.findall(ttgir)}
+    blocked = {alias: ("blocked", layout) for alias, layout in BLOCKED_LAYOUT.findall(ttgir)}
+    dot_results = set()
+    for line in ttgir.splitlines():
+        if re.search(r"= (tt\.dot|ttng\.warp_group_dot) ", line) and "->" in line:
+            dot_results.update(t for t, _, _ in _tensor_types(line.rsplit("->", 1)[1]))
+    findings: dict[tuple[str, tuple[str, ...]], dict] = {}
+    for type_text, shape, encoding in _tensor_types(ttgir):
+        if encoding in layouts or encoding.startswith("#ttg.nvidia_mma<"):
+            kind, layout = layouts.get(encoding, ("mma", encoding))
+        elif type_text in dot_results and (encoding in blocked or encoding.startswith("#ttg.blocked<")):
+            kind, layout = blocked.get(encoding, ("blocked", encoding))
+        else:
+            continue
+        fields = _layout_fields(layout)
+        warps = fields.get("warpsPerCTA", [])
+        if len(warps) != len(shape) or len(shape) not in (2, 3):
+            continue
+        if kind == "mma":
+            if fields.get("versionMajor") not in (2, 3):
+                continue
+            per_warp = fields["instrShape"][: len(shape)]  # v3: [16, N, K]; v2: [16, 8] or [1, 16, 8]
+            kind = f"nvidia_mma v{fields['versionMajor']}"
+        else:
+            per_warp = [s * t for s, t in zip(fields["sizePerThread"], fields["threadsPerWarp"], strict=True)]
+        axes = tuple(
+            f"{axis} {w} warps x {p} = {w * p} > {size}"
+            for axis, size, w, p in zip(_axis_names(len(shape)), shape, warps, per_warp, strict=True)
+            if size > 1 and w > 1 and math.ceil(size / p) < w
+        )
+        if axes:
+            finding = findings.setdefault(
+                (encoding, axes),
+                {"layout": encoding, "kind": kind, "warpsPerCTA": warps, "per_warp": per_warp, "axes": list(axes)},
+            )
+            finding.setdefault("tensors", [])
+            if type_text not in finding["tensors"]:
+                finding["tensors"].append(type_text)
+    return list(findings.values())
+
+
+def describe_duplication(finding: dict) -> str:
+    """One finding of `duplicated_warps` in words."""
+    return (
+        f"{'; '.join(finding['axes'])} in {finding['layout']} ({finding['kind']}, warpsPerCTA={finding['warpsPerCTA']},"
+        f" per warp {finding['per_warp']}): {', '.join(finding['tensors'])}"
+    )
+
+
 def compile_variant(variant: dict, arch: str) -> dict:
     """Compile one variant for `arch`; its resources, or the error."""
     from triton.backends.compiler import GPUTarget
@@ -430,6 +542,7 @@ def compile_variant(variant: dict, arch: str) -> dict:
         "has_dot": "tt.dot " in compiled.asm["ttir"] or "tt.dot\n" in compiled.asm["ttir"],
         "tensor_cores": tensor_cores,
         "fused_multiply_adds": contracted_multiply_adds(ptx),
+        "duplicated_warps": duplicated_warps(compiled.asm["ttgir"]),
         "seconds": round(time.perf_counter() - start, 2),
     }
 
@@ -500,6 +613,9 @@ def _check(row: dict) -> list[str]:
     if variant["kernel"].split(":")[1] in UNCONTRACTED_KERNELS and result["fused_multiply_adds"]:
         count = result["fused_multiply_adds"]
         failures.append(f"{where}: {count} fused multiply-adds (the reference rounds each product)")
+    if result.get("duplicated_warps") and row["precisions"] - {"fp64"}:
+        findings = " | ".join(map(describe_duplication, result["duplicated_warps"]))
+        failures.append(f"{where}: warps duplicate work: {findings}")
     half = row["precisions"] & {"bf16", "fp16"}
     if half and result["has_dot"] and not result["tensor_cores"]:
         failures.append(f"{where}: a {'/'.join(sorted(half))} dot does not reach the tensor cores")
@@ -518,6 +634,16 @@ def _row_json(row: dict) -> dict:
     return out
 
 
+def _duplication_label(findings: list[dict]) -> str:
+    """The table's short form of `duplicated_warps`: axis, warps x tile > size (first tensor)."""
+    short = []
+    for finding in findings:
+        tile = re.match(r"tensor<((?:\d+x)+)", finding["tensors"][0]).group(1).rstrip("x")
+        axes = ", ".join(re.sub(r" warps x (\d+) = \d+ > ", r"x\1>", axis) for axis in finding["axes"])
+        short.append(f"{axes} ({tile})")
+    return "; ".join(short) or "-"
+
+
 def markdown(report: dict) -> str:
     """The report as one table, worst first (spills, then registers)."""
     lines = [
@@ -526,16 +652,17 @@ def markdown(report: dict) -> str:
         "Every Triton launch of the ops at the model shapes (Qwen3-0.6B, Qwen3-4B, Llama-3.1-8B; decode,",
         "prefill and training; every dtype; with and without a key padding mask; the autocast mix),",
         "compiled statically with `python -m benchmarks.compile_audit`. Registers and spills from",
-        "`cuobjdump -res-usage`; blocks/SM from registers, shared memory and threads; waves = programs of",
+        "`cuobjdump -res-usage`; duplicated warps (axis: warps x per-warp tile > the tile's size) from the",
+        "TTGIR's layouts; blocks/SM from registers, shared memory and threads; waves = programs of",
         "the largest grid / (blocks/SM x SMs: "
         + ", ".join(f"{t.arch} {t.multiprocessors}" for t in TARGETS.values())
         + ").",
         "",
         f"Failures: {len(report['failures'])}" + "".join(f"\n- {f}" for f in report["failures"]),
         "",
-        "| kernel | arch | dtypes | settings | regs | spill B | smem B | blocks/SM | tensor cores | largest grid "
-        "| waves | cases |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| kernel | arch | dtypes | settings | regs | spill B | smem B | blocks/SM | tensor cores | duplicated warps "
+        "| largest grid | waves | cases |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
 
     def order(row):
@@ -553,14 +680,15 @@ def markdown(report: dict) -> str:
         dtypes = "/".join(row["precisions"])
         if "error" in result:
             lines.append(
-                f"| {name} | {row['arch']} | {dtypes} | {settings_label(variant)} | error: {result['error']} |||||||| "
+                f"| {name} | {row['arch']} | {dtypes} | {settings_label(variant)} | error: {result['error']} ||||||||| "
             )
             continue
         grid = "x".join(map(str, row["grid"]))
         lines.append(
             f"| {name} | {row['arch']} | {dtypes} | {settings_label(variant)} | {result['registers']} | "
             f"{result['spill_bytes']} | {result['shared_bytes']} | {row['blocks_per_sm']} | "
-            f"{result['tensor_cores'] or ('none' if result['has_dot'] else '-')} | {grid} | {row['waves']} | "
+            f"{result['tensor_cores'] or ('none' if result['has_dot'] else '-')} | "
+            f"{_duplication_label(result.get('duplicated_warps', []))} | {grid} | {row['waves']} | "
             f"{len(row['cases'])}: {row['cases'][0]} |"
         )
     return "\n".join(lines) + "\n"

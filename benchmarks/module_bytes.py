@@ -186,7 +186,7 @@ class Recorder(TorchDispatchMode):
             preprocess = add(f"{prefix}: preprocess δ = rowsum(dO∘O)", _bytes(o) + _bytes(dout), _bytes(lse))
             config = flash_attention.heuristic_configs(q.dtype, Tx, flash_attention.head_width(hd), (9, 0))["bwd"]
             with mock.patch.object(flash_attention._utils, "persistent_programs", lambda device: 4 * SMS):
-                one_pass = flash_attention.one_pass_backward(B, nh, k.shape[1], config["BLOCK_N"], None)
+                one_pass = flash_attention.one_pass_backward(B, nh, k.shape[1], hd, config["BLOCK_N"], None)
             if not one_pass:
                 return [
                     preprocess,

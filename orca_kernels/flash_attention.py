@@ -60,6 +60,7 @@ OP = "flash_cross_attention"
 BACKENDS = ("auto", "sdpa", "triton", "torch")
 MAX_HEAD_DIM = 256  # the kernels keep [BLOCK, head_dim] tiles in registers
 MAX_ONE_PASS_KEY_BLOCKS = 4  # see one_pass_backward
+ONE_PASS_MAX_WIDTH = 64  # see one_pass_backward
 LOG2E = math.log2(math.e)
 
 
@@ -777,8 +778,11 @@ def heuristic_configs(
         # IEEE fp32 dots run on FMA units, whose operand layouts hold whole rows of a tile per
         # thread: 8 warps, and narrower key blocks for wide heads, keep every kernel free of
         # register spills on sm_80 and sm_90 (benchmarks/compile_audit.py checks it).
+        # The backward kernels get a one-block cap: uncapped, ptxas aimed at two blocks and spilled
+        # 8 bytes on sm80 with a mask (dK/dV at head dim 80, the one-pass kernel at 128).
         one = {"BLOCK_M": 32, "BLOCK_N": 32 if block_d <= 64 else 16, "num_warps": 8, "num_stages": 1}
-        return {"fwd": one | {"maxnreg": register_cap(8, 2)}, "dkdv": one, "dq": one, "bwd": one}
+        backward = one | {"maxnreg": register_cap(8, 1)}
+        return {"fwd": one | {"maxnreg": register_cap(8, 2)}, "dkdv": backward, "dq": backward, "bwd": backward}
     if dtype == torch.float64:
         # fp64 MMA, for gradcheck: small tiles, one stage, more warps for wide heads.
         one = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 8 if block_d >= 128 else 4, "num_stages": 1}
@@ -802,7 +806,9 @@ def heuristic_configs(
     elif triton.cdiv(Tx, 128) * 128 > triton.cdiv(Tx, 64) * 64:
         fwd = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
     else:
-        fwd = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3 if block_d <= 128 else 2}
+        # Three stages spill on sm80 at head dim 128 with a mask (triton 3.6), and past 128 anywhere.
+        deep = block_d < 128 or (block_d == 128 and capability >= (9, 0))
+        fwd = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3 if deep else 2}
     # Two-kernel backward. dK/dV works on transposed tiles: its products' rows are the BLOCK_N
     # keys; dQ's are the BLOCK_M query rows. Two [BLOCK_N, BLOCK_D] fp32 accumulators (dK and dV)
     # bound the dK/dV tiles.
@@ -815,13 +821,13 @@ def heuristic_configs(
     else:
         dkdv = {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2, "maxnreg": cap}
     dq = {"BLOCK_M": 64, "BLOCK_N": 64 if capability >= (9, 0) else 32, "num_warps": 4, "num_stages": 2, "maxnreg": cap}
-    # One-pass backward: the key products' rows are BLOCK_N keys, dQ's the BLOCK_M query rows, and
-    # the program holds dK, dV and a dQ tile at once. Wide heads and split heads take small tiles
-    # to stay clear of spills; sm90 at head width 64 has room for two warpgroups over 128 keys.
+    # One-pass backward (head widths up to ONE_PASS_MAX_WIDTH): the key products' rows are BLOCK_N
+    # keys, dQ's the BLOCK_M query rows, and the program holds dK, dV and a dQ tile at once. On
+    # sm90 two warpgroups over 128 keys, one stage (two spill with triton 3.6).
     if not power_of_two:
         one_pass = {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 2, "num_stages": 2}
-    elif block_d <= 64 and capability >= (9, 0):
-        one_pass = {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2, "maxnreg": register_cap(8, 1)}
+    elif capability >= (9, 0):
+        one_pass = {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 1, "maxnreg": register_cap(8, 1)}
     else:
         one_pass = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
     return {"fwd": fwd, "dkdv": dkdv, "dq": dq, "bwd": one_pass}
@@ -941,17 +947,19 @@ def decode_splits(
     return triton.cdiv(blocks, blocks_per_split), blocks_per_split * block_n
 
 
-def one_pass_backward(B: int, nh: int, Ta: int, block_n: int, device: torch.device) -> bool:
+def one_pass_backward(B: int, nh: int, Ta: int, head_dim: int, block_n: int, device: torch.device) -> bool:
     """Whether the backward runs as one pass per (batch, head) (`_flash_cross_attention_bwd_fused_kernel`:
     5 tile products per tile pair, and an fp32 dQ partial sum [B, nh, Tx, head width] written and
     read back once per key block but the last) rather than two kernels over key blocks and query
-    blocks (7 products, no scratch): where B·nh programs fill the GPU twice over (one per (batch,
-    head), the one-pass grid) and the keys take at most MAX_ONE_PASS_KEY_BLOCKS blocks, so that
+    blocks (7 products, no scratch): for head widths up to ONE_PASS_MAX_WIDTH (wider heads spill
+    the registers that hold dK, dV and a dQ tile at once), where B·nh programs fill the GPU twice
+    over (one per (batch, head), the one-pass grid) and the keys take at most
+    MAX_ONE_PASS_KEY_BLOCKS blocks, so that
     the partial sums move at most 3 fp32 copies of dQ each way (Qwen3-0.6B: 439 keys in 128-key
     blocks; the narrower tiles the split and wide heads need would make 12-14 blocks). Under the
     interpreter (4 "SMs") both run in the tests: one pass from B·nh = 2 and up to 4 key blocks."""
     fills = B * nh >= _utils.persistent_programs(device) // 2
-    return fills and triton.cdiv(Ta, block_n) <= MAX_ONE_PASS_KEY_BLOCKS
+    return fills and triton.cdiv(Ta, block_n) <= MAX_ONE_PASS_KEY_BLOCKS and head_width(head_dim) <= ONE_PASS_MAX_WIDTH
 
 
 def _backward(
@@ -1027,8 +1035,12 @@ def _backward(
             if measured is not None:
                 one_pass = bool(measured["one_pass"])
             else:
-                one_pass = one_pass_backward(B, nh, Ta, cfgs["bwd"]["BLOCK_N"], q.device)
+                one_pass = one_pass_backward(B, nh, Ta, hd, cfgs["bwd"]["BLOCK_N"], q.device)
         if one_pass:
+            if head_width(hd) > ONE_PASS_MAX_WIDTH:
+                raise ValueError(
+                    f"{OP}: the one-pass backward takes head widths up to {ONE_PASS_MAX_WIDTH}, got head dim {hd}"
+                )
             cfg = cfgs["bwd"]
             # dQ's partial sums, [B, nh, Tx, main + tail columns], fp32 (fp64 for fp64); only
             # written where there is more than one key block.

@@ -629,11 +629,12 @@ def test_sdpa_backend_runs_without_the_interpreter(monkeypatch):
     )
 
 
-@pytest.mark.parametrize("hd", [16, 80], ids=["hd16", "hd80-tail"])
+@pytest.mark.parametrize("hd", [16, 40], ids=["hd16", "hd40-tail"])
 @pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "mask"])
 def test_one_pass_and_two_kernel_backwards_match_the_truth(triton_device, hd, masked):
     """Both backward layouts, forced, in fp64 against the truth: several key blocks (Ta = 70, three
-    under the interpreter) and query blocks, a tail of the head dim, a fully masked batch element."""
+    under the interpreter) and query blocks, a tail of the head dim (40 = 32 + 16), a fully masked
+    batch element. Past the one-pass kernel's head widths, forcing it is an error."""
     B, Tx, Ta, nh = 3, 40, 70, 2
     inputs = Inputs(B, Tx, Ta, nh, hd, torch.float64, triton_device, packed=True)
     mask = None
@@ -651,3 +652,6 @@ def test_one_pass_and_two_kernel_backwards_match_the_truth(triton_device, hd, ma
         leaf_grads = torch.autograd.grad(inputs.views(leaves), leaves, grads)
         for grad, truth in zip(leaf_grads, grads_truth, strict=True):
             assert_matches_truth(grad, truth, name=f"one_pass={one_pass}")
+    wide = torch.zeros(1, 2, 1, 80, dtype=torch.float64, device=triton_device)
+    with pytest.raises(ValueError, match="one-pass backward takes head widths up to 64, got head dim 80"):
+        attention._backward(wide, wide, wide, None, wide, torch.zeros(1, 1, 2), wide, 1.0, one_pass=True)

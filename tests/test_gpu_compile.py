@@ -2,8 +2,9 @@
 
 Every Triton launch the ops make at the model shapes must compile for sm_80 and sm_90, without
 register spills (fp64 aside), within the shared-memory limit, with fp16/bf16 dots on the tensor
-cores. The audit compiles real kernels, so it runs in a subprocess without TRITON_INTERPRET (this
-process may have imported the kernels as interpreted functions).
+cores, and without warps that repeat each other's work (read from the TTGIR's layouts). The audit
+compiles real kernels, so it runs in a subprocess without TRITON_INTERPRET (this process may have
+imported the kernels as interpreted functions).
 """
 
 from __future__ import annotations
@@ -81,5 +82,130 @@ def test_the_audit_checks_can_fail():
         """
     )
     result = _run(["-c", script], timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert result.stdout.startswith("ok")
+
+
+# A chained dot (S = A B feeding S C, as attention's QK^T feeds P V): Triton lays its warps all
+# along M, [num_warps, 1], so 8 warps over 64 rows repeat every element twice.
+_CHAINED_DOT_KERNEL = """
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _chained_dot_kernel(a_ptr, b_ptr, c_ptr, out_ptr, M: tl.constexpr, N: tl.constexpr, K: tl.constexpr):
+    m, n, k = tl.arange(0, M), tl.arange(0, N), tl.arange(0, K)
+    a = tl.load(a_ptr + m[:, None] * K + k[None, :])
+    b = tl.load(b_ptr + k[:, None] * N + n[None, :])
+    c = tl.load(c_ptr + n[:, None] * K + k[None, :])
+    s = tl.dot(a, b)
+    tl.store(out_ptr + m[:, None] * K + k[None, :], tl.dot(s.to(tl.float16), c))
+"""
+
+
+_BLOCKED = (
+    "#blocked = #ttg.blocked<{sizePerThread = [1, 1], threadsPerWarp = [2, 16], warpsPerCTA = [8, 1], order = [1, 0]}>"
+)
+
+
+def _ttgir(layouts: str, *types: str, dot: str = "") -> str:
+    """A TTGIR module: the layout aliases `layouts` and `_BLOCKED`, a `tt.dot` whose result is of
+    type `dot` if given, and an elementwise op on each of `types`."""
+    lines = [layouts, _BLOCKED, 'module attributes {"ttg.num-warps" = 8 : i32} {']
+    if dot:
+        operand = "tensor<16x16xf32, #blocked1>"
+        lines.append(f"  %d = tt.dot %a, %b, %c, inputPrecision = ieee : {operand} * {operand} -> {dot} loc(#loc1)")
+    lines += [f"  %{i} = arith.addf %x, %y : {t} loc(#loc2)" for i, t in enumerate(types)]
+    return "\n".join(lines + ["}"])
+
+
+def test_duplicated_warps_reads_mma_and_dot_layouts_from_ttgir():
+    """The duplicated-warps check on TTGIR text: Hopper (wgmma, v3) and Ampere (mma.sync, v2)
+    layouts whose warps overrun the tile along M or N are flagged, those that fit are not, nor is a
+    broadcast axis of size 1; a blocked layout is judged only where it holds a dot's result."""
+    from benchmarks import compile_audit as audit
+
+    v3 = "#mma = #ttg.nvidia_mma<{versionMajor = 3, versionMinor = 0, warpsPerCTA = [8, 1], instrShape = [16, 64, 16]}>"
+    (finding,) = audit.duplicated_warps(_ttgir(v3, "tensor<64x64xf32, #mma>", "tensor<1x64xf32, #mma>"))
+    assert finding["axes"] == ["M 8 warps x 16 = 128 > 64"] and finding["tensors"] == ["tensor<64x64xf32, #mma>"]
+    assert finding["kind"] == "nvidia_mma v3" and finding["warpsPerCTA"] == [8, 1]
+    assert audit.duplicated_warps(_ttgir(v3, "tensor<128x64xf32, #mma>", "tensor<128x1xf32, #mma>")) == []
+    # Two warpgroups side by side along N: a 64-wide tile holds one 64-wide wgmma, not two.
+    v3_wide = v3.replace("[8, 1]", "[4, 2]")
+    (finding,) = audit.duplicated_warps(_ttgir(v3_wide, "tensor<64x64x!tt.ptr<f32>, #mma>"))
+    assert finding["axes"] == ["N 2 warps x 64 = 128 > 64"]
+    assert audit.duplicated_warps(_ttgir(v3_wide, "tensor<64x128xf32, #mma>")) == []
+
+    v2 = "#mma = #ttg.nvidia_mma<{versionMajor = 2, versionMinor = 0, warpsPerCTA = [4, 1], instrShape = [16, 8]}>"
+    (finding,) = audit.duplicated_warps(_ttgir(v2, "tensor<16x64xf32, #mma>"))
+    assert finding["axes"] == ["M 4 warps x 16 = 64 > 16"] and finding["kind"] == "nvidia_mma v2"
+    assert audit.duplicated_warps(_ttgir(v2, "tensor<64x64xf32, #mma>", "tensor<64x1xf32, #mma>")) == []
+    assert audit.duplicated_warps(_ttgir(v2.replace("[4, 1]", "[1, 4]"), "tensor<16x64xf32, #mma>")) == []
+    # fp64's mma.sync is m8n8: 4 warps along N over 16 columns, two of them copies.
+    fp64 = v2.replace("[4, 1]", "[1, 4]").replace("[16, 8]", "[8, 8]")
+    (finding,) = audit.duplicated_warps(_ttgir(fp64, "tensor<16x16xf64, #mma>"))
+    assert finding["axes"] == ["N 4 warps x 8 = 32 > 16"]
+    # A second alias is judged by its own layout.
+    both = f"{v2}\n{v3.replace('#mma =', '#mma1 =')}"
+    findings = audit.duplicated_warps(_ttgir(both, "tensor<64x64xf32, #mma>", "tensor<64x64xf32, #mma1>"))
+    assert [f["layout"] for f in findings] == ["#mma1"]
+
+    # Blocked (FMA dots): a warp holds 2 x 16 of the result; 8 warps over 8 rows, 4 of them copies.
+    (finding,) = audit.duplicated_warps(_ttgir("", dot="tensor<8x16xf32, #blocked>"))
+    assert finding["axes"] == ["M 8 warps x 2 = 16 > 8"] and finding["kind"] == "blocked"
+    assert audit.duplicated_warps(_ttgir("", "tensor<8x16xf32, #blocked>")) == []  # not a dot's result
+    assert audit.duplicated_warps(_ttgir("", dot="tensor<16x16xf32, #blocked>")) == []
+
+    # In the audit: a failure for bf16 and the other precisions, reported for fp64 alone.
+    variant = {"kernel": "m:_k", "constexprs": {"BLOCK_M": 64}, "options": {"num_warps": 8, "num_stages": 2}}
+    result = {"spill_bytes": 0, "registers": 100, "shared_bytes": 0, "fused_multiply_adds": 0, "has_dot": True}
+    result["tensor_cores"] = "wgmma"
+    result["duplicated_warps"] = audit.duplicated_warps(_ttgir(v3, "tensor<64x64xf32, #mma>"))
+    row = {"variant": variant, "arch": "sm_90", "cases": ["case"], "precisions": {"bf16"}, "result": result}
+    (failure,) = audit._check(row)
+    assert "warps duplicate work: M 8 warps x 16 = 128 > 64 in #mma" in failure
+    assert audit._check(row | {"precisions": {"fp64"}}) == []
+    assert audit._duplication_label(result["duplicated_warps"]) == "M 8x16>64 (64x64)"
+
+
+def test_duplicated_warps_on_a_compiled_kernel(tmp_path):
+    """A real chained dot compiled for sm_90 (and sm_80): 8 warps over 64 rows are flagged by the
+    audit, 4 warps pass."""
+    (tmp_path / "chained_dot.py").write_text(_CHAINED_DOT_KERNEL)
+    script = textwrap.dedent(
+        """
+        from benchmarks import compile_audit as audit
+
+        def check(arch, num_warps):
+            variant = {
+                "kernel": "chained_dot:_chained_dot_kernel",
+                "signature": {"a_ptr": "*fp16", "b_ptr": "*fp16", "c_ptr": "*fp16", "out_ptr": "*fp32",
+                              "M": "constexpr", "N": "constexpr", "K": "constexpr"},
+                "constexprs": {"M": 64, "N": 64, "K": 32},
+                "divisible": [0, 1, 2, 3],
+                "options": {"num_warps": num_warps, "num_stages": 1},
+            }
+            row = {"variant": variant, "arch": arch, "cases": ["chained"], "precisions": {"fp16"}}
+            row["result"] = audit.compile_variant(variant, arch)
+            assert "error" not in row["result"], row["result"]
+            return row["result"], audit._check(row)
+
+        result, failures = check("sm_90", 8)
+        assert result["tensor_cores"] == "wgmma", result
+        assert [f["warpsPerCTA"] for f in result["duplicated_warps"]] == [[8, 1]], result
+        assert result["duplicated_warps"][0]["axes"] == ["M 8 warps x 16 = 128 > 64"], result
+        assert len(failures) == 1 and "warps duplicate work" in failures[0], failures
+        result, failures = check("sm_90", 4)
+        assert result["duplicated_warps"] == [] and failures == [], (result, failures)
+        result, failures = check("sm_80", 8)
+        assert result["tensor_cores"] == "mma.sync" and len(failures) == 1, (result, failures)
+        print("ok")
+        """
+    )
+    env = child_environment(tmp_path, TRITON_INTERPRET=None)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=CHECKOUT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert result.stdout.startswith("ok")
