@@ -11,6 +11,7 @@ from transformers.models.bert.modeling_bert import BertEncoder
 
 import orca_kernels
 from orca_model.config import DeSTA25Config
+from orca_model.qformer import FUSED_KEYWORD, QFORMER_ATTENTION, projection_input
 
 
 def qformer_config(config: DeSTA25Config) -> BertConfig:
@@ -34,7 +35,11 @@ class ORCAHybridConnector(nn.Module):
     Global branch: per target layer l, a learnable query set `global_queries[l]` [1, K, D] runs
     through one shared BertEncoder `global_qformer` over that layer's states [B, T, D]; the L
     results are mixed per token with softmax(`global_layer_weights` [K, L]) and projected by
-    `global_proj` (LayerNorm(D), Linear(D -> H)) to global tokens [B, K, H].
+    `global_proj` (LayerNorm(D), Linear(D -> H)) to global tokens [B, K, H]. The Q-Former's
+    attention is BERT's eager attention; while `config.use_fused_orca` is set, it is
+    non-causal F.scaled_dot_product_attention with the dropout inside the kernel, on the same
+    BERT modules and parameters, and each layer's states are made contiguous once for all the
+    K/V projections (orca_model/qformer.py).
 
     Local branch (when `orca_local_enabled`): softmax(`local_layer_weights` [L]) mixes the L
     layers, `local_proj_in` (Linear D -> H), `local_conv` (Conv1d(H, H, k, stride s, padding
@@ -59,7 +64,10 @@ class ORCAHybridConnector(nn.Module):
             [nn.Parameter(torch.randn(1, num_tokens, d_encoder)) for _ in range(num_layers)]
         )
         self.global_layer_weights = nn.Parameter(torch.zeros(num_tokens, num_layers, dtype=torch.float))
-        self.global_qformer = BertEncoder(qformer_config(config))
+        qformer = qformer_config(config)
+        # BERT's eager attention unless a call asks for the fused one (orca_model/qformer.py).
+        qformer._attn_implementation = QFORMER_ATTENTION
+        self.global_qformer = BertEncoder(qformer)
         self.global_proj = nn.Sequential(nn.LayerNorm(d_encoder), nn.Linear(d_encoder, d_llm))
 
         self.local_enabled = config.orca_local_enabled
@@ -87,10 +95,19 @@ class ORCAHybridConnector(nn.Module):
         states = [encoder_hidden_states[i].to(dtype=weight.dtype, device=weight.device) for i in self.target_layer_ids]
         batch_size = states[0].size(0)
 
+        fused = self.config.use_fused_orca
+        # Fused: SDPA in every Q-Former attention, and each layer's states made contiguous (and
+        # cast to the autocast dtype) once for its 2 x qformer_num_hidden_layers K/V projections.
+        qformer_states = [projection_input(state) for state in states] if fused else states
+        fused_call = {FUSED_KEYWORD: True} if fused else {}
         outputs = []
-        for queries, state in zip(self.global_queries, states, strict=True):
+        for queries, state in zip(self.global_queries, qformer_states, strict=True):
             queries = queries.expand(batch_size, -1, -1).to(dtype=weight.dtype, device=weight.device)
-            outputs.append(self.global_qformer(hidden_states=queries, encoder_hidden_states=state).last_hidden_state)
+            if fused:  # one copy for the first layer's Q, K and V projections (and its residual)
+                queries = queries.contiguous()
+            outputs.append(
+                self.global_qformer(hidden_states=queries, encoder_hidden_states=state, **fused_call).last_hidden_state
+            )
         stacked = torch.stack(outputs, dim=0).permute(1, 2, 0, 3)  # [B, K, L, D]
         mix = torch.softmax(self.global_layer_weights, dim=-1).unsqueeze(-1)  # [K, L, 1]
         global_tokens = self.global_proj((stacked * mix).sum(dim=2))
