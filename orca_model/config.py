@@ -21,6 +21,8 @@ DEFAULT_ROPE_THETA = 10000.0  # the reference's fallback when the LLM config has
 # "qformer_1" is the reference's default (its Q-Former-only mode, which DeSTA25AudioModel refuses
 # with NotImplementedError); "orca_hybrid" is what this package builds.
 CONNECTOR_MODES = ("qformer_1", "orca_hybrid")
+# The frozen Whisper encoder's weight dtypes: fp32 is the reference's (docs/training.md#the-frozen-encoder).
+ENCODER_DTYPES = ("float32", "bfloat16", "float16")
 # torch dtype names the LLM can be loaded in (`getattr(torch, llm_dtype)`).
 LLM_DTYPES = ("bfloat16", "float16", "float32", "float64")
 LOSS_WEIGHTS = (
@@ -103,6 +105,7 @@ FIELD_CHECKS: dict[str, Callable[[str, Any], None]] = {
     "use_fused_orca": _boolean,
     "orca_attention_backend": _one_of(ATTENTION_BACKENDS),
     "llm_dtype": _one_of(LLM_DTYPES),
+    "encoder_dtype": _one_of(ENCODER_DTYPES),
     "orca_target_layer_ids": _layer_ids,
 }
 
@@ -222,13 +225,17 @@ class DeSTA25Config(PretrainedConfig):
             `torch.use_deterministic_algorithms(True)`), "sdpa" or "triton" to force one.
         orca_target_layer_ids: 0-based encoder layers the connector reads, sorted and unique;
             None derives them from the encoder's layer count (see `target_layer_ids`).
+        encoder_dtype: dtype of the frozen Whisper encoder's weights, one of ENCODER_DTYPES:
+            "float32" (the reference's); "float16" / "bfloat16" halve its memory and move its
+            states further from the reference's (docs/training.md#the-frozen-encoder).
         llm_dtype: dtype the LLM is loaded in, and that the connector and the cross-attention
             modules are cast to ("bfloat16" is what the reference hardcodes).
         llm_config, encoder_config: the sub-configs, as config objects or dicts; None loads them
             with AutoConfig from `llm_model_id` / `encoder_model_id` (a hub id or a directory).
 
     Validation (FIELD_CHECKS, whenever a field is set, so also by from_pretrained's overrides and
-    later assignments): `connector_mode` in CONNECTOR_MODES, `llm_dtype` in LLM_DTYPES;
+    later assignments): `connector_mode` in CONNECTOR_MODES, `llm_dtype` in LLM_DTYPES,
+    `encoder_dtype` in ENCODER_DTYPES;
     `qformer_num_hidden_layers`, `orca_global_num_tokens`, `orca_local_downsample`,
     `orca_local_kernel_size` ints >= 1; `orca_audio_position_scale` finite and > 0; the four loss
     weights finite and >= 0; `orca_gate_init` finite; `use_fused_orca` a bool; `orca_attention_backend` in
@@ -272,6 +279,7 @@ class DeSTA25Config(PretrainedConfig):
         orca_attention_backend: str = "auto",
         orca_target_layer_ids: list[int] | None = None,
         llm_dtype: str = "bfloat16",
+        encoder_dtype: str = "float32",
         llm_config: PretrainedConfig | dict[str, Any] | None = None,
         encoder_config: PretrainedConfig | dict[str, Any] | None = None,
         **kwargs,
@@ -307,6 +315,7 @@ class DeSTA25Config(PretrainedConfig):
         self.orca_attention_backend = orca_attention_backend
         self.orca_target_layer_ids = orca_target_layer_ids  # stored as a list (__setattr__)
         self.llm_dtype = llm_dtype
+        self.encoder_dtype = encoder_dtype
         self.info = "Ｄｅｓｔａ２。５ Ａｕｄｉｏ"  # the reference stores this banner in its configs too
 
     def __setattr__(self, name: str, value: Any) -> None:

@@ -22,6 +22,7 @@ from orca_model.connector import ORCAHybridConnector
 from orca_model.cross_attention import OrcaGatedCrossAttention
 from orca_model.injection import DeepInjection, decoder_layers
 from orca_model.inputs import check_batch_inputs, memory_by_row
+from orca_model.lm_loss import FusedLinearCrossEntropyLoss
 from orca_model.losses import DeSTA25Output, compute_orca_losses
 
 logger = logging.getLogger(__name__)
@@ -58,9 +59,22 @@ class WhisperPerception(nn.Module):
     """`perception`: the frozen Whisper encoder (`whisper`) and the connector (`connector`).
 
     The encoder runs as in the reference: conv1 + GELU, conv2 + GELU, positional embedding, then
-    every encoder layer without attention mask, dropout or the final layer norm; the output of
-    every layer goes to the connector. Whisper is loaded in fp32 (the reference loads it
-    without a dtype, which under transformers 4.x means fp32).
+    the encoder layers without attention mask, dropout or the final layer norm. Whisper is loaded
+    in fp32 (the reference loads it without a dtype, which under transformers 4.x means fp32).
+
+    Lean, with the reference's numbers (docs/training.md#the-frozen-encoder):
+
+    - only the outputs of the connector's target layers (`config.target_layer_ids()`) are kept,
+      each cast to the connector's dtype and device as soon as it exists; the layers after the
+      last target layer do not run (the reference runs them, and never reads their outputs);
+    - while no encoder parameter (and not the features) requires grad, the encoder runs under
+      `torch.no_grad()`; unfreeze it (`whisper.requires_grad_(True)`) and it builds its graph;
+    - `config.encoder_dtype` is the dtype of Whisper's weights: "float32" is the reference's; "bfloat16" and
+      "float16" halve the encoder's memory and run in that dtype, outside autocast (an fp32
+      encoder follows the caller's autocast, as the reference's does); they are an explicit choice,
+      as they move the states further from the reference's (bf16 clearly, fp16 a little);
+    - `forward(encoder_states=...)` takes the target layers' states precomputed
+      (`orca_model.encoder_cache`) instead of running the encoder.
     """
 
     def __init__(self, config: DeSTA25Config):
@@ -71,6 +85,19 @@ class WhisperPerception(nn.Module):
         self.connector = ORCAHybridConnector(config)
         # transformers 4.x encoder layers require `layer_head_mask`; 5.x has none.
         self._layer_head_mask = "layer_head_mask" in inspect.signature(self.whisper.layers[0].forward).parameters
+        self.whisper.to(dtype=getattr(torch, config.encoder_dtype))
+
+    @property
+    def encoder_dtype(self) -> torch.dtype:
+        """The dtype of Whisper's weights (fp32, the reference's, unless `set_encoder_dtype` changed it)."""
+        return self.whisper.conv1.weight.dtype
+
+    def set_encoder_dtype(self, dtype: str | torch.dtype) -> None:
+        """Set `config.encoder_dtype` (checked there: one of ENCODER_DTYPES, a name or a torch
+        dtype) and cast Whisper's weights to it. The features are cast to it at each call; the kept
+        states go to the connector's dtype."""
+        self.config.encoder_dtype = str(dtype).removeprefix("torch.")
+        self.whisper.to(dtype=getattr(torch, self.config.encoder_dtype))
 
     @property
     def num_input_frames(self) -> int:
@@ -78,31 +105,97 @@ class WhisperPerception(nn.Module):
         encoder = self.whisper
         return encoder.config.max_source_positions * encoder.conv1.stride[0] * encoder.conv2.stride[0]
 
-    def encoder_layer_outputs(self, input_features: torch.Tensor) -> list[torch.Tensor]:
-        """input_features [N, n_mels, 2·max_source_positions] (30 s: 3000 frames) -> the output of
-        every encoder layer, each [N, max_source_positions, D]."""
+    def encoder_layer_outputs(
+        self,
+        input_features: torch.Tensor,
+        layer_ids: Sequence[int] | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> list[torch.Tensor | None]:
+        """input_features [N, n_mels, 2·max_source_positions] (30 s: 3000 frames) -> one entry per
+        encoder layer: for the layers in `layer_ids` (default: every layer) its output
+        [N, max_source_positions, D], cast to `dtype` and moved to `device` (when given) as soon as
+        it exists; None for the others. Layers after the last of `layer_ids` do not run, and no
+        other layer's output outlives the next layer's call, so what stays alive is the kept
+        outputs and the running state. Runs under torch.no_grad() unless an encoder parameter or
+        the features require grad (then autograd records it as usual)."""
         encoder = self.whisper
-        input_features = input_features.to(dtype=encoder.conv1.weight.dtype, device=encoder.conv1.weight.device)
-        frames = encoder.config.max_source_positions
+        num_layers = len(encoder.layers)
+        keep = set(range(num_layers) if layer_ids is None else layer_ids)
+        if any(not 0 <= index < num_layers for index in keep):
+            raise ValueError(
+                f"WhisperPerception: layer_ids must be encoder layer indices in [0, {num_layers}), got {layer_ids}"
+            )
         if input_features.shape[-1] != self.num_input_frames:
             raise ValueError(
                 f"WhisperPerception: input_features has {input_features.shape[-1]} frames but the Whisper encoder "
                 f"takes {self.num_input_frames}: pad the features to {self.num_input_frames} frames"
             )
-        hidden = nn.functional.gelu(encoder.conv1(input_features))
-        hidden = nn.functional.gelu(encoder.conv2(hidden)).permute(0, 2, 1)
-        hidden = hidden + encoder.embed_positions.weight[:frames].to(dtype=hidden.dtype, device=hidden.device)
-        extra = {"layer_head_mask": None} if self._layer_head_mask else {}
-        outputs = []
-        for layer in encoder.layers:
-            out = layer(hidden, attention_mask=None, **extra)
-            hidden = out[0] if isinstance(out, tuple) else out
-            outputs.append(hidden)
+        # A frozen encoder on features without grad records nothing; no_grad makes that explicit
+        # (and skips autograd's bookkeeping) without changing a number.
+        needs_graph = input_features.requires_grad or any(p.requires_grad for p in encoder.parameters())
+        # An fp32 encoder follows the caller's autocast, as the reference's does; a bf16 / fp16
+        # one runs in its own dtype (CPU autocast cannot mix fp32 states with fp16 LayerNorm weights).
+        weight = encoder.conv1.weight
+        own_dtype = weight.dtype != torch.float32
+        outputs: list[torch.Tensor | None] = [None] * num_layers
+        with (
+            nullcontext() if needs_graph else torch.no_grad(),
+            torch.autocast(weight.device.type, enabled=False) if own_dtype else nullcontext(),
+        ):
+            hidden = nn.functional.gelu(encoder.conv1(input_features.to(dtype=weight.dtype, device=weight.device)))
+            hidden = nn.functional.gelu(encoder.conv2(hidden)).permute(0, 2, 1)
+            # Added without a cast, as the reference (and transformers' encoder) does: under CUDA
+            # autocast the convs return bf16 and the fp32 table makes the residual stream fp32.
+            hidden = hidden + encoder.embed_positions.weight[: encoder.config.max_source_positions]
+            extra = {"layer_head_mask": None} if self._layer_head_mask else {}
+            for index, layer in enumerate(encoder.layers[: max(keep, default=-1) + 1]):
+                out = layer(hidden, attention_mask=None, **extra)
+                hidden = out[0] if isinstance(out, tuple) else out
+                if index in keep:
+                    outputs[index] = hidden.to(dtype=dtype, device=device)
         return outputs
 
-    def forward(self, input_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """input_features [N, n_mels, frames] -> (global tokens [N, K, H], local tokens [N, T_l, H] or None)."""
-        return self.connector(self.encoder_layer_outputs(input_features))
+    def _states_as_layer_outputs(self, encoder_states: Sequence[torch.Tensor] | torch.Tensor) -> list:
+        """Precomputed target-layer states (a sequence of L tensors [N, T, D] in target-layer
+        order, or one [L, N, T, D]) -> the per-layer list the connector reads."""
+        layer_ids = self.connector.target_layer_ids
+        encoder = self.whisper
+        expected = (encoder.config.max_source_positions, encoder.config.d_model)
+        states = list(encoder_states.unbind(0) if isinstance(encoder_states, torch.Tensor) else encoder_states)
+        shapes = [tuple(s.shape) for s in states]
+        if len(states) != len(layer_ids) or len(set(shapes)) != 1 or len(shapes[0]) != 3 or shapes[0][1:] != expected:
+            raise ValueError(
+                f"WhisperPerception: encoder_states must be {len(layer_ids)} states (target layers {layer_ids}) "
+                f"of one shape [N, {expected[0]}, {expected[1]}], got {shapes}"
+            )
+        outputs: list[torch.Tensor | None] = [None] * len(encoder.layers)
+        for index, state in zip(layer_ids, states, strict=True):
+            outputs[index] = state
+        return outputs
+
+    def forward(
+        self,
+        input_features: torch.Tensor | None = None,
+        encoder_states: Sequence[torch.Tensor] | torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """input_features [N, n_mels, frames] -> (global tokens [N, K, H], local tokens [N, T_l, H] or None).
+
+        `encoder_states` instead of the features: the target layers' outputs computed before
+        (`orca_model.encoder_cache`), L tensors [N, T, D] or one [L, N, T, D]; the encoder does not
+        run. Exactly one of the two is given."""
+        if (input_features is None) == (encoder_states is None):
+            raise ValueError("WhisperPerception: pass exactly one of input_features and encoder_states")
+        if encoder_states is not None:
+            return self.connector(self._states_as_layer_outputs(encoder_states))
+        # The connector casts each state to its weights' dtype and device; done here, as each
+        # target layer's output appears, the encoder-dtype copies are never all alive at once.
+        weight = self.connector.global_proj[1].weight
+        layers = self.encoder_layer_outputs(
+            input_features, self.connector.target_layer_ids, dtype=weight.dtype, device=weight.device
+        )
+        return self.connector(layers)
 
 
 class DeSTA25AudioModel(nn.Module):
@@ -125,12 +218,15 @@ class DeSTA25AudioModel(nn.Module):
     tensors (the reference's `_generate_step`) or, as the reference's `generate`, chat messages
     with audio files (`orca_model.serving`: VAD, Whisper ASR, chat template; docs/serving.md),
     with `processor`, `vad` and `transcriber` as settable attributes. `config.use_fused_orca`
-    swaps in the fused ops and changes nothing else; every fused part reads it at each call, so
+    swaps in the fused ops and, in training, the LM loss without logits (`lm_loss`; `forward`
+    then returns no logits) and changes nothing else; every fused part reads it at each call, so
     `set_use_fused_orca` (or assigning the config field) switches the whole model at once.
     """
 
-    # forward takes **kwargs only to ignore collator extras, as the reference does; it does not
-    # use `num_items_in_batch`, so the Trainer must scale the loss for gradient accumulation.
+    # forward takes **kwargs only to ignore collator extras, as the reference does. It honours an
+    # explicit `num_items_in_batch` (HF's sum / count LM loss), but the Trainer is not to pass it:
+    # the ORCA losses are per-batch means, so the Trainer scales the total loss for gradient
+    # accumulation (the reference's objective).
     accepts_loss_kwargs = False
 
     def __init__(self, config: DeSTA25Config):
@@ -169,6 +265,8 @@ class DeSTA25AudioModel(nn.Module):
             self._injection = DeepInjection(decoder_layers(self.llm_model), self.orca_cross_attns)
             self.orca_cross_attns.to(dtype=self.llm_model.dtype, device=self.llm_model.device)
         self.perception.connector.to(dtype=self.llm_model.dtype, device=self.llm_model.device)
+        # The LM loss of training with use_fused_orca (no parameters: no state-dict key).
+        self.lm_loss = FusedLinearCrossEntropyLoss()
         self.configure_trainable_parameters()
 
     def set_use_fused_orca(self, enabled: bool) -> None:
@@ -360,6 +458,7 @@ class DeSTA25AudioModel(nn.Module):
         batch_transcription_ids: Sequence[torch.Tensor],
         batch_start_positions: Sequence[tuple[int, int]],
         labels: torch.Tensor | None = None,
+        num_items_in_batch: torch.Tensor | int | None = None,
         **kwargs,
     ) -> DeSTA25Output:
         """The reference's forward.
@@ -370,9 +469,15 @@ class DeSTA25AudioModel(nn.Module):
             batch_features [N, n_mels, 3000]: Whisper features, one row per audio.
             batch_transcription_ids: N tensors [1, L_i] or [L_i] (may be empty).
             batch_start_positions: N (row, start) pairs, where each audio's tokens begin.
+            num_items_in_batch: the LM loss is the sum over the labelled tokens divided by it
+                (Hugging Face's gradient-accumulation normalisation) instead of their mean.
             kwargs: ignored (collator extras), as in the reference.
 
-        Returns a `DeSTA25Output` with the LM loss, logits, hidden states and `orca_losses`.
+        Returns a `DeSTA25Output` with the LM loss, logits, hidden states and `orca_losses`. In
+        training with `use_fused_orca` and labels, the LM loss is `self.lm_loss`'s, computed from
+        the final hidden state without the [B·T_x, vocab] logits (`orca_model.lm_loss`), and
+        `logits` is None; evaluation, generation and `use_fused_orca=False` return the logits and
+        the LLM's own loss.
         """
         if self._injection is not None and self.training:
             # Checkpointing may have been enabled on the LLM directly since the last call.
@@ -385,19 +490,45 @@ class DeSTA25AudioModel(nn.Module):
         )
         memory, memory_mask = self._audio_memory(global_tokens, local_tokens, rows, input_ids.size(0))
         layer_losses: list[torch.Tensor] = []
+        fused_lm_loss = labels is not None and self.training and self.config.use_fused_orca
         with self._injecting(memory, memory_mask, spans):
             outputs = self.llm_model(
-                inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, output_hidden_states=True
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                output_hidden_states=True,
+                **self._llm_loss_inputs(labels, num_items_in_batch, fused_lm_loss, inputs_embeds.device),
             )
             if self._injection is not None:
                 layer_losses = self._injection.pop_layer_align_losses()
+        fields = dict(outputs)
+        if fused_lm_loss:
+            fields["logits"] = None
+            fields["loss"] = self.lm_loss(
+                outputs.hidden_states[-1], self.llm_model.get_output_embeddings().weight, labels, num_items_in_batch
+            )
         text_hidden = outputs.hidden_states[-1] if outputs.hidden_states else None
         return DeSTA25Output(
-            **outputs,
+            **fields,
             orca_losses=self.compute_orca_losses(global_tokens, local_tokens, text_hidden, layer_losses),
             audio_global=global_tokens,
             audio_local=local_tokens,
         )
+
+    @staticmethod
+    def _llm_loss_inputs(
+        labels: torch.Tensor | None,
+        num_items_in_batch: torch.Tensor | int | None,
+        fused_lm_loss: bool,
+        device: torch.device,
+    ) -> dict:
+        """The LLM call's loss arguments. For the fused LM loss: no labels and an empty
+        `logits_to_keep` (the LM head projects no position; `forward` computes the loss from the
+        final hidden state, which is the LM head's input: transformers ties `hidden_states[-1]`
+        to it). Otherwise the labels and `num_items_in_batch`, for the LLM's own loss."""
+        if fused_lm_loss:
+            return {"logits_to_keep": torch.empty(0, dtype=torch.long, device=device)}
+        extra = {} if num_items_in_batch is None or labels is None else {"num_items_in_batch": num_items_in_batch}
+        return {"labels": labels, **extra}
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
         """Checkpoint the LLM's decoder layers (what `TrainingArguments(gradient_checkpointing=True)`

@@ -13,13 +13,16 @@ step).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from transformers import Trainer, TrainingArguments
 
+from orca_model.liger import apply_liger_kernel_to_llm
 from orca_model.losses import total_training_loss
 from orca_model.modeling import DeSTA25AudioModel
 
@@ -80,6 +83,29 @@ class _TermAverages:
         return {name: s / c for name, s, c in zip(LOGGED_TERMS, sums, counts, strict=True) if c > 0}
 
 
+class _DropMessage(logging.Filter):
+    """Drops the records that start with `prefix`."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+# What the Trainer logs in `train()` when `use_liger_kernel` meets a model that is not a
+# PreTrainedModel: not true of a DeSTA25AudioModel, whose LLM DeSTA25Trainer has patched.
+_NOT_PRETRAINED = _DropMessage("The model is not an instance of PreTrainedModel. No liger kernels")
+
+
+def _unwrapped(model):
+    """The model inside DDP's or torch.compile's wrapper (FSDP2 shards in place)."""
+    for attribute in ("module", "_orig_mod"):
+        model = getattr(model, attribute, model)
+    return model
+
+
 class DeSTA25Trainer(Trainer):
     """A `transformers.Trainer` for `DeSTA25AudioModel`: the loss is the LM loss plus every
     weighted ORCA loss (`orca_model.total_training_loss`), each term logged at the logging cadence
@@ -87,11 +113,47 @@ class DeSTA25Trainer(Trainer):
     reference's checkpoint layout (config.json + the trainable weights in model.safetensors), which
     `DeSTA25AudioModel.from_pretrained` loads. Works unchanged under `torchrun` / `accelerate
     launch` (DDP, FSDP through accelerate) and with `gradient_checkpointing=True`.
+
+    `use_liger_kernel=True` puts Liger's RMSNorm, SwiGLU and RoPE into the model's LLM instance
+    (`orca_model.liger.apply_liger_kernel_to_llm`; `liger_kernel_config` may switch each off),
+    when the Trainer is built and on each `model_init` model; the Trainer itself would patch
+    nothing, the model not being a PreTrainedModel. The LM loss stays the model's
+    (`use_fused_orca`: without logits).
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._terms = {"train": _TermAverages(), "eval": _TermAverages()}
+        if self.args.use_liger_kernel and self.model is not None:
+            self._apply_liger_kernel(self.model)
+
+    def _apply_liger_kernel(self, model) -> None:
+        model = _unwrapped(model)
+        if not isinstance(model, DeSTA25AudioModel):
+            return  # the Trainer's own `apply_liger_kernel` handles a PreTrainedModel in `train()`
+        apply_liger_kernel_to_llm(model.llm_model, **(self.args.liger_kernel_config or {}))
+
+    def call_model_init(self, trial=None):
+        model = super().call_model_init(trial)
+        if self.args.use_liger_kernel:
+            self._apply_liger_kernel(model)
+        return model
+
+    def train(self, *args, **kwargs):
+        with self._liger_warning_dropped():
+            return super().train(*args, **kwargs)
+
+    @contextmanager
+    def _liger_warning_dropped(self):
+        if not (self.args.use_liger_kernel and isinstance(_unwrapped(self.model), DeSTA25AudioModel)):
+            yield
+            return
+        liger_logger = logging.getLogger("transformers.integrations.liger")
+        liger_logger.addFilter(_NOT_PRETRAINED)
+        try:
+            yield
+        finally:
+            liger_logger.removeFilter(_NOT_PRETRAINED)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)

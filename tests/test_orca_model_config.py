@@ -290,6 +290,7 @@ BAD_FIELDS = [
     ("llm_dtype", "int8", ValueError, "one of 'bfloat16', 'float16', 'float32', 'float64'"),
     ("orca_attention_backend", "cudnn", ValueError, "one of 'auto', 'sdpa', 'triton'"),
     ("orca_attention_backend", None, ValueError, "one of 'auto', 'sdpa', 'triton'"),
+    ("encoder_dtype", "float64", ValueError, "one of 'float32', 'bfloat16', 'float16'"),
     ("use_fused_orca", 1, TypeError, "must be a bool, got int"),
     ("use_fused_orca", "true", TypeError, "must be a bool, got str"),
     ("use_fused_orca", None, TypeError, "must be a bool, got NoneType"),

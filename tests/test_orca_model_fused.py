@@ -108,7 +108,10 @@ def test_fused_matches_unfused_in_fp32(checkpoints, kind, triton_device, fused_c
     got, got_grads = train_step(fused, batch)
     assert fused_calls == {"local_branch": 1, "ortho_losses": 1, "project_audio_kv": NUM_LAYERS}
 
-    assert_model_close(got.logits, want.logits, "logits")
+    # In training the fused model's LM loss needs no logits (orca_model.lm_loss): none are
+    # returned; the LM head's input, the final hidden states, stands in for them.
+    assert got.logits is None and want.logits is not None
+    assert_model_close(got.hidden_states[-1], want.hidden_states[-1], "final hidden states")
     assert_model_close(got.loss, want.loss, "LM loss")
     assert set(got.orca_losses) == set(want.orca_losses) == ORCA_LOSSES
     for name in ORCA_LOSSES:
@@ -178,13 +181,16 @@ def test_bf16_autocast_agrees_with_unfused(checkpoints, triton_device, fused_cal
 
     assert len(layer_dtypes["fused"]) == NUM_LAYERS
     assert layer_dtypes["fused"] == layer_dtypes["unfused"]
-    for field in ("audio_global", "audio_local", "logits", "loss"):
+    for field in ("audio_global", "audio_local", "loss"):
         assert getattr(got, field).dtype == getattr(want, field).dtype, field
+    assert got.logits is None  # the fused LM loss in training (orca_model.lm_loss)
+    got_hidden, want_hidden, truth_hidden = (out.hidden_states[-1] for out in (got, want, truth))
+    assert got_hidden.dtype == want_hidden.dtype
     assert set(got.orca_losses) == set(want.orca_losses) == ORCA_LOSSES
     assert {k: v.dtype for k, v in got.orca_losses.items()} == {k: v.dtype for k, v in want.orca_losses.items()}
     assert {k: v.dtype for k, v in got_grads.items()} == {k: v.dtype for k, v in want_grads.items()}
 
-    assert_no_worse_than_unfused(got.logits, want.logits, truth.logits, name="logits")
+    assert_no_worse_than_unfused(got_hidden, want_hidden, truth_hidden, name="final hidden states")
     assert_no_worse_than_unfused(got.loss, want.loss, truth.loss, name="LM loss")
     for name in ORCA_LOSSES:
         assert_no_worse_than_unfused(got.orca_losses[name], want.orca_losses[name], truth.orca_losses[name], name=name)
