@@ -98,24 +98,45 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+TIGHT_SPREAD = 1.2  # p80 / p20 of a row's timings at or below which a number is one a rerun gives
+MAX_ROUNDS = 4  # rounds of `repeats` calls at most while the spread is looser
+
+
 def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> tuple[float, float, float]:
-    """Median, 20th and 80th percentile of `repeats` calls of fn, in milliseconds."""
+    """Median, 20th and 80th percentile of fn's calls, in milliseconds: `repeats` calls, and up to
+    MAX_ROUNDS rounds of them while p80 / p20 exceeds TIGHT_SPREAD (a loaded machine's hiccups
+    then weigh less; a row whose spread stays loose is flagged by `unstable`)."""
     for _ in range(warmup):
         fn()
     synchronize(device)
-    samples = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end))
-        else:
-            begin = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - begin) * 1e3)
+    samples: list[float] = []
+    for _ in range(MAX_ROUNDS):
+        samples += [_one_call_ms(fn, device) for _ in range(repeats)]
+        median, p20, p80 = _quantiles(samples)
+        if p80 <= TIGHT_SPREAD * p20:
+            break
+    return median, p20, p80
+
+
+def unstable(p20: float | None, p80: float | None) -> bool:
+    """Whether a timing's spread stayed looser than TIGHT_SPREAD after MAX_ROUNDS rounds."""
+    return p20 is not None and p80 is not None and p80 > TIGHT_SPREAD * p20
+
+
+def _one_call_ms(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    begin = time.perf_counter()
+    fn()
+    return (time.perf_counter() - begin) * 1e3
+
+
+def _quantiles(samples: list[float]) -> tuple[float, float, float]:
     quantiles = statistics.quantiles(samples, n=5) if len(samples) > 1 else [samples[0]] * 4
     return statistics.median(samples), quantiles[0], quantiles[3]
 

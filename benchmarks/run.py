@@ -41,7 +41,7 @@ from benchmarks import (
     bench_ortho_loss,
     bench_strided_conv,
 )
-from benchmarks.harness import Provider, Result, profile_kernels, run_case
+from benchmarks.harness import Provider, Result, profile_kernels, run_case, unstable
 from orca_kernels import dispatch
 
 # Suites whose fused path has no CPU kernel return no cases, or no "orca" provider, on the CPU.
@@ -163,46 +163,85 @@ def format_table(results: list[Result]) -> str:
 
 
 def note(r: Result) -> str:
-    """The table's note on a row: why a provider was refused, else what `backend="auto"` picks."""
+    """The table's note on a row: why a provider was refused, else a timing whose spread stayed
+    loose (a number a rerun may not give) and what `backend="auto"` picks."""
     for key, what in (("skipped", "refused"), ("skipped_backward", "backward refused")):
         if key in r.extra:
             reason = r.extra[key]
             return f"{what}: {reason if len(reason) <= 60 else reason[:57] + '...'}"
+    notes = []
+    spreads = [(r.ms_fwd_p20, r.ms_fwd_p80), (r.ms_fwd_bwd_p20, r.ms_fwd_bwd_p80)]
+    loose = [p80 / p20 for p20, p80 in spreads if unstable(p20, p80)]
+    if loose:
+        notes.append(f"UNSTABLE p80/p20 {max(loose):.2f}")
     if r.extra.get("auto_backend"):
-        return "auto: " + " ".join(f"{mode}={pick}" for mode, pick in r.extra["auto_backend"].items())
-    return ""
+        notes.append("auto: " + " ".join(f"{mode}={pick}" for mode, pick in r.extra["auto_backend"].items()))
+    return "; ".join(notes)
 
 
 def plot(results: list, meta: dict, stem: str) -> list[str]:
-    """Speedup and memory bar charts of the rows (Result or their dicts); refused rows count 0."""
+    """Speedup and memory charts of the rows (Result or their dicts), readable at a page's width:
+    one panel per op, horizontal bars, one group per shape, one bar per provider (refused rows
+    are left out, and say so in the table)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [r.row() if isinstance(r, Result) else r for r in results]
-    cases = list(dict.fromkeys((r["op"], r["shape"]) for r in rows))
+    ops = list(dict.fromkeys(r["op"] for r in rows))
     providers = list(dict.fromkeys(r["provider"] for r in rows))
-    by_key = {(r["op"], r["shape"], r["provider"]): r for r in rows}
+    colours = {p: plt.get_cmap("tab10")(i % 10) for i, p in enumerate(providers)}
     paths = []
     for metric, title, filename in [
-        ("speedup_vs_eager", "forward+backward speedup vs eager (higher is better)", "speedup"),
+        ("speedup_vs_eager", "speedup vs eager (forward+backward where there is one; higher is better)", "speedup"),
         ("peak_mb", "peak memory, MB (lower is better)", "memory"),
     ]:
-        fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(cases)), 4))
-        width = 0.8 / len(providers)
-        for i, provider in enumerate(providers):
-            values = [(by_key.get((op, shape, provider)) or {}).get(metric) or 0.0 for op, shape in cases]
-            ax.bar([c + i * width for c in range(len(cases))], values, width, label=provider)
-        ax.set_xticks([c + 0.4 - width / 2 for c in range(len(cases))])
-        ax.set_xticklabels([f"{op}\n{shape}" for op, shape in cases], fontsize=7)
-        if metric == "speedup_vs_eager":
-            ax.axhline(1.0, color="gray", linewidth=0.8)
-        ax.set_title(f"{title}\n{meta['device']}, {meta['date']}, {meta['git_sha'][:12]}", fontsize=9)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
+        panels = []
+        for op in ops:
+            shapes = list(dict.fromkeys(r["shape"] for r in rows if r["op"] == op))
+            bars = [
+                (shape, r["provider"], r[metric])
+                for shape in shapes
+                for r in rows
+                if r["op"] == op and r["shape"] == shape and r.get(metric) is not None
+            ]
+            if bars:
+                panels.append((op, shapes, bars))
+        if not panels:
+            continue
+        heights = [0.9 + 0.22 * len(bars) + 0.15 * len(shapes) for _, shapes, bars in panels]
+        fig, axes = plt.subplots(
+            len(panels), 1, figsize=(9, sum(heights)), gridspec_kw={"height_ratios": heights}, squeeze=False
+        )
+        for ax, (op, shapes, bars) in zip(axes[:, 0], panels, strict=True):
+            y, seen = 0.0, set()
+            for shape in shapes:
+                positions = []
+                for bar_shape, provider, value in bars:
+                    if bar_shape == shape:
+                        ax.barh(y, value, color=colours[provider], label=None if provider in seen else provider)
+                        ax.text(value, y, f" {value:.3g}", va="center", fontsize=7)
+                        seen.add(provider)
+                        positions.append(y)
+                        y -= 1
+                if positions:  # the shape's name beside its group of bars
+                    middle = sum(positions) / len(positions)
+                    ax.text(
+                        -0.01, middle, shape, ha="right", va="center", fontsize=7, transform=ax.get_yaxis_transform()
+                    )
+                y -= 0.6
+            ax.set_yticks([])
+            if metric == "speedup_vs_eager":
+                ax.axvline(1.0, color="gray", linewidth=0.8)
+            ax.set_title(op, fontsize=9, loc="left")
+            ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+            ax.tick_params(axis="x", labelsize=7)
+        fig.suptitle(f"{title}\n{meta['device']}, {meta['date']}, {meta['git_sha'][:12]}", fontsize=9)
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.6 / sum(heights)))  # room for the two-line title
+        fig.subplots_adjust(left=0.3, right=0.84)
         path = f"{stem}-{filename}.png"
-        fig.savefig(path, dpi=120)
+        fig.savefig(path, dpi=100)
         plt.close(fig)
         paths.append(path)
     return paths

@@ -230,3 +230,25 @@ def test_gpu_check_plan_order_and_slots():
     slots = dict((name, int(slot)) for name, slot in steps)
     assert slots["a_tests_cuda"] <= 90 and slots["tune_dispatch"] <= 90
     assert "450 s deadline" in out
+
+
+def test_timing_repeats_until_the_spread_is_tight_or_flags_it(monkeypatch):
+    """A hiccup among the first calls: more rounds until p80/p20 is within TIGHT_SPREAD; a spread
+    that stays loose after MAX_ROUNDS is returned as it is and the table flags the row."""
+    from benchmarks import harness, run
+
+    calls = []
+
+    def timed(samples):
+        samples = iter(samples)
+        monkeypatch.setattr(harness, "_one_call_ms", lambda fn, device: calls.append(1) or next(samples))
+        return harness.time_ms(lambda: None, torch.device("cpu"), warmup=0, repeats=5)
+
+    # One slow call in 5 gives p80/p20 = 75; another round of steady calls brings it back.
+    median, p20, p80 = timed([75.0, 1.0, 1.0, 1.0, 1.0] + [1.0] * 5)
+    assert len(calls) == 10 and p80 <= harness.TIGHT_SPREAD * p20 and median == 1.0
+    calls.clear()
+    median, p20, p80 = timed([1.0, 3.0] * 10 * harness.MAX_ROUNDS)
+    assert len(calls) == 5 * harness.MAX_ROUNDS and harness.unstable(p20, p80)
+    row = harness.Result("op", "shape", "float32", "orca", 2.0, p20, p80, None, None, None, 1.0, 0.0)  # fwd only
+    assert run.note(row).startswith("UNSTABLE p80/p20")
