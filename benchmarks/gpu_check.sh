@@ -13,8 +13,8 @@
 #   c_module_layer   90  gated_cross_attention and decoder_layer+injection: eager, compiled, orca,
 #                        orca+compiled (shapes in GPU_CHECK_MODULE_SHAPES order)
 #   d_train_step     70  model_train_step eager and orca with the profiler table, then orca+compiled
-#   e1_train_memory  45  slot: the training step with its measured peak memory (case op
-#                        GPU_CHECK_MEMORY_OP; "skipped: not implemented" while no suite has it)
+#   e1_train_memory  60  the cost model's predicted peak memory of the training step (Qwen3-0.6B B32:
+#                        reference, fused, fused + checkpointing) against the card's measured one
 #   e2_decode_compiled 45 slot: the compiled decode's tokens/s (case op GPU_CHECK_DECODE_OP, idem)
 #   sanitizer        40  compute-sanitizer memcheck over benchmarks.sanitize, if time remains
 #
@@ -59,7 +59,6 @@ tests/test_ortho_loss.py tests/test_gated_residual.py tests/test_inductor_compil
 # The CPU parametrisations of those files run in CI: only the rest here.
 TESTS_K=${GPU_CHECK_TESTS_K:-not cpu}
 MODULE_SHAPES=${GPU_CHECK_MODULE_SHAPES:-qwen3-0.6b,qwen3-4b,llama3.1-8b}
-MEMORY_OP=${GPU_CHECK_MEMORY_OP:-model_train_peak_memory}
 DECODE_OP=${GPU_CHECK_DECODE_OP:-model_decode_compiled}
 
 # name:slot:what, in the order the steps run.
@@ -71,7 +70,7 @@ PLAN=(
   "tune_dispatch:80:benchmarks.tune --dispatch (writes orca_kernels/_dispatch_table.py)"
   "c_module_layer:90:benchmarks.run --only gated_cross_attention,decoder_layer+injection --shapes $MODULE_SHAPES"
   "d_train_step:70:benchmarks.run --only model_train_step --providers eager,orca,orca+compiled --profile"
-  "e1_train_memory:45:hook: benchmarks.run --only $MEMORY_OP (the training step with its peak memory)"
+  "e1_train_memory:60:benchmarks.cost --model qwen3-0.6b --batch 32 --measure (predicted vs measured peak memory)"
   "e2_decode_compiled:45:hook: benchmarks.run --only $DECODE_OP (the compiled decode's tokens/s)"
   "sanitizer:40:compute-sanitizer --tool memcheck over benchmarks.sanitize, if time remains"
 )
@@ -302,7 +301,22 @@ begin c_module_layer && bench gated_cross_attention,decoder_layer+injection 30 -
 begin d_train_step && bench model_train_step 25 --providers eager,orca,orca+compiled --profile
 
 # ------------------------------------------------------------ e: slots for work not written yet
-begin e1_train_memory && bench "$MEMORY_OP" 10
+if begin e1_train_memory; then
+  # The cost model's prediction of the training step's peak memory against the card's measured one.
+  if [ "$DRY_RUN" = 1 ]; then
+    "$PY" -m benchmarks.cost --help > "$WORK/e1_train_memory.log" 2>&1 \
+      && finish "would run: benchmarks.cost --model qwen3-0.6b --batch 32 --measure (dry run: not run)" \
+      || { tail -5 "$WORK/e1_train_memory.log"; finish "FAILED to load benchmarks.cost"; STATUS=1; }
+  else
+    timeout -s INT -k 15 "$CAP" "$PY" -m benchmarks.cost --model qwen3-0.6b --batch 32 \
+      --variants reference,fused,fused+ckpt --measure --no-plot --out "$WORK/cost" > "$WORK/e1_train_memory.log" 2>&1
+    code=$?
+    grep -i "predicted" "$WORK/e1_train_memory.log" | tail -6
+    [ "$code" -eq 124 ] && code="124 (CUT SHORT by its slot)"
+    finish "exit status $code; predicted vs measured peaks in cost/ and e1_train_memory.log"
+    [ "$code" != 0 ] && STATUS=1
+  fi
+fi
 begin e2_decode_compiled && bench "$DECODE_OP" 10
 
 # ------------------------------------------------------------------------ compute-sanitizer

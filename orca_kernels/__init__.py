@@ -6,6 +6,7 @@ Functional ops (differentiable, each with a `backend=` argument) and the pure-Py
 
 from importlib import metadata as _metadata
 
+from orca_kernels import flop_counts as _flop_counts  # noqa: F401  (registers the custom ops' FLOP formulas)
 from orca_kernels import reference
 from orca_kernels._utils import kernels_available
 from orca_kernels.cross_attention import attend_audio_kv, gated_cross_attention, project_audio_kv
