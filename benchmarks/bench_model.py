@@ -18,10 +18,18 @@ network. Two cases per model, each timed as one call (the harness's forward-only
   graph of its own, as it fills the per-call audio cache), so compiling costs two graphs, forward
   and backward, whatever the depth. On the CPU it is listed but not run by default (inductor around
   the interpreted kernels takes minutes; `benchmarks.run --all-providers` runs it).
-- model_generate: one request: Whisper, connector, prefill of the prompt with its audio tokens,
-  then DECODE_TOKENS greedy tokens (no autocast, as in inference). Both paths rotate the memory
-  once per request; the fused one also projects each layer's audio K/V once, where the reference
-  path projects it again at every step.
+- model_generate: one request batch of B prompts, B = 1 and min(DECODE_BATCH, the shape's
+  batch) (B1 and B8 at the model shapes, B1 and B2 quick): Whisper, connector, prefill of the
+  prompt with its audio tokens, then DECODE_TOKENS greedy tokens per row (no autocast, as in
+  inference). Both paths rotate the memory once per request; the fused one also projects each
+  layer's audio K/V once, where the reference path projects it again at every step.
+  "orca+compiled" decodes with `generate(compile=True)` (a static K/V cache and a compiled decode
+  step, orca_model.compiled_decode); where this tree's `generate` has no such option it is a
+  refused row ("not available"), and on the CPU it is listed but not run (inductor around the
+  interpreted kernels). Besides the whole call ("ms fwd") and its peak memory, each row's extra
+  holds `ttft_ms` (time to first token: the call's start to the first new token, timed by
+  `orca_model.serving.FirstTokenClock`) and `tokens_per_s` (the tokens after the first, over the
+  batch, per second of decoding), medians over the timed calls, also shown in the note column.
 
 No fp64 reference fits at these sizes (accuracy is measured per op and per layer), so the error
 column is empty. `benchmarks.run --profile` adds a torch.profiler table of the costliest kernels of
@@ -36,6 +44,8 @@ import functools
 import gc
 import json
 import os
+import statistics
+import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -43,21 +53,22 @@ from types import SimpleNamespace
 from unittest import mock
 
 import torch
-from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoModelForCausalLM, PretrainedConfig, StoppingCriteriaList
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from transformers.optimization import Adafactor
 
 from benchmarks import model_configs
-from benchmarks.harness import Case, Provider, group_range, targets_gpu
+from benchmarks.harness import Case, Provider, Refused, group_range, synchronize, targets_gpu
 from orca_kernels import kernels_available
 from orca_model import DeSTA25AudioModel, DeSTA25Config, modeling, total_training_loss
 from orca_model.injection import decoder_layers
+from orca_model.serving import FirstTokenClock
 
 OPS = ("model_train_step", "model_generate")  # the case ops this suite makes (benchmarks.run --only)
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 PROMPT_TOKENS = 2  # text tokens before the audio's global tokens; the rest of the T_x tokens follow them
-DECODE_BATCH = 8
+DECODE_BATCH = 8  # model_generate: one request, and min(DECODE_BATCH, the shape's batch) served together
 DECODE_TOKENS = 16
 MAX_WARMUP, MAX_REPEATS = 1, 3  # a step takes up to a second: few repeats keep the GPU run short
 COMPILE_ON_CPU = "torch.compile of every decoder layer around the interpreted kernels takes minutes on the CPU"
@@ -70,9 +81,7 @@ class ModelShape:
     config_file: str  # the committed training config (configs/)
     llm_config: Callable[..., PretrainedConfig]  # a model_configs function of num_layers
     num_layers: int  # decoder layers built
-    batch: (
-        int  # training batch (docs/model-shapes.md#training-configurations); generation uses min(DECODE_BATCH, batch)
-    )
+    batch: int  # training batch (docs/model-shapes.md#training-configurations); generation: 1, min(DECODE_BATCH, batch)
     seq_len: int  # T_x, the prompt with its K audio tokens
     overrides: tuple[tuple[str, object], ...] = ()  # DeSTA25Config fields changed from the file
 
@@ -280,25 +289,58 @@ def _train_step(pair: ModelPair, fused: bool, rows: int, checkpointing: bool = F
     return step
 
 
-def _generate(pair: ModelPair, fused: bool, rows: int):
-    transcriptions, starts = _audio(rows)
+class Generation:
+    """A model_generate provider: greedy generation of DECODE_TOKENS tokens per row on the pair's
+    eager or fused model (`compiled`: with `generate(compile=True)`), each call timed by a
+    `FirstTokenClock`; `stats()` reports the medians of its time to first token and of its tokens
+    per second after the first, over the calls after the first (which compiles, where it does)."""
 
-    def generate(input_ids, attention_mask, features):
-        """Greedy generation of DECODE_TOKENS tokens per row -> ids [rows, DECODE_TOKENS]."""
-        model = pair.models[fused][0].eval()
-        return model.generate(
-            input_ids,
-            attention_mask,
-            features,
-            transcriptions,
-            starts,
-            max_new_tokens=DECODE_TOKENS,
-            min_new_tokens=DECODE_TOKENS,
-            do_sample=False,
-            pad_token_id=0,
-        )
+    def __init__(self, pair: ModelPair, fused: bool, rows: int, compiled: bool = False):
+        self.pair, self.fused, self.rows, self.compiled = pair, fused, rows, compiled
+        self.samples: list[tuple[float, float]] = []  # (time to first token in ms, tokens per second)
 
-    return generate
+    def __call__(self, input_ids, attention_mask, features):
+        """-> ids [rows, DECODE_TOKENS]."""
+        model = self.pair.models[self.fused][0].eval()
+        transcriptions, starts = _audio(self.rows)
+        clock = FirstTokenClock()
+        options = {"compile": True} if self.compiled else {}
+        begin = time.perf_counter()
+        try:
+            ids = model.generate(
+                input_ids,
+                attention_mask,
+                features,
+                transcriptions,
+                starts,
+                max_new_tokens=DECODE_TOKENS,
+                min_new_tokens=DECODE_TOKENS,
+                do_sample=False,
+                pad_token_id=0,
+                stopping_criteria=StoppingCriteriaList([clock]),
+                **options,
+            )
+        except (TypeError, ValueError) as error:
+            # A tree whose generate has no compile option: Python or Hugging Face (its model_kwargs
+            # check) refuses the keyword 'compile' by name.
+            if self.compiled and "'compile'" in str(error):
+                raise Refused(
+                    f"not available: this tree's DeSTA25AudioModel.generate has no compile option ({error})"
+                ) from error
+            raise
+        synchronize(self.pair.device)
+        end = time.perf_counter()
+        first = clock.first if clock.first is not None else end
+        self.samples.append((1e3 * (first - begin), self.rows * (DECODE_TOKENS - 1) / max(end - first, 1e-9)))
+        return ids
+
+    def stats(self) -> dict:
+        samples = self.samples[1:] or self.samples
+        if not samples:
+            return {}
+        ttft = statistics.median(ttft for ttft, _ in samples)
+        rate = statistics.median(rate for _, rate in samples)
+        return {"ttft_ms": ttft, "tokens_per_s": rate, "note": f"ttft {ttft:.3g} ms, {rate:.4g} tok/s"}
 
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
@@ -320,6 +362,14 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
         ]
         return providers
 
+    def generate_providers(rows: int) -> list[Provider]:
+        generations = [(name, Generation(pair, fused, rows)) for fused, name in runs]
+        providers = [Provider(name, generation, stats=generation.stats) for name, generation in generations]
+        if fused_runs:
+            compiled = Generation(pair, True, rows, compiled=True)
+            providers.append(Provider("orca+compiled", compiled, skip_here=compile_skip, stats=compiled.stats))
+        return providers
+
     def train_profile_groups(provider: str):
         """The eager and orca steps are profiled (run.py --profile), on the models loaded then."""
         fused = {"eager": False, "orca": True}.get(provider)
@@ -331,8 +381,7 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
     result = []
     for shape in QUICK_SHAPES if quick else FULL_SHAPES:
         memory = shape.config(encoder_config, dtype, False).orca_global_num_tokens + local_tokens  # T_a
-        decode_batch = min(DECODE_BATCH, shape.batch)
-        result += [
+        result.append(
             Case(
                 op="model_train_step",
                 shape=f"{shape.name()} B{shape.batch} Tx{shape.seq_len} Ta{memory} fwd+bwd+Adafactor",
@@ -344,17 +393,20 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
                 max_warmup=MAX_WARMUP,
                 max_repeats=MAX_REPEATS,
                 profile_groups=train_profile_groups,
-            ),
-            Case(
-                op="model_generate",
-                shape=f"{shape.name()} B{decode_batch} Tx{shape.seq_len} Ta{memory} +{DECODE_TOKENS} tokens",
-                dtype=dtype,
-                make_inputs=lambda shape=shape, rows=decode_batch: pair.batch(shape, rows, labels=False),
-                providers=[Provider(name, _generate(pair, fused, decode_batch)) for fused, name in runs],
-                reference_fp64=None,
-                backward=False,
-                max_warmup=MAX_WARMUP,
-                max_repeats=MAX_REPEATS,
-            ),
-        ]
+            )
+        )
+        for rows in (1, min(DECODE_BATCH, shape.batch)):
+            result.append(
+                Case(
+                    op="model_generate",
+                    shape=f"{shape.name()} B{rows} Tx{shape.seq_len} Ta{memory} +{DECODE_TOKENS} tokens",
+                    dtype=dtype,
+                    make_inputs=lambda shape=shape, rows=rows: pair.batch(shape, rows, labels=False),
+                    providers=generate_providers(rows),
+                    reference_fp64=None,
+                    backward=False,
+                    max_warmup=MAX_WARMUP,
+                    max_repeats=MAX_REPEATS,
+                )
+            )
     return result

@@ -36,6 +36,9 @@ class Provider:
     fn: Callable[..., torch.Tensor]
     may_refuse: bool = False  # a RuntimeError from fn is a refusal of these inputs: a skipped row with the reason
     skip_here: str | None = None  # why this provider is not run on this device by default (listed, not run)
+    # What the provider measured itself over its calls (e.g. a generation's time to first token),
+    # added to its row's `extra` after the run; a "note" entry is shown in the table's note column.
+    stats: Callable[[], dict] | None = None
 
 
 class Refused(RuntimeError):
@@ -315,6 +318,8 @@ def _run_provider(
     )
     if refused is not None:
         extra["skipped_peak_memory"] = refused
+    if provider.stats is not None:
+        extra.update(provider.stats())
     return Result(case.op, case.shape, dtype, provider.name, *fwd, *fwd_bwd, peak, max_error, extra=extra), grad_out
 
 

@@ -164,7 +164,7 @@ def format_table(results: list[Result]) -> str:
 
 def note(r: Result) -> str:
     """The table's note on a row: why a provider was refused, else a timing whose spread stayed
-    loose (a number a rerun may not give) and what `backend="auto"` picks."""
+    loose (a number a rerun may not give), the provider's own note and what `backend="auto"` picks."""
     for key, what in (("skipped", "refused"), ("skipped_backward", "backward refused")):
         if key in r.extra:
             reason = r.extra[key]
@@ -174,6 +174,8 @@ def note(r: Result) -> str:
     loose = [p80 / p20 for p20, p80 in spreads if unstable(p20, p80)]
     if loose:
         notes.append(f"UNSTABLE p80/p20 {max(loose):.2f}")
+    if r.extra.get("note"):  # the provider's own (Provider.stats), e.g. a generation's time to first token
+        notes.append(str(r.extra["note"]))
     if r.extra.get("auto_backend"):
         notes.append("auto: " + " ".join(f"{mode}={pick}" for mode, pick in r.extra["auto_backend"].items()))
     return "; ".join(notes)

@@ -11,7 +11,12 @@ from orca_model.connector import ORCAHybridConnector
 from orca_model.cross_attention import OrcaGatedCrossAttention
 from orca_model.injection import DeepInjection, InjectionContext, decoder_layers
 from orca_model.losses import DeSTA25Output, compute_orca_losses, total_training_loss
-from orca_model.modeling import DeSTA25AudioModel
+from orca_model.modeling import DeSTA25AudioModel, register_chat_pipeline
+
+# What `DeSTA25AudioModel.generate(messages)` runs: the serving pipeline, imported on first use.
+# The model core only defines the `ChatPipeline` protocol; the package wires it here, so that
+# `orca_model.serving` depends on `orca_model.modeling` and never the other way round.
+register_chat_pipeline(lambda: import_module("orca_model.serving").PIPELINE)
 
 # Imported on first use: they need the `train` extra (soundfile, scipy, accelerate), which the
 # model and the kernels do not.

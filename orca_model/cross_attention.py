@@ -39,7 +39,9 @@ class AudioMemoryCache:
     the per-token path of the injected layers is ready for CUDA-graph capture.
 
     Make a new cache for each audio memory (each forward in training, each request in generation):
-    it is keyed by nothing but the layers that fill it.
+    it is keyed by nothing but the layers that fill it. Compiled decoding
+    (`orca_model.compiled_decode`) instead keeps one cache per batch bucket and refills it for each
+    request with `refill`, so that its tensors keep their addresses (what a CUDA graph recorded).
     """
 
     def __init__(self) -> None:
@@ -48,6 +50,41 @@ class AudioMemoryCache:
         self.kv: dict[int, torch.Tensor] = {}
         # (key_padding_mask [B, T_a] True = ignore, has_audio [B]) from the memory's keep-mask.
         self.masks: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def refill(self, other: AudioMemoryCache) -> None:
+        """Hold `other`'s values in this cache's own tensors, copied in place: an entry whose
+        tensor has the same shape, dtype and device keeps its tensor (and address); a new entry
+        (or one of another shape) gets a copy of its own, marked as a static address so that
+        torch.compile's CUDA graphs read it where it is instead of copying it at every replay
+        (as transformers' StaticCache marks its K/V). Entries that `other` lacks are dropped.
+        The dicts change only when their keys do, so that a compiled graph's guards hold."""
+        for name in ("rotated", "pooled", "kv"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            for key in [key for key in mine if key not in theirs]:
+                del mine[key]
+            for key, value in theirs.items():
+                if key in mine and _same_layout(mine[key], value):
+                    mine[key].copy_(value)
+                else:
+                    mine[key] = _static_copy(value)
+        if other.masks is None:
+            self.masks = None
+        elif self.masks is not None and all(map(_same_layout, self.masks, other.masks)):
+            for mine, theirs in zip(self.masks, other.masks, strict=True):
+                mine.copy_(theirs)
+        else:
+            self.masks = tuple(_static_copy(value) for value in other.masks)
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+
+
+def _static_copy(value: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of `value` that torch.compile treats as a tensor at a fixed address."""
+    copy = value.detach().clone(memory_format=torch.contiguous_format)
+    torch._dynamo.mark_static_address(copy)
+    return copy
 
 
 class OrcaGatedCrossAttention(nn.Module):
@@ -173,34 +210,15 @@ class OrcaGatedCrossAttention(nn.Module):
         if audio_local is None or audio_local.shape[1] == 0:
             self.layer_align_loss = None
             return hidden_states
-        fused_path = self.use_fused and orca_kernels.kernels_available(hidden_states.device)
-        head_dim = self.hidden_size // self.num_heads
-        if fused_path and head_dim > MAX_HEAD_DIM:
-            raise ValueError(
-                f"{MODULE}: head dim {head_dim} (hidden_size / num_heads) > {MAX_HEAD_DIM} is not supported by the "
-                "fused kernels; run the reference path (use_fused=False, or use_fused_orca=False in the config)"
-            )
+        fused_path = self._fused_path(hidden_states.device)
         cache = audio_cache if audio_cache is not None else AudioMemoryCache()
         dtype = hidden_states.dtype
-        if dtype not in cache.rotated:
-            audio = audio_local.to(dtype=dtype, device=hidden_states.device)
-            cache.rotated[dtype] = (
-                orca_kernels.audio_rope(audio, self.audio_position_scale, self.rope_theta, backend="triton")
-                if fused_path
-                else reference.audio_rope(audio, self.audio_position_scale, self.rope_theta)
-            )
-        rotated = cache.rotated[dtype]
-        key_padding_mask = has_audio = None
-        if audio_local_mask is not None:
-            if cache.masks is None:
-                ignore = ~audio_local_mask.bool()
-                cache.masks = (ignore, ~ignore.all(dim=1))
-            key_padding_mask, has_audio = cache.masks
+        rotated, kv, masks = self._fill_audio_cache(
+            audio_local, audio_local_mask, cache, dtype, hidden_states.device, fused_path
+        )
+        key_padding_mask, has_audio = masks if masks is not None else (None, None)
         parameters = self.parameters_in_order()
         if fused_path:
-            if id(self) not in cache.kv:
-                cache.kv[id(self)] = orca_kernels.project_audio_kv(rotated, parameters[0], parameters[1])
-            kv = cache.kv[id(self)]
             out = orca_kernels.attend_audio_kv(
                 hidden_states,
                 kv,
@@ -216,14 +234,78 @@ class OrcaGatedCrossAttention(nn.Module):
             # attention is 0, but the LayerNorm and gate would still add their biases.)
             out = torch.where(has_audio[:, None, None], out, hidden_states)
         if self.training:
-            if dtype not in cache.pooled:
-                cache.pooled[dtype] = reference.pool_rotated_audio(rotated)
             self.layer_align_loss = layer_align_loss(
                 hidden_states, cache.pooled[dtype], transcription_positions, has_audio
             )
         else:
             self.layer_align_loss = None
         return out
+
+    def prepare_audio_cache(
+        self,
+        audio_local: torch.Tensor,
+        audio_local_mask: torch.Tensor | None,
+        cache: AudioMemoryCache,
+        dtype: torch.dtype,
+    ) -> None:
+        """Fill `cache` with everything `forward` reads from it for hidden states of `dtype` on
+        audio_local's device (the rotated memory, the masks, this layer's K/V on the fused path,
+        the pooled memory in training), so that forward then computes nothing from the memory.
+        Compiled decoding prepares each request's cache this way before generating."""
+        self._check_forward_inputs(
+            audio_local.new_empty(audio_local.size(0), 0, self.hidden_size, dtype=dtype), audio_local, audio_local_mask
+        )
+        if audio_local.shape[1] == 0:
+            return
+        device = audio_local.device
+        self._fill_audio_cache(audio_local, audio_local_mask, cache, dtype, device, self._fused_path(device))
+
+    def _fused_path(self, device: torch.device) -> bool:
+        fused_path = self.use_fused and orca_kernels.kernels_available(device)
+        head_dim = self.hidden_size // self.num_heads
+        if fused_path and head_dim > MAX_HEAD_DIM:
+            raise ValueError(
+                f"{MODULE}: head dim {head_dim} (hidden_size / num_heads) > {MAX_HEAD_DIM} is not supported by the "
+                "fused kernels; run the reference path (use_fused=False, or use_fused_orca=False in the config)"
+            )
+        return fused_path
+
+    def _fill_audio_cache(
+        self,
+        audio_local: torch.Tensor,
+        audio_local_mask: torch.Tensor | None,
+        cache: AudioMemoryCache,
+        dtype: torch.dtype,
+        device: torch.device,
+        fused_path: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
+        """What forward derives from the memory, from `cache` where it is there, else computed and
+        stored there: (rotated memory, this layer's packed K/V on the fused path else None,
+        (key padding mask, has_audio) or None without a mask)."""
+        if dtype not in cache.rotated:
+            audio = audio_local.to(dtype=dtype, device=device)
+            cache.rotated[dtype] = (
+                orca_kernels.audio_rope(audio, self.audio_position_scale, self.rope_theta, backend="triton")
+                if fused_path
+                else reference.audio_rope(audio, self.audio_position_scale, self.rope_theta)
+            )
+        rotated = cache.rotated[dtype]
+        masks = None
+        if audio_local_mask is not None:
+            if cache.masks is None:
+                ignore = ~audio_local_mask.bool()
+                cache.masks = (ignore, ~ignore.all(dim=1))
+            masks = cache.masks
+        kv = None
+        if fused_path:
+            if id(self) not in cache.kv:
+                cache.kv[id(self)] = orca_kernels.project_audio_kv(
+                    rotated, self.cross_attn.in_proj_weight, self.cross_attn.in_proj_bias
+                )
+            kv = cache.kv[id(self)]
+        if self.training and dtype not in cache.pooled:
+            cache.pooled[dtype] = reference.pool_rotated_audio(rotated)
+        return rotated, kv, masks
 
     def _check_forward_inputs(
         self, hidden_states: torch.Tensor, audio_local: torch.Tensor | None, audio_local_mask: torch.Tensor | None

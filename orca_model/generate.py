@@ -9,7 +9,9 @@ as the training manifests' prompts) unless it holds one. `--model` is a director
 files; without them the processor comes from the config's LLM and Whisper ids). Sampling follows
 the reference (temperature 0.7, top-p 0.9); `--greedy` decodes greedily. Every file is decoded
 once, before the model loads: one that cannot be read is reported with the reason and the command
-exits with status 1; the requests carry the decoded audio to the model.
+exits with status 1; the requests carry the decoded audio to the model. A batch of one request
+(one --audio, or --batch-size 1) streams its answer as it is generated; `--stats` prints where the
+time went (encoder, ASR, time to first token, tokens per second) to stderr.
 """
 
 from __future__ import annotations
@@ -72,6 +74,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--batch-size", type=int, default=0, help="requests per batch (default: all at once)")
     parser.add_argument("--json", action="store_true", help="one JSON object per file: audio, transcription, answer")
+    parser.add_argument(
+        "--stats",
+        action="store_true",
+        help="print each batch's timings to stderr: encoder, ASR, time to first token, tokens/s",
+    )
     args = parser.parse_args(argv)
     if args.transcription is not None and len(args.transcription) != len(args.audio):
         parser.error(f"{len(args.transcription)} --transcription for {len(args.audio)} --audio: give one per --audio")
@@ -92,6 +99,32 @@ def requests(args: argparse.Namespace, waveforms: dict[str, np.ndarray], locator
         conversation.append({"role": "user", "content": content, "audios": [audio]})
         conversations.append(conversation)
     return conversations
+
+
+def answer_streamer(tokenizer):
+    """A `TextStreamer` (skipping the prompt and the special tokens) that prints each new token's
+    text as soon as it decodes to whole characters; TextStreamer itself holds some text back to
+    the next space (transformers 5.17: all of it), which would print the answer a word at a time
+    or, without spaces, all at the end. Batch of one."""
+    from transformers import TextStreamer
+
+    class AnswerStreamer(TextStreamer):
+        def put(self, value) -> None:
+            if value.dim() > 1:
+                if value.size(0) > 1:
+                    raise ValueError("the answer streamer takes a batch of one request")
+                value = value[0]
+            if self.skip_prompt and self.next_tokens_are_prompt:
+                self.next_tokens_are_prompt = False
+                return
+            self.token_cache.extend(value.tolist())
+            text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
+            if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its other bytes
+                return
+            self.on_finalized_text(text[self.print_len :])
+            self.print_len = len(text)
+
+    return AnswerStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -143,12 +176,24 @@ def _run(args: argparse.Namespace) -> int:
     size = args.batch_size or len(conversations)
     for first in range(0, len(conversations), size):
         batch = conversations[first : first + size]
-        output = model.generate(batch, transcribe=not args.no_transcribe, audio_tags=not args.no_audio_tags, **options)
+        paths = args.audio[first : first + size]
+        # One request streams its answer as it is generated (text output; JSON needs it whole).
+        stream = not args.json and len(batch) == 1
+        extra = {"streamer": answer_streamer(processor.tokenizer)} if stream else {}
+        if stream:
+            print(f"[{paths[0]}]", flush=True)
+        output = model.generate(
+            batch, transcribe=not args.no_transcribe, audio_tags=not args.no_audio_tags, **options, **extra
+        )
         for (path, transcription), answer in zip(output.audios, output.text, strict=True):
             if args.json:
                 print(json.dumps({"audio": path, "transcription": transcription, "answer": answer}))
+            elif stream:
+                print(flush=True)  # the streamer ended the answer's line; the blank line between answers
             else:
                 print(f"[{path}]\n{answer}\n")
+        if args.stats:
+            print(f"{PROG}: stats for {', '.join(paths)}: {output.stats.summary()}", file=sys.stderr, flush=True)
     return 0
 
 

@@ -49,7 +49,8 @@ class InjectionContext:
         transcription_positions: (batch, start, end) spans for the per-layer alignment loss.
         audio_cache: what the layers derive from the memory (rotated memory, pooled memory,
             per-layer K/V), computed by the first layer that needs it and reused by the others
-            and, in generation, by every decode step: a new one per activation.
+            and, in generation, by every decode step: a new one per activation, unless the
+            caller passes one it prepared (compiled decoding).
     """
 
     def __init__(self):
@@ -69,15 +70,18 @@ class InjectionContext:
         audio_mask: torch.Tensor | None = None,
         transcription_positions: Sequence[tuple[int, int, int]] | None = None,
         audio_mask_marks_rows: bool = False,
+        audio_cache: AudioMemoryCache | None = None,
     ) -> Iterator[None]:
         """Set the memory for the body of the `with` block; cleared afterwards, even on an error.
         audio_mask_marks_rows: the mask only marks whole rows (`inputs.memory_by_row`), see
-        `OrcaGatedCrossAttention.forward`."""
+        `OrcaGatedCrossAttention.forward`. audio_cache: the cache the layers share, already
+        prepared for this memory (compiled decoding's, refilled in place for each request);
+        default a new, empty one."""
         if self.audio is not None:
             raise RuntimeError("InjectionContext is already active: one LLM call at a time")
         self.audio, self.audio_mask, self.transcription_positions = audio, audio_mask, transcription_positions
         self.audio_mask_marks_rows = audio_mask_marks_rows
-        self.audio_cache = AudioMemoryCache()
+        self.audio_cache = audio_cache if audio_cache is not None else AudioMemoryCache()
         try:
             yield
         finally:

@@ -6,8 +6,9 @@ import inspect
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
+from typing import Any, Protocol
 
 import torch
 import transformers
@@ -17,9 +18,10 @@ from torch import nn
 from transformers import AutoModelForCausalLM, WhisperModel
 
 from orca_kernels.validation import check_bool
+from orca_model import compiled_decode
 from orca_model.config import DeSTA25Config
 from orca_model.connector import ORCAHybridConnector
-from orca_model.cross_attention import OrcaGatedCrossAttention
+from orca_model.cross_attention import AudioMemoryCache, OrcaGatedCrossAttention
 from orca_model.injection import DeepInjection, decoder_layers
 from orca_model.inputs import check_batch_inputs, memory_by_row
 from orca_model.lm_loss import FusedLinearCrossEntropyLoss
@@ -53,6 +55,54 @@ def _with_lora(llm_model: nn.Module) -> nn.Module:
     except ImportError as error:
         raise ImportError("DeSTA25AudioModel: use_lora=True needs peft: pip install 'orca-kernels[train]'") from error
     return get_peft_model(llm_model, LoraConfig(**LORA_SETTINGS)).base_model.model
+
+
+class ChatPipeline(Protocol):
+    """What `DeSTA25AudioModel.generate(messages)` runs, and where the defaults of the model's
+    `processor`, `vad` and `transcriber` come from: the chat front end (audio files, VAD, ASR,
+    chat template, then the tensor path of `generate`).
+
+    The model core defines only this protocol and never imports a front end: the front end
+    depends on the model, not the other way round. The `orca_model` package registers its own on
+    import (`register_chat_pipeline`, with a loader that imports it on first use; docs/serving.md).
+    """
+
+    def generate(self, model: DeSTA25AudioModel, messages: Any, **kwargs) -> Any:
+        """`model.generate(messages, **kwargs)`."""
+
+    def default_processor(self, config: DeSTA25Config, checkpoint_directory: str | None) -> Any:
+        """The processor of a model built from `config` (and read from `checkpoint_directory`, if any)."""
+
+    def default_vad(self) -> Callable[..., Any] | None:
+        """The voice-activity check of a new model."""
+
+    def default_transcriber(self, model: DeSTA25AudioModel) -> Callable[..., Any]:
+        """The ASR of `model`."""
+
+
+_chat_pipeline_loader: Callable[[], ChatPipeline] | None = None
+_chat_pipeline: ChatPipeline | None = None
+
+
+def register_chat_pipeline(loader: Callable[[], ChatPipeline]) -> None:
+    """Make `loader()` (called on first use, then kept) the `ChatPipeline` of every model."""
+    global _chat_pipeline_loader, _chat_pipeline
+    if not callable(loader):
+        raise TypeError(f"register_chat_pipeline: loader must be a callable returning a ChatPipeline, got {loader!r}")
+    _chat_pipeline_loader, _chat_pipeline = loader, None
+
+
+def chat_pipeline() -> ChatPipeline:
+    """The registered `ChatPipeline`, loaded on first use."""
+    global _chat_pipeline
+    if _chat_pipeline is None:
+        if _chat_pipeline_loader is None:
+            raise RuntimeError(
+                "DeSTA25AudioModel: no chat pipeline is registered for generate(messages); importing the orca_model "
+                "package registers its own, or call orca_model.modeling.register_chat_pipeline(loader)"
+            )
+        _chat_pipeline = _chat_pipeline_loader()
+    return _chat_pipeline
 
 
 class WhisperPerception(nn.Module):
@@ -216,11 +266,12 @@ class DeSTA25AudioModel(nn.Module):
     (`LORA_SETTINGS`) on the LLM. Whisper is loaded in fp32 explicitly, the
     LLM in `config.llm_dtype` (the reference hardcodes bf16). `generate` takes the prepared
     tensors (the reference's `_generate_step`) or, as the reference's `generate`, chat messages
-    with audio files (`orca_model.serving`: VAD, Whisper ASR, chat template; docs/serving.md),
-    with `processor`, `vad` and `transcriber` as settable attributes. `config.use_fused_orca`
-    swaps in the fused ops and, in training, the LM loss without logits (`lm_loss`; `forward`
-    then returns no logits) and changes nothing else; every fused part reads it at each call, so
-    `set_use_fused_orca` (or assigning the config field) switches the whole model at once.
+    with audio files (the registered `ChatPipeline`: VAD, Whisper ASR, chat template;
+    docs/serving.md), with `processor`, `vad` and `transcriber` as settable attributes.
+    `config.use_fused_orca` swaps in the fused ops and, in training, the LM loss without logits
+    (`lm_loss`; `forward` then returns no logits) and changes nothing else; every fused part reads
+    it at each call, so `set_use_fused_orca` (or assigning the config field) switches the whole
+    model at once.
     """
 
     # forward takes **kwargs only to ignore collator extras, as the reference does. It honours an
@@ -430,6 +481,7 @@ class DeSTA25AudioModel(nn.Module):
         memory: torch.Tensor | None,
         memory_mask: torch.Tensor | None,
         transcription_positions: Sequence[tuple[int, int, int]] | None,
+        audio_cache: AudioMemoryCache | None = None,
     ) -> Iterator[None]:
         if self._injection is None:
             yield
@@ -439,7 +491,9 @@ class DeSTA25AudioModel(nn.Module):
             context = self._injection.context
             # The memory comes from `memory_by_row`: its mask marks whole rows only.
             with (
-                context.active(memory, memory_mask, transcription_positions, audio_mask_marks_rows=True)
+                context.active(
+                    memory, memory_mask, transcription_positions, audio_mask_marks_rows=True, audio_cache=audio_cache
+                )
                 if active
                 else nullcontext()
             ):
@@ -565,25 +619,21 @@ class DeSTA25AudioModel(nn.Module):
         """The reference method's signature around `orca_model.compute_orca_losses`."""
         return compute_orca_losses(self.config, global_tokens, local_tokens, text_hidden, layer_align_losses)
 
-    # ------------------------------------------------------------------ serving: generate(messages)
+    # ------------------------------------------------------------------ chat: generate(messages)
     # Held in the instance's __dict__, outside the module tree: none of them is a parameter, a
-    # state-dict entry or moved by `.to()`.
+    # state-dict entry or moved by `.to()`. Their defaults come from the registered ChatPipeline.
 
     @property
     def processor(self):
-        """The `DeSTA25Processor` of `generate(messages)`: the one assigned, else loaded on first
-        use from the directory `from_pretrained` read when it holds the processor's files (a
-        trainer saves them), else built from the config (`DeSTA25Processor.from_config`: the
-        tokenizer of `llm_model_id`, the feature extractor of `encoder_model_id`)."""
+        """The `DeSTA25Processor` of `generate(messages)`: the one assigned, else the pipeline's
+        default, made on first use: loaded from the directory `from_pretrained` read when it holds
+        the processor's files (a trainer saves them), else built from the config
+        (`DeSTA25Processor.from_config`: the tokenizer of `llm_model_id`, the feature extractor of
+        `encoder_model_id`)."""
         processor = self.__dict__.get("_processor")
         if processor is None:
-            from orca_model.processing import DeSTA25Processor
-
             directory = self.__dict__.get("_checkpoint_directory")
-            if directory:
-                processor = DeSTA25Processor.from_checkpoint(directory, self.config)
-            else:
-                processor = DeSTA25Processor.from_config(self.config)
+            processor = chat_pipeline().default_processor(self.config, directory)
             self.__dict__["_processor"] = processor
         return processor
 
@@ -595,12 +645,11 @@ class DeSTA25AudioModel(nn.Module):
     def vad(self):
         """The voice-activity check of `generate(messages)`: a callable (16 kHz float32 waveform
         [samples]) -> truthy when it holds speech, run on each audio that has no given text; no
-        speech gives the transcription " ". Default `serving.EnergyVAD()` (offline, energy-based,
-        -40 dBFS); None transcribes every such audio. Assign a plain callable, not a Module."""
+        speech gives the transcription " ". Default: the pipeline's (`EnergyVAD()`, offline,
+        energy-based, -40 dBFS); None transcribes every such audio. Assign a plain callable, not a
+        Module."""
         if "_vad" not in self.__dict__:
-            from orca_model.serving import EnergyVAD
-
-            self.__dict__["_vad"] = EnergyVAD()
+            self.__dict__["_vad"] = chat_pipeline().default_vad()
         return self.__dict__["_vad"]
 
     @vad.setter
@@ -612,12 +661,10 @@ class DeSTA25AudioModel(nn.Module):
     @property
     def transcriber(self):
         """The ASR of `generate(messages)`: a callable (Whisper features [N, n_mels, frames]) -> N
-        texts. Default `serving.WhisperTranscriber` of `encoder_model_id` on this model's encoder
-        (the Whisper decoder loaded on first use; no second encoder)."""
+        texts. Default: the pipeline's (a `WhisperTranscriber` of `encoder_model_id` on this
+        model's encoder: the Whisper decoder loaded on first use, no second encoder)."""
         if "_transcriber" not in self.__dict__:
-            from orca_model.serving import WhisperTranscriber
-
-            self.__dict__["_transcriber"] = WhisperTranscriber(self.config.encoder_model_id, self.perception.whisper)
+            self.__dict__["_transcriber"] = chat_pipeline().default_transcriber(self)
         return self.__dict__["_transcriber"]
 
     @transcriber.setter
@@ -644,9 +691,10 @@ class DeSTA25AudioModel(nn.Module):
         or `model.generate(messages=...)`, one conversation (a list of
         `{"role", "content", "audios": [{"audio": path, "text": optional}]}` dicts, one audio per
         `<|AUDIO|>` marker of the content) or a batch (a list of conversations, each with at most
-        one audio). Returns a `serving.GenerationOutput` (text, audios: (path, transcription),
-        generated_ids). Sampling follows the reference's defaults, do_sample=True, temperature
-        0.7, top_p 0.9, max_new_tokens 512, each overridable; further keywords:
+        one audio), run by the registered `ChatPipeline`. Returns a `GenerationOutput` (text,
+        audios: (path, transcription), generated_ids; `stats`: where the time went). Sampling
+        follows the reference's defaults, do_sample=True, temperature 0.7, top_p 0.9,
+        max_new_tokens 512, each overridable; further keywords:
         `transcribe=False` (no VAD or ASR: audios without text get no transcription, as in
         training), `audio_tags=False` (the training prompt, without the reference generate's
         `<start_audio>`/`<end_audio>` tags), and any Hugging Face `generate` option. Whisper ASR,
@@ -660,6 +708,13 @@ class DeSTA25AudioModel(nn.Module):
         way, which is what makes beams and several returned sequences work (the reference
         crashes there). Returns the generated ids [B · num_return_sequences, new tokens].
 
+        **Compiled decoding**, both paths: `compile=True` (or a `transformers.CompileConfig`)
+        decodes from a static K/V cache with a compiled decode step (transformers'
+        `StaticCache` + `compile_config`; CUDA graphs on a GPU), batches padded to buckets and
+        the audio memory kept in fixed per-bucket buffers, so that requests of one bucket reuse
+        one graph (`orca_model.compiled_decode`, docs/serving.md#compiled-decoding). Greedy search
+        and sampling; beam search needs compile=False.
+
         Both paths run the same code from here on: the audio memory by row (with its mask) and one
         audio K/V cache per request batch.
         """
@@ -670,9 +725,7 @@ class DeSTA25AudioModel(nn.Module):
                     "DeSTA25AudioModel.generate: chat messages come alone (positionally or as messages=), "
                     "without tensor inputs"
                 )
-            from orca_model.serving import generate_from_messages
-
-            return generate_from_messages(self, input_ids if messages is None else messages, **generate_kwargs)
+            return chat_pipeline().generate(self, input_ids if messages is None else messages, **generate_kwargs)
         missing = [
             name
             for name, value in (
@@ -688,6 +741,11 @@ class DeSTA25AudioModel(nn.Module):
                 f"DeSTA25AudioModel.generate: missing {missing}: pass the prepared tensors (input_ids, attention_mask, "
                 "batch_features, batch_transcription_ids, batch_start_positions) or chat messages"
             )
+        compile_option = generate_kwargs.pop("compile", None)
+        compile_option = False if compile_option is None else compile_option
+        if compile_option is not False:
+            generation_config = generate_kwargs.get("generation_config") or self.llm_model.generation_config
+            compiled_decode.check_options(compile_option, generate_kwargs, generation_config, input_ids.device)
         rows = self._check_inputs(
             input_ids, attention_mask, None, batch_features, batch_transcription_ids, batch_start_positions
         )
@@ -695,6 +753,10 @@ class DeSTA25AudioModel(nn.Module):
             input_ids, batch_features, batch_transcription_ids, batch_start_positions
         )
         memory, memory_mask = self._audio_memory(global_tokens, local_tokens, rows, input_ids.size(0))
+        if compile_option is not False:
+            return compiled_decode.generate(
+                self, inputs_embeds, attention_mask, memory, memory_mask, compile_option, generate_kwargs
+            )
         if memory is not None:
             generation_config = generate_kwargs.get("generation_config") or self.llm_model.generation_config
             num_beams = generate_kwargs.get("num_beams") or generation_config.num_beams or 1

@@ -7,14 +7,18 @@ compared."""
 
 from __future__ import annotations
 
+import ast
 import json
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from orca_model import DeSTA25AudioModel
+from child_process import CHECKOUT, child_environment
+from orca_model import DeSTA25AudioModel, modeling
 from orca_model.generate import main as generate_main
 from orca_model.processing import AUDIO_END, AUDIO_START, DeSTA25Processor
 from orca_model.serving import (
@@ -241,6 +245,80 @@ def test_the_asr_model_shares_the_encoder(model, checkpoints, files):
     ids = whole.generate(input_features=features, max_new_tokens=whole.config.max_target_positions // 2)
     assert texts == [text.strip() for text in transcriber.tokenizer.batch_decode(ids, skip_special_tokens=True)]
     assert all(texts)
+
+
+def test_the_whisper_encoder_runs_once_per_request(model, files, monkeypatch):
+    """One encoder pass over every audio of the request, read by the model's audio memory and by
+    Whisper's decoder; the answers and transcriptions are those of the two separate passes."""
+    encoder = model.perception.whisper
+    passes, whole_encoder_calls = [], []
+    hooks = [
+        encoder.conv1.register_forward_hook(lambda module, args, output: passes.append(args[0].size(0))),
+        encoder.register_forward_hook(lambda *args: whole_encoder_calls.append(1)),
+    ]
+    batch = [
+        ask(files["tone"]),
+        ask(files["noise"], "and this?"),
+        ask(files["silence"]),
+        ask(files["noise-8k"], text="given"),
+    ]
+    try:
+        shared = model.generate(batch, **GREEDY)
+        assert passes == [4] and whole_encoder_calls == []  # one pass, all four audios; none in the ASR
+        passes.clear()
+        whisper = model.transcriber
+        monkeypatch.setattr(model, "transcriber", lambda features: whisper(features))  # runs its own encoder
+        separate = model.generate(batch, **GREEDY)
+        # The model's pass, then Whisper's own on the 2 transcribed audios: two of them (language
+        # detection, then transcription), which the shared pass spares too.
+        assert passes[0] == 4 and passes[1:] == [2] * len(whole_encoder_calls) and len(whole_encoder_calls) >= 1
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert shared == separate
+    assert [text for _, text in shared.audios][2:] == [" ", "given"] and shared.audios[0][1] and shared.audios[1][1]
+    stats = shared.stats
+    assert (stats.audios, stats.transcribed, stats.answers) == (4, 2, 4)
+    assert stats.encoder_s > 0 and stats.asr_s > 0 and stats.time_to_first_token_s <= stats.total_s
+    assert stats.new_tokens == sum(len(answer_tokens(model, ids)) for ids in shared.generated_ids)
+
+
+def test_the_model_core_does_not_import_the_serving_pipeline(model, files, monkeypatch):
+    """orca_model.serving depends on orca_model.modeling, never the other way round: importing the
+    model loads no serving module, modeling.py names none, and generate(messages) reaches the
+    pipeline the package registered (here a stand-in) through the ChatPipeline protocol."""
+    code = "import sys, orca_model.modeling; print(sorted(m for m in sys.modules if m.startswith('orca_model.')))"
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], env=child_environment(), cwd=CHECKOUT, capture_output=True, text=True, timeout=120
+    )
+    assert loaded.returncode == 0, loaded.stderr
+    assert "orca_model.modeling" in loaded.stdout and "orca_model.serving" not in loaded.stdout
+
+    source = (CHECKOUT / "orca_model" / "modeling.py").read_text()
+    assert "orca_model.serving" not in source
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            assert not any("serving" in alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert "serving" not in (node.module or "") and not any(alias.name == "serving" for alias in node.names)
+        elif isinstance(node, ast.Name):
+            assert node.id != "serving"
+
+    calls = []
+
+    class StandIn:
+        def generate(self, model, messages, **kwargs):
+            calls.append((model, messages, kwargs))
+            return "answered"
+
+    monkeypatch.setattr(modeling, "_chat_pipeline_loader", None)
+    monkeypatch.setattr(modeling, "_chat_pipeline", None)
+    with pytest.raises(RuntimeError, match="no chat pipeline is registered"):
+        model.generate(ask(files["tone"]))
+    modeling.register_chat_pipeline(StandIn)
+    conversation = ask(files["tone"])
+    assert model.generate(conversation, max_new_tokens=3) == "answered"
+    assert calls == [(model, conversation, {"max_new_tokens": 3})]
 
 
 def test_fused_and_unfused_give_the_same_tokens(model, files):
@@ -515,6 +593,53 @@ def test_command_decodes_each_file_once(files, checkpoint_dir, capsys, monkeypat
     assert code == 0
     assert decoded == [files["tone"], files["noise"]]  # once before the model loads, none in generate
     assert [json.loads(line)["audio"] for line in capsys.readouterr().out.splitlines()] == paths
+
+
+class StdoutRecorder:
+    """sys.stdout for a test: each write with the number of LLM forward calls made before it."""
+
+    def __init__(self, steps: list):
+        self.steps, self.writes = steps, []
+
+    def write(self, text: str) -> int:
+        self.writes.append((text, len(self.steps)))
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def text(self) -> str:
+        return "".join(text for text, _ in self.writes)
+
+
+def test_command_streams_one_request_and_reports_its_speed(model, files, checkpoint_dir, capsys, monkeypatch):
+    """One request: its answer is printed token by token as the LLM generates it (the same text
+    as the answer printed whole); --stats reports the time to first token and tokens/s."""
+    steps: list[int] = []
+    load = DeSTA25AudioModel.from_pretrained
+
+    def counting_load(directory, **overrides):
+        loaded = load(directory, **overrides)
+        loaded.llm_model.register_forward_hook(lambda *args: steps.append(1))
+        return loaded
+
+    monkeypatch.setattr(DeSTA25AudioModel, "from_pretrained", counting_load)
+    recorder = StdoutRecorder(steps)
+    monkeypatch.setattr(sys, "stdout", recorder)
+    code = generate_main(
+        ["--model", checkpoint_dir, "--prompt", "what is said?", "--greedy", "--max-new-tokens", str(NEW_TOKENS)]
+        + ["--audio", files["noise"], "--device", "cpu", "--no-use-fused-orca", "--stats"]
+    )
+    monkeypatch.undo()
+    assert code == 0
+    answer = model.generate(ask(files["noise"]), **GREEDY).text[0]
+    assert recorder.text() == f"[{files['noise']}]\n{answer}\n\n"  # the format of the answers printed whole
+    assert len(answer) >= 2 and len(steps) == NEW_TOKENS  # one LLM call per new token (prefill, then decode)
+    answer_writes = [count for text, count in recorder.writes if text.strip() and text.strip() != f"[{files['noise']}]"]
+    # Printed while generating: the first piece after the first step, pieces after different steps.
+    assert answer_writes[0] < NEW_TOKENS and len(set(answer_writes)) >= 2
+    stats = capsys.readouterr().err
+    assert re.search(r"time to first token \d+\.\d ms", stats) and re.search(r"\d+\.\d tokens/s", stats), stats
 
 
 @pytest.mark.parametrize("name", ["missing", "corrupt"])
