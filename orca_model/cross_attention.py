@@ -48,6 +48,8 @@ class AudioMemoryCache:
         self.rotated: dict[torch.dtype, torch.Tensor] = {}
         self.pooled: dict[torch.dtype, torch.Tensor] = {}
         self.kv: dict[int, torch.Tensor] = {}
+        # The rotated memory as the K/V GEMMs read it (cast once under autocast), per dtype.
+        self.kv_input: dict[torch.dtype, torch.Tensor] = {}
         # (key_padding_mask [B, T_a] True = ignore, has_audio [B]) from the memory's keep-mask.
         self.masks: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -58,7 +60,7 @@ class AudioMemoryCache:
         torch.compile's CUDA graphs read it where it is instead of copying it at every replay
         (as transformers' StaticCache marks its K/V). Entries that `other` lacks are dropped.
         The dicts change only when their keys do, so that a compiled graph's guards hold."""
-        for name in ("rotated", "pooled", "kv"):
+        for name in ("rotated", "pooled", "kv", "kv_input"):
             mine, theirs = getattr(self, name), getattr(other, name)
             for key in [key for key in mine if key not in theirs]:
                 del mine[key]
@@ -74,6 +76,21 @@ class AudioMemoryCache:
                 mine.copy_(theirs)
         else:
             self.masks = tuple(_static_copy(value) for value in other.masks)
+
+
+def _as_gemm_input(rotated: torch.Tensor) -> torch.Tensor:
+    """The rotated memory as the K/V GEMM reads it: in an autocast region for its device, cast to
+    the autocast dtype (the cast the GEMM would make), once for every layer. Under CUDA autocast the
+    residual stream, hence the rotated memory, is fp32 after the first injected layer, and each
+    layer's GEMM would otherwise cast it anew and keep its own copy for the backward."""
+    device_type = rotated.device.type
+    if (
+        rotated.dtype != torch.float64
+        and torch.amp.is_autocast_available(device_type)
+        and torch.is_autocast_enabled(device_type)
+    ):
+        return rotated.to(torch.get_autocast_dtype(device_type))
+    return rotated
 
 
 def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -299,8 +316,10 @@ class OrcaGatedCrossAttention(nn.Module):
         kv = None
         if fused_path:
             if id(self) not in cache.kv:
+                if dtype not in cache.kv_input:
+                    cache.kv_input[dtype] = _as_gemm_input(rotated)
                 cache.kv[id(self)] = orca_kernels.project_audio_kv(
-                    rotated, self.cross_attn.in_proj_weight, self.cross_attn.in_proj_bias
+                    cache.kv_input[dtype], self.cross_attn.in_proj_weight, self.cross_attn.in_proj_bias
                 )
             kv = cache.kv[id(self)]
         if self.training and dtype not in cache.pooled:

@@ -555,3 +555,37 @@ def test_mixed_dtypes_follow_cuda_autocast_on_fake_tensors():
         assert out.dtype == torch.float32 and out.device.type == "cuda"
         with pytest.raises(ValueError, match="in_proj_weight is torch.bfloat16 but hidden is torch.float32"):
             orca_kernels.gated_cross_attention(hidden, audio, *params, 2, backend="torch")
+
+
+def test_layers_share_one_cast_of_the_rotated_memory_under_autocast(triton_device):
+    """Under autocast with an fp32 residual stream (CUDA's, after the first injected layer), every
+    fused layer's K/V GEMM reads the rotated memory cast once to the autocast dtype, and autograd
+    keeps that one copy for all layers (each GEMM used to cast and keep its own)."""
+    layers = [make_pair(16, 2, torch.float32, triton_device)[1].train() for _ in range(3)]
+    hidden = torch.randn(2, 3, 16, device=triton_device, requires_grad=True)
+    audio = torch.randn(2, 5, 16, device=triton_device)
+    cache = AudioMemoryCache()
+    saved = []
+
+    def keep(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with (
+        torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t),
+        torch.autocast(triton_device.type, dtype=torch.bfloat16),
+    ):
+        out = hidden
+        for layer in layers:
+            out = layer(out, audio, audio_cache=cache)
+    (gemm_input,) = cache.kv_input.values()
+    assert gemm_input.dtype == torch.bfloat16 and torch.equal(gemm_input, cache.rotated[torch.float32].bfloat16())
+    # Every bf16 buffer of the memory's size that autograd keeps (the GEMMs view it as [B·T_a, H]).
+    memory_copies = {
+        t.untyped_storage().data_ptr()
+        for t in saved
+        if t.dtype == torch.bfloat16 and t.untyped_storage().nbytes() == 2 * 5 * 16 * 2
+    }
+    assert memory_copies == {gemm_input.untyped_storage().data_ptr()}
+    out.sum().backward()
+    assert all(p.grad is not None for layer in layers for p in layer.cross_attn.parameters())
