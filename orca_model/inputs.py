@@ -29,12 +29,15 @@ def check_batch_inputs(
     num_global_tokens: int,
     num_mel_bins: int,
     num_frames: int,
+    batch_encoder_states: Sequence[torch.Tensor] | torch.Tensor | None = None,
 ) -> list[int]:
     """Every input of `forward` / `generate`, checked before any work; returns the row of each audio.
 
     input_ids [B, T_x] and labels [B, T_x] integer ids, attention_mask [B, T_x]; batch_features
     [N, num_mel_bins, num_frames]; batch_transcription_ids N tensors [L_i] or [1, L_i];
-    batch_start_positions N (row, start) pairs. Audio i occupies positions
+    batch_start_positions N (row, start) pairs; batch_encoder_states instead of the features: the
+    target layers' states, L tensors [N, T, D] or one [L, N, T, D] (their shapes are the
+    perception's to check). Audio i occupies positions
     [start, start + num_global_tokens + L_i) of its row, which must fit in T_x, and a row holds
     at most one audio (the memory is one audio's tokens per row).
     """
@@ -56,6 +59,19 @@ def check_batch_inputs(
     num_audio = len(batch_start_positions)
     if num_audio == 0:
         return []
+    if batch_encoder_states is not None:
+        if batch_features is not None:
+            raise ValueError(f"{MODEL}: pass batch_features or batch_encoder_states, not both")
+        states = batch_encoder_states
+        first = states[0] if not isinstance(states, torch.Tensor) and len(states) else states
+        check_is_tensor(MODEL, "batch_encoder_states", first)
+        count = first.size(1) if isinstance(states, torch.Tensor) and states.dim() == 4 else first.size(0)
+        if len(batch_transcription_ids) != num_audio or count != num_audio:
+            raise ValueError(
+                f"{MODEL}: batch_start_positions has {num_audio} entries, batch_transcription_ids "
+                f"{len(batch_transcription_ids)} and batch_encoder_states {count}: one of each per audio"
+            )
+        return _rows_of_audios(input_ids, batch_transcription_ids, batch_start_positions, num_global_tokens)
     check_rank(MODEL, "batch_features", batch_features, 3, layout="[N, n_mels, frames]")
     if batch_features.size(1) != num_mel_bins:
         raise ValueError(
@@ -72,6 +88,17 @@ def check_batch_inputs(
             f"{MODEL}: batch_start_positions has {num_audio} entries, batch_transcription_ids "
             f"{len(batch_transcription_ids)} and batch_features {batch_features.size(0)}: one of each per audio"
         )
+    return _rows_of_audios(input_ids, batch_transcription_ids, batch_start_positions, num_global_tokens)
+
+
+def _rows_of_audios(
+    input_ids: torch.Tensor,
+    batch_transcription_ids: Sequence[torch.Tensor],
+    batch_start_positions: Sequence[tuple[int, int]],
+    num_global_tokens: int,
+) -> list[int]:
+    """The row of each audio, its (row, start) pair and transcription checked against the prompt."""
+    batch, length = input_ids.shape
     rows: list[int] = []
     audio_of_row: dict[int, int] = {}
     for index, (position, ids) in enumerate(zip(batch_start_positions, batch_transcription_ids, strict=True)):

@@ -413,6 +413,7 @@ class DeSTA25AudioModel(nn.Module):
         batch_features: torch.Tensor,
         batch_transcription_ids: Sequence[torch.Tensor],
         batch_start_positions: Sequence[tuple[int, int]],
+        batch_encoder_states: Sequence[torch.Tensor] | torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, list[tuple[int, int, int]] | None]:
         """The reference's splicing: the prompt's embeddings with, for audio i at
         batch_start_positions[i] = (row, start), positions [start, start + K) replaced by its
@@ -428,7 +429,10 @@ class DeSTA25AudioModel(nn.Module):
         device = embed_tokens.weight.device
         with torch.no_grad():
             transcriptions = [embed_tokens(ids.squeeze(0).to(device)) for ids in batch_transcription_ids]
-        global_tokens, local_tokens = self.perception(batch_features.to(device))
+        if batch_encoder_states is not None:  # precomputed (orca_model.encoder_cache): the encoder does not run
+            global_tokens, local_tokens = self.perception(encoder_states=[s.to(device) for s in batch_encoder_states])
+        else:
+            global_tokens, local_tokens = self.perception(batch_features.to(device))
         num_tokens = self.config.orca_global_num_tokens
 
         inputs_embeds = embed_tokens(input_ids)
@@ -445,7 +449,9 @@ class DeSTA25AudioModel(nn.Module):
         inputs_embeds = inputs_embeds.index_put(index, audio_embeddings.to(inputs_embeds.dtype))
         return inputs_embeds, global_tokens, local_tokens, spans
 
-    def _check_inputs(self, input_ids, attention_mask, labels, batch_features, transcriptions, positions) -> list[int]:
+    def _check_inputs(
+        self, input_ids, attention_mask, labels, batch_features, transcriptions, positions, encoder_states=None
+    ) -> list[int]:
         """`inputs.check_batch_inputs` with this model's sizes; the row of each audio."""
         return check_batch_inputs(
             input_ids,
@@ -457,6 +463,7 @@ class DeSTA25AudioModel(nn.Module):
             num_global_tokens=self.config.orca_global_num_tokens,
             num_mel_bins=self.perception.whisper.config.num_mel_bins,
             num_frames=self.perception.num_input_frames,
+            batch_encoder_states=encoder_states,
         )
 
     def _audio_memory(
@@ -508,11 +515,12 @@ class DeSTA25AudioModel(nn.Module):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        batch_features: torch.Tensor,
+        batch_features: torch.Tensor | None,
         batch_transcription_ids: Sequence[torch.Tensor],
         batch_start_positions: Sequence[tuple[int, int]],
         labels: torch.Tensor | None = None,
         num_items_in_batch: torch.Tensor | int | None = None,
+        batch_encoder_states: Sequence[torch.Tensor] | torch.Tensor | None = None,
         **kwargs,
     ) -> DeSTA25Output:
         """The reference's forward.
@@ -525,6 +533,10 @@ class DeSTA25AudioModel(nn.Module):
             batch_start_positions: N (row, start) pairs, where each audio's tokens begin.
             num_items_in_batch: the LM loss is the sum over the labelled tokens divided by it
                 (Hugging Face's gradient-accumulation normalisation) instead of their mean.
+            batch_encoder_states: instead of batch_features (then None), the frozen encoder's
+                target-layer states computed before, L tensors [N, T, D] or one [L, N, T, D]
+                (`orca_model.encoder_cache.EncoderStateCache.get_batch`): the encoder does not
+                run, the rest of the step is the same (multi-epoch training on cached states).
             kwargs: ignored (collator extras), as in the reference.
 
         Returns a `DeSTA25Output` with the LM loss, logits, hidden states and `orca_losses`. In
@@ -537,10 +549,16 @@ class DeSTA25AudioModel(nn.Module):
             # Checkpointing may have been enabled on the LLM directly since the last call.
             self._injection.keep_outside_checkpoints()
         rows = self._check_inputs(
-            input_ids, attention_mask, labels, batch_features, batch_transcription_ids, batch_start_positions
+            input_ids,
+            attention_mask,
+            labels,
+            batch_features,
+            batch_transcription_ids,
+            batch_start_positions,
+            batch_encoder_states,
         )
         inputs_embeds, global_tokens, local_tokens, spans = self._prepare_inputs_for_llm(
-            input_ids, batch_features, batch_transcription_ids, batch_start_positions
+            input_ids, batch_features, batch_transcription_ids, batch_start_positions, batch_encoder_states
         )
         memory, memory_mask = self._audio_memory(global_tokens, local_tokens, rows, input_ids.size(0))
         layer_losses: list[torch.Tensor] = []

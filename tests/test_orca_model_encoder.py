@@ -454,6 +454,39 @@ def test_cached_states_give_the_same_outputs(checkpoints, whisper8, tmp_path, ll
             assert torch.equal(new, old)
 
 
+def test_a_training_step_on_cached_states(checkpoints, tmp_path):
+    """The model trains on cached states (batch_encoder_states instead of batch_features): the
+    encoder does not run, and the loss and every trainable gradient are those of the step on the
+    features. Both inputs at once, or states for another number of audios, are refused."""
+    model = build(checkpoints).train()
+    model.perception.eval()  # no Q-Former dropout: the two steps must draw the same
+    batch = make_batch(transcription_lengths=(2, 1))
+    cache = EncoderStateCache.for_perception(tmp_path, model.perception)
+    keys = ["a.wav", "b.wav"]
+    cache.fill(model.perception, zip(keys, batch["batch_features"], strict=True))
+
+    def step(**inputs):
+        model.zero_grad(set_to_none=True)
+        total_training_loss(model(**inputs)).backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    want = step(**batch)
+    calls = []
+    hook = model.perception.whisper.conv1.register_forward_hook(lambda *args: calls.append(1))
+    got = step(**{**batch, "batch_features": None, "batch_encoder_states": cache.get_batch(keys)})
+    hook.remove()
+    assert calls == [] and got.keys() == want.keys()
+    for name, grad in got.items():
+        if name.endswith("key.bias"):  # the same score added to every key: zero up to rounding
+            assert grad.abs().max() <= 1e-5 * got[name.replace("key.bias", "query.bias")].abs().max(), name
+            continue
+        assert relative_error(grad, want[name]) <= MODULE_RELATIVE_TOLERANCE[torch.float32], name
+    with pytest.raises(ValueError, match="pass batch_features or batch_encoder_states, not both"):
+        model(**{**batch, "batch_encoder_states": cache.get_batch(keys)})
+    with pytest.raises(ValueError, match="batch_encoder_states 1: one of each per audio"):
+        model(**{**batch, "batch_features": None, "batch_encoder_states": cache.get_batch(keys[:1])})
+
+
 def test_cache_fill_skips_what_is_cached(checkpoints, tmp_path):
     perception = build(checkpoints).perception.eval()
     cache = EncoderStateCache.for_perception(tmp_path, perception)
