@@ -84,11 +84,9 @@ def _as_gemm_input(rotated: torch.Tensor) -> torch.Tensor:
     residual stream, hence the rotated memory, is fp32 after the first injected layer, and each
     layer's GEMM would otherwise cast it anew and keep its own copy for the backward."""
     device_type = rotated.device.type
-    if (
-        rotated.dtype != torch.float64
-        and torch.amp.is_autocast_available(device_type)
-        and torch.is_autocast_enabled(device_type)
-    ):
+    # (Not torch.amp.is_autocast_available: torch 2.11's dynamo cannot trace it. "meta", the one
+    # device type here without autocast, is excluded by name.)
+    if rotated.dtype != torch.float64 and device_type != "meta" and torch.is_autocast_enabled(device_type):
         return rotated.to(torch.get_autocast_dtype(device_type))
     return rotated
 
