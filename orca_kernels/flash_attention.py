@@ -339,6 +339,127 @@ def _flash_cross_attention_bwd_preprocess_kernel(
 
 
 @triton.jit
+def _load_key_block(
+    k_base,
+    v_base,
+    cols,
+    d,
+    dt,
+    Ta,
+    head_dim,
+    skt,
+    svt,
+    bias,
+    DOT_DTYPE: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    HAS_TAIL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+):
+    """(k, v, k tail, v tail) of the keys `cols` in the dot dtype, masked keys as zeros."""
+    k = _load_keys(k_base, cols, d, Ta, head_dim, skt, bias, EVEN_D, HAS_MASK).to(DOT_DTYPE)
+    v = _load_keys(v_base, cols, d, Ta, head_dim, svt, bias, EVEN_D, HAS_MASK).to(DOT_DTYPE)
+    k_t = _load_keys(k_base, cols, dt, Ta, head_dim, skt, bias, False, HAS_MASK).to(DOT_DTYPE) if HAS_TAIL else k
+    v_t = _load_keys(v_base, cols, dt, Ta, head_dim, svt, bias, False, HAS_MASK).to(DOT_DTYPE) if HAS_TAIL else v
+    return k, v, k_t, v_t
+
+
+@triton.jit
+def _key_block_step(
+    k,
+    v,
+    k_t,
+    v_t,
+    bias,
+    dk,
+    dv,
+    dk_t,
+    dv_t,
+    q_base,
+    do_base,
+    lse_ptr,
+    delta_ptr,
+    rows,
+    d,
+    dt,
+    Tx,
+    head_dim,
+    sqt,
+    sdot,
+    qk_scale,
+    DOT_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    HAS_TAIL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+):
+    """One query block's share of a key block's gradients, on transposed tiles: dV += Pᵀ dO and
+    dK += dSᵀ Q (unscaled) with dS = P ∘ (dO Vᵀ − delta), P recomputed from the saved logsumexp.
+    Returns (dk, dv, dk tail, dv tail, dSᵀ in the dot dtype); lse_ptr and delta_ptr point at the
+    (batch, head)'s statistics. Shared by the dK/dV kernel and the one-pass backward."""
+    q = _load_tile(q_base, rows, d, Tx, head_dim, sqt, EVEN_D).to(DOT_DTYPE)
+    do = _load_tile(do_base, rows, d, Tx, head_dim, sdot, EVEN_D).to(DOT_DTYPE)
+    q_t = _load_tile(q_base, rows, dt, Tx, head_dim, sqt, False).to(DOT_DTYPE) if HAS_TAIL else q
+    do_t = _load_tile(do_base, rows, dt, Tx, head_dim, sdot, False).to(DOT_DTYPE) if HAS_TAIL else do
+    # Rows past Tx get lse = +inf, hence P = 0, like fully masked rows.
+    lse = tl.load(lse_ptr + rows, mask=rows < Tx, other=float("inf"))
+    delta = tl.load(delta_ptr + rows, mask=rows < Tx, other=0.0)
+    s_t = _dot_t(k, k_t, q, q_t, ACC_DTYPE, HAS_TAIL) * qk_scale + bias[:, None]
+    s_t = _mask_scores(s_t, bias[:, None], HAS_MASK)
+    p_t = tl.exp2(s_t - lse[None, :])
+    # out_dtype: triton 3.6 asserts it equals a non-fp32 accumulator's dtype (no default from acc).
+    dv = tl.dot(p_t.to(DOT_DTYPE), do, dv, input_precision="ieee", out_dtype=ACC_DTYPE)
+    if HAS_TAIL:
+        dv_t = tl.dot(p_t.to(DOT_DTYPE), do_t, dv_t, input_precision="ieee", out_dtype=ACC_DTYPE)
+    dp_t = _dot_t(v, v_t, do, do_t, ACC_DTYPE, HAS_TAIL)
+    ds_t = (p_t * (dp_t - delta[None, :])).to(DOT_DTYPE)
+    dk = tl.dot(ds_t, q, dk, input_precision="ieee", out_dtype=ACC_DTYPE)
+    if HAS_TAIL:
+        dk_t = tl.dot(ds_t, q_t, dk_t, input_precision="ieee", out_dtype=ACC_DTYPE)
+    return dk, dv, dk_t, dv_t, ds_t
+
+
+@triton.jit
+def _store_key_grads(
+    dk_ptr,
+    dv_ptr,
+    dk,
+    dv,
+    dk_t,
+    dv_t,
+    bias,
+    scale,
+    g_base,
+    cols,
+    d,
+    dt,
+    Ta,
+    head_dim,
+    sgt,
+    EVEN_D: tl.constexpr,
+    HAS_TAIL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+):
+    """Store a key block's dK (times scale) and dV at offset g_base (row stride sgt); a masked key
+    gets exactly zero gradients, even from a query row holding NaN (0 · NaN)."""
+    dk = dk * scale
+    if HAS_MASK:
+        padded = (bias == float("-inf"))[:, None]
+        dk, dv = tl.where(padded, 0.0, dk), tl.where(padded, 0.0, dv)
+    g_offsets = g_base + cols.to(tl.int64)[:, None] * sgt + d[None, :]
+    g_mask = _tile_mask(cols, d, Ta, head_dim, EVEN_D)
+    tl.store(dk_ptr + g_offsets, cast_for_store(dk, dk_ptr), mask=g_mask)
+    tl.store(dv_ptr + g_offsets, cast_for_store(dv, dv_ptr), mask=g_mask)
+    if HAS_TAIL:
+        dk_t = dk_t * scale
+        if HAS_MASK:
+            dk_t, dv_t = tl.where(padded, 0.0, dk_t), tl.where(padded, 0.0, dv_t)
+        g_offsets = g_base + cols.to(tl.int64)[:, None] * sgt + dt[None, :]
+        g_mask = _tile_mask(cols, dt, Ta, head_dim, False)
+        tl.store(dk_ptr + g_offsets, cast_for_store(dk_t, dk_ptr), mask=g_mask)
+        tl.store(dv_ptr + g_offsets, cast_for_store(dv_t, dv_ptr), mask=g_mask)
+
+
+@triton.jit
 def _flash_cross_attention_bwd_dkdv_kernel(
     q_ptr,
     k_ptr,
@@ -393,12 +514,10 @@ def _flash_cross_attention_bwd_dkdv_kernel(
     d = tl.arange(0, BLOCK_D)
     dt = BLOCK_D + tl.arange(0, BLOCK_DT)
     bias = _key_bias(bias_ptr, b, cols, Ta, sbb, sbt, HAS_MASK)
-    k_base = k_ptr + b * skb + h * skh
-    v_base = v_ptr + b * svb + h * svh
-    k = _load_keys(k_base, cols, d, Ta, head_dim, skt, bias, EVEN_D, HAS_MASK).to(DOT_DTYPE)
-    v = _load_keys(v_base, cols, d, Ta, head_dim, svt, bias, EVEN_D, HAS_MASK).to(DOT_DTYPE)
-    k_t = _load_keys(k_base, cols, dt, Ta, head_dim, skt, bias, False, HAS_MASK).to(DOT_DTYPE) if HAS_TAIL else k
-    v_t = _load_keys(v_base, cols, dt, Ta, head_dim, svt, bias, False, HAS_MASK).to(DOT_DTYPE) if HAS_TAIL else v
+    k, v, k_t, v_t = _load_key_block(
+        k_ptr + b * skb + h * skh, v_ptr + b * svb + h * svh, cols, d, dt, Ta, head_dim, skt, svt, bias,
+        DOT_DTYPE, EVEN_D, HAS_TAIL, HAS_MASK,
+    )  # fmt: skip
     q_base = q_ptr + b * sqb + h * sqh
     do_base = do_ptr + b * sdob + h * sdoh
     stats_base = (b * num_heads + h) * Tx
@@ -408,43 +527,15 @@ def _flash_cross_attention_bwd_dkdv_kernel(
     dk_t = tl.zeros((BLOCK_N, BLOCK_DT), ACC_DTYPE)  # the tail columns' (unused without a tail)
     dv_t = tl.zeros((BLOCK_N, BLOCK_DT), ACC_DTYPE)
     for m0 in range(0, _walked(Tx, lse_ptr + stats_base, HAS_MASK), BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
-        q = _load_tile(q_base, rows, d, Tx, head_dim, sqt, EVEN_D).to(DOT_DTYPE)
-        do = _load_tile(do_base, rows, d, Tx, head_dim, sdot, EVEN_D).to(DOT_DTYPE)
-        q_t = _load_tile(q_base, rows, dt, Tx, head_dim, sqt, False).to(DOT_DTYPE) if HAS_TAIL else q
-        do_t = _load_tile(do_base, rows, dt, Tx, head_dim, sdot, False).to(DOT_DTYPE) if HAS_TAIL else do
-        # Rows past Tx get lse = +inf, hence P = 0, like fully masked rows.
-        lse = tl.load(lse_ptr + stats_base + rows, mask=rows < Tx, other=float("inf"))
-        delta = tl.load(delta_ptr + stats_base + rows, mask=rows < Tx, other=0.0)
-        s_t = _dot_t(k, k_t, q, q_t, ACC_DTYPE, HAS_TAIL) * qk_scale + bias[:, None]
-        s_t = _mask_scores(s_t, bias[:, None], HAS_MASK)
-        p_t = tl.exp2(s_t - lse[None, :])
-        dv = tl.dot(p_t.to(DOT_DTYPE), do, dv, input_precision="ieee", out_dtype=ACC_DTYPE)  # for triton 3.6
-        if HAS_TAIL:
-            dv_t = tl.dot(p_t.to(DOT_DTYPE), do_t, dv_t, input_precision="ieee", out_dtype=ACC_DTYPE)
-        dp_t = _dot_t(v, v_t, do, do_t, ACC_DTYPE, HAS_TAIL)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(DOT_DTYPE), q, dk, input_precision="ieee", out_dtype=ACC_DTYPE)
-        if HAS_TAIL:
-            dk_t = tl.dot(ds_t.to(DOT_DTYPE), q_t, dk_t, input_precision="ieee", out_dtype=ACC_DTYPE)
-    dk = dk * _scalar(scale_hi, scale_lo, ACC_DTYPE)
-    if HAS_MASK:
-        # A masked key gets exactly zero gradients, even from a query row holding NaN (0 · NaN).
-        padded = (bias == float("-inf"))[:, None]
-        dk, dv = tl.where(padded, 0.0, dk), tl.where(padded, 0.0, dv)
-        if HAS_TAIL:
-            dk_t, dv_t = tl.where(padded, 0.0, dk_t), tl.where(padded, 0.0, dv_t)
-
-    g_offsets = b * sgb + h * sgh + cols.to(tl.int64)[:, None] * sgt + d[None, :]
-    g_mask = _tile_mask(cols, d, Ta, head_dim, EVEN_D)
-    tl.store(dk_ptr + g_offsets, cast_for_store(dk, dk_ptr), mask=g_mask)
-    tl.store(dv_ptr + g_offsets, cast_for_store(dv, dv_ptr), mask=g_mask)
-    if HAS_TAIL:
-        dk_t = dk_t * _scalar(scale_hi, scale_lo, ACC_DTYPE)
-        g_offsets = b * sgb + h * sgh + cols.to(tl.int64)[:, None] * sgt + dt[None, :]
-        g_mask = _tile_mask(cols, dt, Ta, head_dim, False)
-        tl.store(dk_ptr + g_offsets, cast_for_store(dk_t, dk_ptr), mask=g_mask)
-        tl.store(dv_ptr + g_offsets, cast_for_store(dv_t, dv_ptr), mask=g_mask)
+        dk, dv, dk_t, dv_t, _ = _key_block_step(
+            k, v, k_t, v_t, bias, dk, dv, dk_t, dv_t, q_base, do_base, lse_ptr + stats_base,
+            delta_ptr + stats_base, m0 + tl.arange(0, BLOCK_M), d, dt, Tx, head_dim, sqt, sdot, qk_scale,
+            DOT_DTYPE, ACC_DTYPE, EVEN_D, HAS_TAIL, HAS_MASK,
+        )  # fmt: skip
+    _store_key_grads(
+        dk_ptr, dv_ptr, dk, dv, dk_t, dv_t, bias, _scalar(scale_hi, scale_lo, ACC_DTYPE), b * sgb + h * sgh,
+        cols, d, dt, Ta, head_dim, sgt, EVEN_D, HAS_TAIL, HAS_MASK,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -629,34 +720,20 @@ def _flash_cross_attention_bwd_fused_kernel(
     for block in range(0, last + 1):
         cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
         bias = _key_bias(bias_ptr, b, cols, Ta, sbb, sbt, HAS_MASK)
-        k = _load_keys(k_base, cols, d, Ta, head_dim, skt, bias, EVEN_D, HAS_MASK).to(DOT_DTYPE)
-        v = _load_keys(v_base, cols, d, Ta, head_dim, svt, bias, EVEN_D, HAS_MASK).to(DOT_DTYPE)
-        k_t = _load_keys(k_base, cols, dt, Ta, head_dim, skt, bias, False, HAS_MASK).to(DOT_DTYPE) if HAS_TAIL else k
-        v_t = _load_keys(v_base, cols, dt, Ta, head_dim, svt, bias, False, HAS_MASK).to(DOT_DTYPE) if HAS_TAIL else v
+        k, v, k_t, v_t = _load_key_block(
+            k_base, v_base, cols, d, dt, Ta, head_dim, skt, svt, bias, DOT_DTYPE, EVEN_D, HAS_TAIL, HAS_MASK
+        )
         dk = tl.zeros((BLOCK_N, BLOCK_D), ACC_DTYPE)
         dv = tl.zeros((BLOCK_N, BLOCK_D), ACC_DTYPE)
         dk_t = tl.zeros((BLOCK_N, BLOCK_DT), ACC_DTYPE)  # the tail columns' (unused without a tail)
         dv_t = tl.zeros((BLOCK_N, BLOCK_DT), ACC_DTYPE)
         for m0 in range(0, walked, BLOCK_M):
             rows = m0 + tl.arange(0, BLOCK_M)
-            q = _load_tile(q_base, rows, d, Tx, head_dim, sqt, EVEN_D).to(DOT_DTYPE)
-            do = _load_tile(do_base, rows, d, Tx, head_dim, sdot, EVEN_D).to(DOT_DTYPE)
-            q_t = _load_tile(q_base, rows, dt, Tx, head_dim, sqt, False).to(DOT_DTYPE) if HAS_TAIL else q
-            do_t = _load_tile(do_base, rows, dt, Tx, head_dim, sdot, False).to(DOT_DTYPE) if HAS_TAIL else do
-            # Rows past Tx get lse = +inf, hence P = 0, like fully masked rows.
-            lse = tl.load(lse_ptr + stats_base + rows, mask=rows < Tx, other=float("inf"))
-            delta = tl.load(delta_ptr + stats_base + rows, mask=rows < Tx, other=0.0)
-            s_t = _dot_t(k, k_t, q, q_t, ACC_DTYPE, HAS_TAIL) * qk_scale + bias[:, None]
-            s_t = _mask_scores(s_t, bias[:, None], HAS_MASK)
-            p_t = tl.exp2(s_t - lse[None, :])
-            dv = tl.dot(p_t.to(DOT_DTYPE), do, dv, input_precision="ieee", out_dtype=ACC_DTYPE)
-            if HAS_TAIL:
-                dv_t = tl.dot(p_t.to(DOT_DTYPE), do_t, dv_t, input_precision="ieee", out_dtype=ACC_DTYPE)
-            dp_t = _dot_t(v, v_t, do, do_t, ACC_DTYPE, HAS_TAIL)
-            ds_t = (p_t * (dp_t - delta[None, :])).to(DOT_DTYPE)
-            dk = tl.dot(ds_t, q, dk, input_precision="ieee", out_dtype=ACC_DTYPE)
-            if HAS_TAIL:
-                dk_t = tl.dot(ds_t, q_t, dk_t, input_precision="ieee", out_dtype=ACC_DTYPE)
+            dk, dv, dk_t, dv_t, ds_t = _key_block_step(
+                k, v, k_t, v_t, bias, dk, dv, dk_t, dv_t, q_base, do_base, lse_ptr + stats_base,
+                delta_ptr + stats_base, rows, d, dt, Tx, head_dim, sqt, sdot, qk_scale,
+                DOT_DTYPE, ACC_DTYPE, EVEN_D, HAS_TAIL, HAS_MASK,
+            )  # fmt: skip
             # dQ of these rows: this key block's dS·K added to the partial sum of the blocks before.
             ds = tl.trans(ds_t)
             row_mask = (rows < Tx)[:, None]
@@ -681,23 +758,10 @@ def _flash_cross_attention_bwd_fused_kernel(
                     tl.store(dq_ptr + g_offsets, cast_for_store(dq_t * scale, dq_ptr), mask=dq_mask)
                 else:
                     tl.store(acc_base + acc_offsets, dq_t, mask=row_mask)
-        dk = dk * scale
-        if HAS_MASK:
-            # A masked key gets exactly zero gradients, even from a query row holding NaN (0 · NaN).
-            padded = (bias == float("-inf"))[:, None]
-            dk, dv = tl.where(padded, 0.0, dk), tl.where(padded, 0.0, dv)
-        g_offsets = b * sgb + h * sgh + cols.to(tl.int64)[:, None] * sgt + d[None, :]
-        g_mask = _tile_mask(cols, d, Ta, head_dim, EVEN_D)
-        tl.store(dk_ptr + g_offsets, cast_for_store(dk, dk_ptr), mask=g_mask)
-        tl.store(dv_ptr + g_offsets, cast_for_store(dv, dv_ptr), mask=g_mask)
-        if HAS_TAIL:
-            dk_t = dk_t * scale
-            if HAS_MASK:
-                dk_t, dv_t = tl.where(padded, 0.0, dk_t), tl.where(padded, 0.0, dv_t)
-            g_offsets = b * sgb + h * sgh + cols.to(tl.int64)[:, None] * sgt + dt[None, :]
-            g_mask = _tile_mask(cols, dt, Ta, head_dim, False)
-            tl.store(dk_ptr + g_offsets, cast_for_store(dk_t, dk_ptr), mask=g_mask)
-            tl.store(dv_ptr + g_offsets, cast_for_store(dv_t, dv_ptr), mask=g_mask)
+        _store_key_grads(
+            dk_ptr, dv_ptr, dk, dv, dk_t, dv_t, bias, scale, b * sgb + h * sgh, cols, d, dt, Ta, head_dim, sgt,
+            EVEN_D, HAS_TAIL, HAS_MASK,
+        )  # fmt: skip
         # The next key block reads the dQ partial sums this one wrote, possibly from other threads.
         tl.debug_barrier()
 
