@@ -50,6 +50,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import orca_kernels
+from benchmarks import cost
 from orca_kernels import cross_attention, flash_attention
 
 H200_BANDWIDTH = 4.8e12  # bytes/s
@@ -63,31 +64,9 @@ MODELS = [
     ("Llama-3.1-8B", 12, 300, 4096, 32, 383),
 ]
 
-FREE = {  # views and metadata: no launch
-    "view",
-    "_unsafe_view",
-    "t",
-    "transpose",
-    "slice",
-    "split",
-    "split_with_sizes",
-    "detach",
-    "expand",
-    "unsqueeze",
-    "squeeze",
-    "alias",
-    "as_strided",
-    "permute",
-    "select",
-    "empty",
-    "empty_like",
-    "new_empty",
-    "empty_strided",
-    "promote_types",
-    "_reshape_alias",
-    "lift_fresh",
-    "ones_like",  # the seed gradient of .sum(); outputs_and_grads passes its own
-}
+# Views, metadata and allocations without a fill (the cost model's list), and the seed gradient
+# of .sum(): no launch.
+FREE = cost.NO_TRAFFIC | {"promote_types", "ones_like"}
 
 
 @dataclasses.dataclass
