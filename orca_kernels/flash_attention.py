@@ -41,7 +41,6 @@ import math
 import struct
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -1273,33 +1272,13 @@ def _check_inputs(q, k, v, key_padding_mask, scale) -> None:
 
 def _sdpa_attention(q, k, v, key_padding_mask, scale: float) -> torch.Tensor:
     """The vendor path: PyTorch's SDPA, which picks cuDNN, FlashAttention or memory-efficient
-    attention itself on CUDA, under the package's contract (the reference's safe-softmax zeros,
-    no trace of a padded key). [B, Tx, nh, hd] in and out, out contiguous.
-
-    A padded key and its value are zeroed before SDPA: with the boolean mask alone, a NaN there
-    still reaches the output and dq, dk through 0 · NaN in SDPA's backward (on the CPU in fp64,
-    fp32 and bf16). A batch element whose keys are all padded attends with its mask lifted, over
-    zeroed q, k and v (finite everywhere), and its output is replaced by 0: no gradient reaches it.
-    On the CPU a non-finite query row is made NaN explicitly, as in the reference (CPU SDPA
-    returns 0 there for short key lists); CUDA's fused kernels propagate the NaN themselves.
-    """
+    attention itself on CUDA, under the package's contract (`reference.masked_sdpa`: the
+    reference's safe-softmax zeros, no trace of a padded key). [B, Tx, nh, hd] in and out, out
+    contiguous. A non-finite query row is made NaN explicitly on the CPU only (CPU SDPA returns 0
+    there for short key lists); CUDA's fused kernels propagate the NaN themselves."""
     if k.shape[1] == 0:
         return reference.flash_cross_attention(q, k, v, key_padding_mask, scale=scale)
-    finite = q.isfinite().all(dim=-1, keepdim=True).transpose(1, 2) if q.device.type == "cpu" else None
-    keep = empty = None
-    if key_padding_mask is not None:
-        padded = key_padding_mask[:, :, None, None]
-        k, v = k.masked_fill(padded, 0), v.masked_fill(padded, 0)
-        empty = key_padding_mask.all(dim=1)[:, None, None, None]  # [B, 1, 1, 1]
-        q = q.masked_fill(empty, 0)
-        keep = (~key_padding_mask)[:, None, None, :] | empty  # [B, 1, 1, Ta], True = attend
-    qt, kt, vt = (reference.sdpa_aligned(t.transpose(1, 2)) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=keep, scale=scale)
-    if finite is not None:
-        out = reference.poison_rows(out, finite)
-    if empty is not None:
-        out = out.masked_fill(empty, 0)
-    return out.transpose(1, 2).contiguous()
+    return reference.masked_sdpa(q, k, v, key_padding_mask, scale, poison_non_finite=q.device.type == "cpu")
 
 
 def resolve_backend(q, k, v, key_padding_mask, backend: str) -> str:

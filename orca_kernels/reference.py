@@ -174,22 +174,43 @@ def flash_cross_attention(
         # gradients whatever q holds.
         # (k and v are empty: their sums are exact zeros, which keeps them in the graph.)
         return torch.where(torch.zeros_like(q, dtype=torch.bool), q, 0.0) + (k.sum() + v.sum()) * 0
+    return masked_sdpa(q, k, v, key_padding_mask, scale, poison_non_finite=True)
+
+
+def masked_sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    scale: float | None,
+    *,
+    poison_non_finite: bool,
+) -> torch.Tensor:
+    """SDPA under the package's attention contract, T_a > 0: q [B, Tx, nh, hd] over k, v
+    [B, Ta, nh, hd] -> [B, Tx, nh, hd] (contiguous). The reference's core, and the vendor path of
+    `flash_cross_attention(backend="sdpa")`, which poisons only on the CPU (CUDA's fused kernels
+    propagate a non-finite query's NaN themselves).
+
+    Padded keys and values are zeroed first: SDPA's boolean mask alone lets a NaN there reach the
+    output and dq, dk (0 · NaN in its backward). Where every key is masked, the mask is lifted over
+    zeroed queries (a NaN there would reach the gradients through SDPA's backward, whose
+    rowsum(dO ∘ O) is 0 · NaN) and the output is replaced by 0. poison_non_finite: a query row
+    holding a NaN or ±inf gets a NaN output row (+0 elsewhere: exact, and no gradient path)."""
+    finite = q.isfinite().all(dim=-1, keepdim=True).transpose(1, 2) if poison_non_finite else None
+    keep = empty = None
+    if key_padding_mask is not None:
+        padded = key_padding_mask[:, :, None, None]  # [B, Ta, 1, 1]
+        k, v = k.masked_fill(padded, 0), v.masked_fill(padded, 0)
+        empty = key_padding_mask.all(dim=1)[:, None, None, None]  # [B, 1, 1, 1]
+        q = q.masked_fill(empty, 0)
+        keep = (~key_padding_mask)[:, None, None, :] | empty  # [B, 1, 1, Ta], True = attend
     qt, kt, vt = (sdpa_aligned(t.transpose(1, 2)) for t in (q, k, v))
-    finite = qt.isfinite().all(dim=-1, keepdim=True)  # [B, nh, Tx, 1]
-    if key_padding_mask is None:
-        out = F.scaled_dot_product_attention(qt, kt, vt, scale=scale)
-        return poison_rows(out, finite).transpose(1, 2).contiguous()
-    empty = key_padding_mask.all(dim=-1)  # [B]
-    keep = (~key_padding_mask | empty[:, None])[:, None, None, :]  # [B, 1, 1, Ta], True = attend
-    # Zeroed padded keys and values: SDPA's boolean mask alone lets a NaN there reach the output
-    # and dq, dk (0 · NaN in its backward). Zeroed queries where every key is masked: a NaN there
-    # would reach the gradients through SDPA's backward (its rowsum(dO ∘ O) is 0 · NaN), although
-    # the output is replaced by 0.
-    padded = key_padding_mask[:, None, :, None]  # [B, 1, Ta, 1]
-    kt, vt = kt.masked_fill(padded, 0), vt.masked_fill(padded, 0)
-    qt = qt.masked_fill(empty[:, None, None, None], 0)
-    out = poison_rows(F.scaled_dot_product_attention(qt, kt, vt, attn_mask=keep, scale=scale), finite)
-    return out.masked_fill(empty[:, None, None, None], 0).transpose(1, 2).contiguous()
+    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=keep, scale=scale)
+    if finite is not None:
+        out = poison_rows(out, finite)
+    if empty is not None:
+        out = out.masked_fill(empty, 0)
+    return out.transpose(1, 2).contiguous()
 
 
 def sdpa_aligned(t: torch.Tensor) -> torch.Tensor:
