@@ -189,6 +189,17 @@ def stop(workers: list[subprocess.Popen]) -> None:
         worker.wait()
 
 
+def stop_and_read(workers: list[subprocess.Popen], logs: list) -> list[str]:
+    """Stop the workers, close their log files and return each rank's last 6000 characters."""
+    stop(workers)
+    output = []
+    for rank, log in enumerate(logs):
+        log.seek(0)
+        output.append(f"--- rank {rank} ---\n{log.read()[-6000:]}")
+        log.close()
+    return output
+
+
 @pytest.fixture(scope="module")
 def run(checkpoints, tmp_path_factory) -> dict:
     """The distributed runs and their single-process references (`distributed_runs`), computed
@@ -256,12 +267,7 @@ def distributed_runs(checkpoints, directory: Path) -> dict:
             }
         timed_out = not wait(workers, deadline)
     finally:
-        stop(workers)
-        output = []
-        for rank, log in enumerate(logs):
-            log.seek(0)
-            output.append(f"--- rank {rank} ---\n{log.read()[-6000:]}")
-            log.close()
+        output = stop_and_read(workers, logs)
     codes = [worker.returncode for worker in workers]
     if timed_out or any(codes):
         why = f"timed out after {WORKER_TIMEOUT_S} s" if timed_out else f"exit codes {codes}"

@@ -423,7 +423,7 @@ def fsdp_worker(rank: int, spec_path: str) -> None:
 
 @pytest.fixture(scope="module")
 def fsdp_runs(checkpoints, tmp_path_factory) -> dict:
-    from test_distributed import concatenate, free_port, stop, wait
+    from test_distributed import concatenate, free_port, stop_and_read, wait
 
     from child_process import CHECKOUT, child_environment
 
@@ -473,12 +473,7 @@ def fsdp_runs(checkpoints, tmp_path_factory) -> dict:
             torch.set_num_threads(threads)
         timed_out = not wait(workers, start + WORKER_TIMEOUT_S)
     finally:
-        stop(workers)
-        output = []
-        for rank, log in enumerate(logs):
-            log.seek(0)
-            output.append(f"--- rank {rank} ---\n{log.read()[-6000:]}")
-            log.close()
+        output = stop_and_read(workers, logs)
     if timed_out or any(worker.returncode for worker in workers):
         why = f"timed out after {WORKER_TIMEOUT_S} s" if timed_out else [w.returncode for w in workers]
         pytest.fail(f"FSDP2 workers failed ({why}):\n" + "\n".join(output))
