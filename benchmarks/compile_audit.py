@@ -91,6 +91,11 @@ class ModelShape:
     audio_tokens: int  # T_a: local tokens of the audio memory
     global_tokens: int  # K_g: Q-Former tokens
 
+    @property
+    def head_dim(self) -> int:
+        """The cross-attention's head dim (H / heads, not the LLM's own)."""
+        return self.hidden // self.heads
+
 
 MODELS = (
     ModelShape("qwen3-0.6b", 1024, 16, 32, 439, 64),

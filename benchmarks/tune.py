@@ -55,19 +55,15 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass(frozen=True)
 class Launch:
-    kernel: str  # "fwd", "dkdv" or "dq"
+    kernel: str  # one of KERNELS
     model: ModelShape
     phase: str
     dtype: torch.dtype
 
     @property
-    def head_dim(self) -> int:
-        return self.model.hidden // self.model.heads
-
-    @property
     def width(self) -> int:
         """The head width the kernels tile (main + tail blocks), as `_configs` receives it."""
-        return attention.head_width(self.head_dim)
+        return attention.head_width(self.model.head_dim)
 
     def key(self, capability: tuple[int, int]) -> str:
         return attention.tuning_key(self.kernel, self.dtype, PHASES[self.phase], self.width, capability)
@@ -107,10 +103,10 @@ def _inputs(launch: Launch, device: torch.device):
     model, dtype = launch.model, launch.dtype
     batch, hidden, heads = model.batch, model.hidden, model.heads
     text = PHASES[launch.phase]
-    q = torch.randn(batch, text, hidden, device=device, dtype=dtype).unflatten(-1, (heads, launch.head_dim))
+    q = torch.randn(batch, text, hidden, device=device, dtype=dtype).unflatten(-1, (heads, launch.model.head_dim))
     kv = torch.randn(batch, model.audio_tokens, 2 * hidden, device=device, dtype=dtype)
-    k, v = (kv[..., i * hidden : (i + 1) * hidden].unflatten(-1, (heads, launch.head_dim)) for i in (0, 1))
-    scale = launch.head_dim**-0.5
+    k, v = (kv[..., i * hidden : (i + 1) * hidden].unflatten(-1, (heads, launch.model.head_dim)) for i in (0, 1))
+    scale = launch.model.head_dim**-0.5
     out, lse = attention._forward(q, k, v, None, scale)
     return q, k, v, out, lse, torch.randn_like(out), scale
 
@@ -189,10 +185,6 @@ class DispatchCase:
     dtype: torch.dtype
 
     @property
-    def head_dim(self) -> int:
-        return self.model.hidden // self.model.heads
-
-    @property
     def query_rows(self) -> int:
         return 1 if self.mode == "decode" else PHASES["prefill"]
 
@@ -201,7 +193,7 @@ class DispatchCase:
         return 8 if self.mode == "decode" else self.model.batch  # decode: the serving benchmark's batch
 
     def key(self, card: str) -> str:
-        width = attention.head_width(self.head_dim)
+        width = attention.head_width(self.model.head_dim)
         return dispatch.table_key(
             card, self.mode, self.dtype, width, self.mask_kind, self.query_rows, self.model.audio_tokens
         )
@@ -211,15 +203,14 @@ def dispatch_cases(dtypes: list[torch.dtype], widths: list[int] | None = None) -
     return [
         DispatchCase(model, mode, mask_kind, dtype)
         for dtype, model, mode, mask_kind in itertools.product(dtypes, MODELS, dispatch.MODES, dispatch.MASK_KINDS)
-        if attention.head_width(model.hidden // model.heads)
-        in (widths or [attention.head_width(model.hidden // model.heads)])
+        if widths is None or attention.head_width(model.head_dim) in widths
     ]
 
 
 def _dispatch_inputs(case: DispatchCase, device: torch.device):
     """Leaves (the Q projection, the packed K/V projection), the q, k, v views the module passes,
     the mask (every key of the last batch rows but one padded: rows without audio) and grad_out."""
-    model, hd = case.model, case.head_dim
+    model, hd = case.model, case.model.head_dim
     train = case.mode == "train"
     q_proj = torch.randn(case.batch, case.query_rows, model.hidden, device=device, dtype=case.dtype)
     kv = torch.randn(case.batch, model.audio_tokens, 2 * model.hidden, device=device, dtype=case.dtype)
