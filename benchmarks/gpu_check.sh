@@ -15,7 +15,8 @@
 #   d_train_step     70  model_train_step eager and orca with the profiler table, then orca+compiled
 #   e1_train_memory  60  the cost model's predicted peak memory of the training step (Qwen3-0.6B B32:
 #                        reference, fused, fused + checkpointing) against the card's measured one
-#   e2_decode_compiled 45 slot: the compiled decode's tokens/s (case op GPU_CHECK_DECODE_OP, idem)
+#   e2_decode_compiled 45 model_generate at Qwen3-0.6B (B1, B8): eager, orca and orca+compiled
+#                        (generate(compile=True)), time to first token and tokens/s
 #   sanitizer        40  compute-sanitizer memcheck over benchmarks.sanitize, if time remains
 #
 # One deadline for the whole script (GPU_CHECK_BUDGET_S, default 450 s): a step gets its slot or
@@ -59,7 +60,6 @@ tests/test_ortho_loss.py tests/test_gated_residual.py tests/test_inductor_compil
 # The CPU parametrisations of those files run in CI: only the rest here.
 TESTS_K=${GPU_CHECK_TESTS_K:-not cpu}
 MODULE_SHAPES=${GPU_CHECK_MODULE_SHAPES:-qwen3-0.6b,qwen3-4b,llama3.1-8b}
-DECODE_OP=${GPU_CHECK_DECODE_OP:-model_decode_compiled}
 
 # name:slot:what, in the order the steps run.
 PLAN=(
@@ -71,7 +71,7 @@ PLAN=(
   "c_module_layer:90:benchmarks.run --only gated_cross_attention,decoder_layer+injection --shapes $MODULE_SHAPES"
   "d_train_step:70:benchmarks.run --only model_train_step --providers eager,orca,orca+compiled --profile"
   "e1_train_memory:60:benchmarks.cost --model qwen3-0.6b --batch 32 --measure (predicted vs measured peak memory)"
-  "e2_decode_compiled:45:hook: benchmarks.run --only $DECODE_OP (the compiled decode's tokens/s)"
+  "e2_decode_compiled:45:benchmarks.run --only model_generate --shapes qwen3-0.6b (eager, orca, orca+compiled: ttft, tokens/s)"
   "sanitizer:40:compute-sanitizer --tool memcheck over benchmarks.sanitize, if time remains"
 )
 
@@ -317,7 +317,7 @@ if begin e1_train_memory; then
     [ "$code" != 0 ] && STATUS=1
   fi
 fi
-begin e2_decode_compiled && bench "$DECODE_OP" 10
+begin e2_decode_compiled && bench model_generate 10 --shapes qwen3-0.6b
 
 # ------------------------------------------------------------------------ compute-sanitizer
 if begin sanitizer; then
